@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, property tests and the integration
+# tests (which start the real binary), once on the io_uring driver and once
+# on the epoll fallback. Installs what the tests need when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+# The integration tests build the bench and fuzz-free workspace only; they
+# need a C compiler for mimalloc.
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "installing: ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"
+fi
+
+echo "== tests (io_uring driver where the kernel allows it)"
+cargo test --workspace --all-targets
+
+echo "== integration tests on the epoll fallback (MONOIO_FORCE_LEGACY_DRIVER=1)"
+MONOIO_FORCE_LEGACY_DRIVER=1 cargo test --workspace --tests -- --test-threads 4

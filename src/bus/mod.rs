@@ -1,0 +1,98 @@
+//! The bus moves publications between shards (and, with Redis, between
+//! nodes). It is the only code that knows where a channel's order is
+//! decided; shards only say what they publish and which channels they have
+//! subscribers for, and receive ordered publications back.
+//!
+//! The interface is message-shaped rather than `async fn`: a shard queues
+//! requests while it handles one tick's input, calls [`Bus::flush`] once at
+//! the end of the tick (so each destination gets one batch), and drains
+//! events with [`Bus::poll_events`]. That keeps cross-shard traffic batched
+//! and lets a shard never wait on another shard.
+
+pub mod local;
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use thiserror::Error;
+
+pub use local::LocalBus;
+
+/// A position in a channel's history: `offset` counts publications from 1
+/// and `epoch` names the history they belong to. A new epoch means earlier
+/// offsets are gone (history lost or never kept).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Position {
+    pub epoch: u64,
+    pub offset: u64,
+}
+
+/// One sequenced publication. The payload is shared, never copied, between
+/// shards.
+#[derive(Clone, Debug)]
+pub struct Publication {
+    pub offset: u64,
+    pub timestamp_ms: u64,
+    pub payload: Bytes,
+}
+
+/// Who asked for a publish, so the result can be routed back to the
+/// connection and request that sent it. Opaque to the bus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub conn: u64,
+    pub request: u32,
+}
+
+/// Why a publish was not stored.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum BusError {
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What the bus hands back to a shard.
+#[derive(Clone, Debug)]
+pub enum BusEvent {
+    /// Consecutive publications of one channel, in offset order. The same
+    /// `Arc` is handed to every interested shard.
+    Publications {
+        channel: Arc<str>,
+        epoch: u64,
+        items: Arc<[Publication]>,
+    },
+    /// This shard's interest in `channel` took effect; every later
+    /// publication has an offset above `position.offset`.
+    Subscribed { channel: Arc<str>, position: Position },
+    /// The outcome of a publish this shard asked for.
+    Published {
+        reply_to: ReplyTo,
+        channel: Arc<str>,
+        result: Result<Position, BusError>,
+    },
+}
+
+/// One shard's handle on the bus. Each shard owns its own handle; handles
+/// are `Send` so they can be built before the shard threads start.
+pub trait Bus: Send {
+    /// Queues a publish. The result arrives later as [`BusEvent::Published`].
+    fn publish(
+        &mut self,
+        channel: &str,
+        payload: Bytes,
+        idempotency_key: Option<&str>,
+        reply_to: ReplyTo,
+    );
+    /// This shard now has at least one subscriber for `channel`. Answered by
+    /// [`BusEvent::Subscribed`]; publications follow it.
+    fn subscribe(&mut self, channel: &str);
+    /// This shard has no subscriber for `channel` any more.
+    fn unsubscribe(&mut self, channel: &str);
+    /// Sends everything queued since the last flush, one batch per
+    /// destination.
+    fn flush(&mut self);
+    /// Appends ready events to `out`; `Pending` (with the waker registered)
+    /// when there were none.
+    fn poll_events(&mut self, cx: &mut Context<'_>, out: &mut Vec<BusEvent>) -> Poll<()>;
+}

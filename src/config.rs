@@ -1,0 +1,543 @@
+//! Configuration: one TOML file, every key overridable by a `SHARDCAST_*`
+//! environment variable and by a command-line flag (in that order of
+//! precedence: file < environment < flag).
+//!
+//! Every key is a `section.key` pair. The environment variable is
+//! `SHARDCAST_SECTION_KEY` and the flag is `--section-key` (underscores
+//! become dashes), so operators can derive one name from another without a
+//! table. Overrides are typed by the key's default value, and unknown keys
+//! are errors: a typo in a systemd unit should stop the service, not be
+//! ignored.
+
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Errors found while loading or validating configuration. Each names the
+/// key (or variable / flag) at fault so the operator knows what to fix.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("unknown config key `{key}` (from {origin}); known keys: {known}")]
+    UnknownKey {
+        key: String,
+        origin: String,
+        known: String,
+    },
+    #[error("config key `{key}` (from {origin}): cannot parse {value:?} as {expected}")]
+    BadOverride {
+        key: String,
+        origin: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("config key `{key}` = {value}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// The whole configuration, as validated.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub websocket: WebSocketConfig,
+    pub fanout: FanoutConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address every shard listens on (each shard binds its own
+    /// `SO_REUSEPORT` socket). Port 0 picks a free port once and shares it.
+    pub listen: String,
+    /// Number of shards (threads); 0 means one per available core.
+    pub shards: u32,
+    /// Pin each shard thread to one core.
+    pub pin_threads: bool,
+    /// Listen backlog per shard socket.
+    pub backlog: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Largest single frame a client may send (payload bytes).
+    pub max_frame_bytes: u32,
+    /// Largest message (all fragments together) a client may send.
+    pub max_message_bytes: u32,
+    /// Most fragments one message may be split into.
+    pub max_fragments: u32,
+    /// Cap on the HTTP upgrade request head, in bytes.
+    pub handshake_max_header_bytes: u32,
+    /// Cap on the number of header lines in the upgrade request.
+    pub handshake_max_headers: u32,
+    /// After the server sends a close frame, how long the connection may
+    /// take to flush it and answer before the socket is shut down anyway.
+    pub close_timeout_ms: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FanoutConfig {
+    /// Bytes that may wait in one connection's outbound queue (beyond what
+    /// the kernel accepted). Over it the connection is closed as a slow
+    /// consumer (close code 4001).
+    pub outbound_budget_bytes: u32,
+    /// How long the oldest queued byte may wait before the connection is
+    /// closed as a slow consumer.
+    pub outbound_max_age_ms: u32,
+    /// Most publications of one channel carried by one outgoing frame.
+    pub max_batch: u32,
+    /// Largest payload a client may publish.
+    pub max_publish_bytes: u32,
+    /// Most channels one connection may subscribe to.
+    pub max_subscriptions_per_connection: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// One of error, warn, info, debug, trace.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            websocket: WebSocketConfig::default(),
+            fanout: FanoutConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            shards: 0,
+            pin_threads: true,
+            backlog: 4096,
+        }
+    }
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_frame_bytes: 1 << 20,
+            max_message_bytes: 1 << 20,
+            max_fragments: 64,
+            handshake_max_header_bytes: 8192,
+            handshake_max_headers: 64,
+            close_timeout_ms: 5000,
+        }
+    }
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        FanoutConfig {
+            outbound_budget_bytes: 4 << 20,
+            outbound_max_age_ms: 10_000,
+            max_batch: 64,
+            max_publish_bytes: 64 << 10,
+            max_subscriptions_per_connection: 1024,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// Where an override came from, for error messages.
+#[derive(Clone, Debug)]
+pub enum Origin {
+    Env(String),
+    Flag(String),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Env(name) => write!(f, "environment variable {name}"),
+            Origin::Flag(name) => write!(f, "flag {name}"),
+        }
+    }
+}
+
+/// One `section.key = value` override, not yet typed.
+#[derive(Clone, Debug)]
+pub struct Override {
+    pub key: String,
+    pub value: String,
+    pub origin: Origin,
+}
+
+impl Config {
+    /// Loads the file (if any), applies overrides in order, and validates.
+    pub fn load(path: Option<&str>, overrides: &[Override]) -> Result<Config, ConfigError> {
+        let mut table = default_table();
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_string(),
+                source,
+            })?;
+            let file: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                ConfigError::Parse {
+                    path: path.to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+            // Going through `Config` first rejects unknown sections and keys
+            // with serde's message, which points at the offending line.
+            Config::deserialize(toml::Value::Table(file.clone())).map_err(|e| {
+                ConfigError::Parse {
+                    path: path.to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+            merge(&mut table, file);
+        }
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            ConfigError::Parse {
+                path: "<overrides>".into(),
+                message: e.to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value against its allowed range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        check("server.shards", self.server.shards, 0..=1024)?;
+        check("server.backlog", self.server.backlog, 1..=65_535)?;
+        let ws = &self.websocket;
+        check("websocket.max_frame_bytes", ws.max_frame_bytes, 125..=(64 << 20))?;
+        check(
+            "websocket.max_message_bytes",
+            ws.max_message_bytes,
+            125..=(64 << 20),
+        )?;
+        check("websocket.max_fragments", ws.max_fragments, 1..=65_536)?;
+        check(
+            "websocket.handshake_max_header_bytes",
+            ws.handshake_max_header_bytes,
+            512..=(64 << 10),
+        )?;
+        check(
+            "websocket.handshake_max_headers",
+            ws.handshake_max_headers,
+            8..=256,
+        )?;
+        check("websocket.close_timeout_ms", ws.close_timeout_ms, 10..=120_000)?;
+        let f = &self.fanout;
+        check(
+            "fanout.outbound_budget_bytes",
+            f.outbound_budget_bytes,
+            4096..=(1 << 30),
+        )?;
+        check(
+            "fanout.outbound_max_age_ms",
+            f.outbound_max_age_ms,
+            100..=600_000,
+        )?;
+        check("fanout.max_batch", f.max_batch, 1..=4096)?;
+        check(
+            "fanout.max_publish_bytes",
+            f.max_publish_bytes,
+            1..=ws.max_message_bytes,
+        )?;
+        check(
+            "fanout.max_subscriptions_per_connection",
+            f.max_subscriptions_per_connection,
+            1..=1_000_000,
+        )?;
+        if !["error", "warn", "info", "debug", "trace"].contains(&self.log.level.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "log.level",
+                value: format!("{:?}", self.log.level),
+                reason: "allowed: error, warn, info, debug, trace".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The parsed listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server
+            .listen
+            .parse()
+            .map_err(|e| ConfigError::Invalid {
+                key: "server.listen",
+                value: format!("{:?}", self.server.listen),
+                reason: format!("{e}; expected IP:PORT such as 127.0.0.1:8080"),
+            })
+    }
+
+    /// The number of shards to run: the configured value, or one per core.
+    pub fn shard_count(&self) -> usize {
+        match self.server.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        }
+    }
+
+    /// Every key as `section.key`, for help text and error messages.
+    pub fn keys() -> Vec<String> {
+        let mut keys = Vec::new();
+        for (section, value) in default_table() {
+            if let toml::Value::Table(t) = value {
+                for key in t.keys() {
+                    keys.push(format!("{section}.{key}"));
+                }
+            }
+        }
+        keys
+    }
+
+    /// The environment variable that overrides `key`.
+    pub fn env_name(key: &str) -> String {
+        format!("SHARDCAST_{}", key.replace('.', "_").to_ascii_uppercase())
+    }
+
+    /// The flag that overrides `key`.
+    pub fn flag_name(key: &str) -> String {
+        format!("--{}", key.replace(['.', '_'], "-"))
+    }
+
+    /// Collects `SHARDCAST_*` variables as overrides. An unknown one is an
+    /// error, so a misspelt variable in a unit file is caught at start.
+    pub fn env_overrides(
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<Vec<Override>, ConfigError> {
+        let keys = Config::keys();
+        let mut out = Vec::new();
+        for (name, value) in vars {
+            if !name.starts_with("SHARDCAST_") {
+                continue;
+            }
+            let key = keys
+                .iter()
+                .find(|k| Config::env_name(k) == name)
+                .ok_or_else(|| ConfigError::UnknownKey {
+                    key: name.clone(),
+                    origin: format!("environment variable {name}"),
+                    known: keys.iter().map(|k| Config::env_name(k)).collect::<Vec<_>>().join(", "),
+                })?;
+            out.push(Override {
+                key: key.clone(),
+                value,
+                origin: Origin::Env(name),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Maps a flag (`--section-key`) to its key, if it is one.
+    pub fn key_for_flag(flag: &str) -> Option<String> {
+        Config::keys()
+            .into_iter()
+            .find(|k| Config::flag_name(k) == flag)
+    }
+}
+
+fn check(key: &'static str, value: u32, range: RangeInclusive<u32>) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            reason: format!(
+                "must be between {} and {} inclusive",
+                range.start(),
+                range.end()
+            ),
+        })
+    }
+}
+
+fn default_table() -> toml::Table {
+    match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        // The defaults are plain structs of strings, integers and booleans:
+        // serialising them cannot fail.
+        other => unreachable!("default config did not serialise to a table: {other:?}"),
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (section, value) in over {
+        match (base.get_mut(&section), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => {
+                for (k, v) in o {
+                    b.insert(k, v);
+                }
+            }
+            (_, v) => {
+                base.insert(section, v);
+            }
+        }
+    }
+}
+
+fn apply_override(table: &mut toml::Table, o: &Override) -> Result<(), ConfigError> {
+    let unknown = || ConfigError::UnknownKey {
+        key: o.key.clone(),
+        origin: o.origin.to_string(),
+        known: Config::keys().join(", "),
+    };
+    let (section, key) = o.key.split_once('.').ok_or_else(unknown)?;
+    let slot = table
+        .get_mut(section)
+        .and_then(|s| s.as_table_mut())
+        .and_then(|s| s.get_mut(key))
+        .ok_or_else(unknown)?;
+    let bad = |expected| ConfigError::BadOverride {
+        key: o.key.clone(),
+        origin: o.origin.to_string(),
+        value: o.value.clone(),
+        expected,
+    };
+    *slot = match slot {
+        toml::Value::Integer(_) => toml::Value::Integer(
+            o.value
+                .trim()
+                .parse()
+                .map_err(|_| bad("an integer"))?,
+        ),
+        toml::Value::Boolean(_) => toml::Value::Boolean(match o.value.trim() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => return Err(bad("a boolean (true/false)")),
+        }),
+        toml::Value::Float(_) => {
+            toml::Value::Float(o.value.trim().parse().map_err(|_| bad("a number"))?)
+        }
+        _ => toml::Value::String(o.value.clone()),
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flag(key: &str, value: &str) -> Override {
+        Override {
+            key: key.into(),
+            value: value.into(),
+            origin: Origin::Flag(Config::flag_name(key)),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, &[]).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert!(c.shard_count() >= 1);
+    }
+
+    #[test]
+    fn override_types_follow_the_default() {
+        let c = Config::load(
+            None,
+            &[
+                flag("server.shards", "3"),
+                flag("server.pin_threads", "false"),
+                flag("server.listen", "0.0.0.0:9000"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.shards, 3);
+        assert!(!c.server.pin_threads);
+        assert_eq!(c.listen_addr().unwrap().port(), 9000);
+    }
+
+    #[test]
+    fn out_of_range_names_key_and_range() {
+        let err = Config::load(None, &[flag("fanout.max_batch", "0")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("fanout.max_batch"), "{msg}");
+        assert!(msg.contains("between 1 and 4096"), "{msg}");
+    }
+
+    #[test]
+    fn bad_type_names_flag() {
+        let err = Config::load(None, &[flag("server.shards", "many")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("--server-shards"), "{msg}");
+        assert!(msg.contains("integer"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_env_var_is_rejected() {
+        let err = Config::env_overrides(
+            vec![("SHARDCAST_SERVER_LISTN".to_string(), "x".to_string())].into_iter(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("SHARDCAST_SERVER_LISTN"));
+    }
+
+    #[test]
+    fn env_and_flag_names_round_trip() {
+        for key in Config::keys() {
+            assert_eq!(Config::key_for_flag(&Config::flag_name(&key)), Some(key.clone()));
+            let o = Config::env_overrides(
+                vec![(Config::env_name(&key), "1".to_string())].into_iter(),
+            )
+            .unwrap();
+            assert_eq!(o[0].key, key);
+        }
+    }
+
+    #[test]
+    fn file_then_override_precedence_and_unknown_file_key() {
+        let dir = std::env::temp_dir().join(format!("shardcast-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "[server]\nshards = 2\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        let c = Config::load(good.to_str(), &[flag("server.shards", "4")]).unwrap();
+        assert_eq!(c.server.shards, 4);
+        assert_eq!(c.server.listen, "127.0.0.1:1");
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[server]\nshardz = 2\n").unwrap();
+        let msg = Config::load(bad.to_str(), &[]).unwrap_err().to_string();
+        assert!(msg.contains("shardz"), "{msg}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_listen_address_is_named() {
+        let msg = Config::load(None, &[flag("server.listen", "localhost")])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("server.listen"), "{msg}");
+    }
+}

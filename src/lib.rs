@@ -1,0 +1,11 @@
+//! shardcast: a thread-per-core WebSocket push server.
+//!
+//! Layers point one way: [`protocol`] is pure (no I/O, no clock), [`shard`]
+//! drives sockets on monoio and depends on `protocol` and on the [`bus`]
+//! trait, and [`bus`] is the only place that moves publications between
+//! shards (and, later, nodes).
+
+pub mod bus;
+pub mod config;
+pub mod protocol;
+pub mod shard;

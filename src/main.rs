@@ -1,0 +1,158 @@
+//! The `shardcast` command: a thin CLI over the library.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use shardcast::bus::{Bus, LocalBus};
+use shardcast::config::{Config, Origin, Override};
+
+// mimalloc keeps per-thread heaps, so shards allocating and freeing frames
+// on their own threads never contend on a global allocator lock, and its
+// small-object size classes keep per-connection overhead low.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const USAGE: &str = "\
+shardcast — thread-per-core WebSocket push server
+
+USAGE:
+    shardcast serve [--config FILE] [--SECTION-KEY VALUE]...
+    shardcast check-config [--config FILE] [--SECTION-KEY VALUE]...
+    shardcast keys        list every config key with its flag and environment variable
+    shardcast --version
+
+Every config key `section.key` can be set in the TOML file, by the
+environment variable SHARDCAST_SECTION_KEY, or by the flag --section-key
+(flags win over the environment, which wins over the file).
+";
+
+struct Args {
+    config: Option<String>,
+    overrides: Vec<Override>,
+}
+
+fn parse_args(args: &[String]) -> Result<Args, String> {
+    let mut config = None;
+    let mut overrides = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f.to_string(), Some(v.to_string())),
+            None => (arg.clone(), None),
+        };
+        if !flag.starts_with("--") {
+            return Err(format!("unexpected argument {arg:?}\n\n{USAGE}"));
+        }
+        let mut value = || -> Result<String, String> {
+            if let Some(v) = inline.clone() {
+                return Ok(v);
+            }
+            i += 1;
+            args.get(i)
+                .cloned()
+                .ok_or_else(|| format!("flag {flag} needs a value"))
+        };
+        if flag == "--config" || flag == "-c" {
+            config = Some(value()?);
+        } else if let Some(key) = Config::key_for_flag(&flag) {
+            let v = value()?;
+            overrides.push(Override {
+                key,
+                value: v,
+                origin: Origin::Flag(flag.clone()),
+            });
+        } else {
+            return Err(format!(
+                "unknown flag {flag}; run `shardcast keys` for the list of settings"
+            ));
+        }
+        i += 1;
+    }
+    Ok(Args { config, overrides })
+}
+
+fn load(args: &[String]) -> Result<Config, String> {
+    let args = parse_args(args)?;
+    let mut overrides = Config::env_overrides(std::env::vars()).map_err(|e| e.to_string())?;
+    overrides.extend(args.overrides);
+    Config::load(args.config.as_deref(), &overrides).map_err(|e| e.to_string())
+}
+
+fn init_logging(level: &str) {
+    let level = level.parse().unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn serve(config: Config) -> Result<(), String> {
+    init_logging(&config.log.level);
+    let shards = config.shard_count();
+    let buses: Vec<Box<dyn Bus>> = LocalBus::cluster(shards)
+        .into_iter()
+        .map(|b| Box::new(b) as Box<dyn Bus>)
+        .collect();
+    let server = shardcast::shard::start(&config, buses).map_err(|e| e.to_string())?;
+    // One machine-readable line on stdout: tests and scripts read the
+    // address from it (useful with port 0).
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "shardcast listening on {} shards={} driver={}",
+        server.local_addr, server.shards, server.driver
+    );
+    let _ = out.flush();
+    drop(out);
+    tracing::info!(
+        addr = %server.local_addr,
+        shards = server.shards,
+        driver = server.driver,
+        bus = "local",
+        "serving"
+    );
+    server.wait();
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => load(&args[1..]).and_then(serve),
+        Some("check-config") => load(&args[1..]).map(|c| {
+            println!(
+                "config OK: listen {} with {} shards",
+                c.server.listen,
+                c.shard_count()
+            );
+        }),
+        Some("keys") => {
+            for key in Config::keys() {
+                println!(
+                    "{key:50} {:55} {}",
+                    Config::flag_name(&key),
+                    Config::env_name(&key)
+                );
+            }
+            Ok(())
+        }
+        Some("--version" | "-V" | "version") => {
+            println!("shardcast {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Some("--help" | "-h" | "help") | None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command {other:?}\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("shardcast: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Pure protocol logic: bytes in, bytes and events out. Nothing here touches
+//! a socket, a clock or a thread; time arrives as an argument.
+
+pub mod channel;
+pub mod wire;
+pub mod ws;

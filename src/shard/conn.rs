@@ -1,0 +1,197 @@
+//! The per-connection tasks.
+//!
+//! A connection has one reader task for its whole life and, only while its
+//! socket buffer is full, a writer task. The reader waits for readability
+//! and then reads into the shard's scratch buffer, so an idle connection
+//! pins no read buffer: the only per-connection input state is whatever the
+//! WebSocket session keeps of an incomplete frame.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+
+use monoio::net::TcpStream;
+
+use super::slab::ConnId;
+use super::state::{CloseReason, State};
+use super::Shard;
+use crate::protocol::ws::{self, Event, HandshakeParser, Session};
+
+/// The WebSocket subprotocol of the native FlatBuffers protocol.
+pub const NATIVE_SUBPROTOCOL: &str = "shardcast.v1";
+/// The path of the native endpoint.
+pub const NATIVE_PATH: &str = "/ws";
+
+enum Input {
+    /// Reading the HTTP upgrade request. Boxed so that an open connection's
+    /// task does not carry the parser's size.
+    Handshake(Box<HandshakeParser>),
+    Open(Session),
+    /// We sent a close (or an HTTP error); discard input until the peer
+    /// closes or the linger deadline shuts the socket.
+    Draining,
+}
+
+/// Drives one accepted connection until it is closed.
+pub async fn run(shard: Rc<Shard>, stream: TcpStream) {
+    let fd = stream.as_raw_fd();
+    let stream = Rc::new(stream);
+    let id = shard.state.borrow_mut().add_conn(stream.clone(), fd);
+    let mut input = Input::Handshake(Box::new(HandshakeParser::new(
+        shard.settings.handshake_limits(),
+    )));
+    loop {
+        if stream.readable(false).await.is_err() {
+            break;
+        }
+        match read_available(&shard, id, fd, &mut input) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => break,
+        }
+    }
+    shard.state.borrow_mut().remove_conn(id);
+}
+
+/// Reads until the socket has nothing more; `Ok(false)` at end of stream.
+fn read_available(shard: &Shard, id: ConnId, fd: RawFd, input: &mut Input) -> io::Result<bool> {
+    let mut scratch = shard.scratch.borrow_mut();
+    loop {
+        // SAFETY: the buffer is valid for `len` bytes and exclusively
+        // borrowed; `fd` is kept open by the stream this task owns.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                scratch.as_mut_ptr().cast(),
+                scratch.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n == 0 {
+            return Ok(false);
+        }
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock => Ok(true),
+                io::ErrorKind::Interrupted => continue,
+                _ => Err(err),
+            };
+        }
+        let n = n as usize;
+        let mut state = shard.state.borrow_mut();
+        state.touch();
+        on_bytes(shard, &mut state, id, input, &scratch[..n]);
+        state.wake_if_needed();
+        if n < scratch.len() {
+            // The socket is very likely empty now; readiness is level
+            // triggered, so stopping early loses nothing and saves a syscall.
+            return Ok(true);
+        }
+    }
+}
+
+fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, bytes: &[u8]) {
+    match input {
+        Input::Handshake(parser) => match parser.feed(bytes) {
+            Ok(None) => {}
+            Ok(Some(request)) => {
+                if let Err((status, message)) = check_route(&request) {
+                    state.reject_upgrade(id, ws::error_response(status, &message));
+                    *input = Input::Draining;
+                    return;
+                }
+                let protocol = request
+                    .subprotocols
+                    .iter()
+                    .any(|p| p == NATIVE_SUBPROTOCOL)
+                    .then_some(NATIVE_SUBPROTOCOL);
+                state.accept_upgrade(id, ws::accept_response(&request.key, protocol));
+                *input = Input::Open(Session::new(shard.settings.frame_limits));
+                if !request.leftover.is_empty() {
+                    on_bytes(shard, state, id, input, &request.leftover);
+                }
+            }
+            Err(e) => {
+                state.reject_upgrade(id, ws::error_response(e.status(), &e.to_string()));
+                *input = Input::Draining;
+            }
+        },
+        Input::Open(session) => {
+            if let Err(why) = on_frames(state, id, session, bytes) {
+                state.close(id, &why);
+                *input = Input::Draining;
+            }
+        }
+        Input::Draining => {}
+    }
+}
+
+fn check_route(request: &ws::Request) -> Result<(), (u16, String)> {
+    if request.path != NATIVE_PATH {
+        return Err((
+            404,
+            format!("no endpoint at {}; the WebSocket endpoint is {NATIVE_PATH}", request.path),
+        ));
+    }
+    if !request.subprotocols.is_empty()
+        && !request.subprotocols.iter().any(|p| p == NATIVE_SUBPROTOCOL)
+    {
+        return Err((
+            400,
+            format!("unsupported subprotocol; this endpoint speaks {NATIVE_SUBPROTOCOL}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes every complete message in `bytes`. `Err` closes the connection.
+fn on_frames(
+    state: &mut State,
+    id: ConnId,
+    session: &mut Session,
+    mut bytes: &[u8],
+) -> Result<(), CloseReason> {
+    while !bytes.is_empty() {
+        let (used, event) = session
+            .decode(bytes)
+            .map_err(|e| CloseReason::new(e.close_code(), e.to_string()))?;
+        bytes = &bytes[used..];
+        if let Some(pong) = session.take_pong() {
+            state.send_frame(id, pong);
+        }
+        match event {
+            None => break,
+            Some(Event::Binary(message)) => state.on_client_message(id, &message)?,
+            Some(Event::Text(_)) => {
+                return Err(CloseReason::new(
+                    ws::close::UNSUPPORTED_DATA,
+                    "text frames are not accepted on /ws: send binary FlatBuffers frames",
+                ))
+            }
+            Some(Event::Pong(_)) => {}
+            Some(Event::Close { code, .. }) => {
+                // Echo the peer's code, as RFC 6455 §5.5.1 asks.
+                return Err(CloseReason::new(code.unwrap_or(ws::close::NORMAL), ""));
+            }
+        }
+        if used == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Waits for a full socket to drain, flushing whenever it can take more.
+pub async fn writer(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>) {
+    loop {
+        let ready = stream.writable(false).await;
+        let mut state = shard.state.borrow_mut();
+        if ready.is_err() {
+            state.remove_conn(id);
+            break;
+        }
+        if !state.writable(id) {
+            break;
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Shards: one monoio runtime per core, each on its own pinned thread with
+//! its own `SO_REUSEPORT` listener. A shard owns its connections end to end
+//! (accept, handshake, reads, writes, subscriptions); shards talk only
+//! through the [`Bus`].
+//!
+//! Inside a shard there are three kinds of task: the accept loop, one reader
+//! per connection (plus a writer while its socket is full), and the
+//! dispatcher, which runs a *tick* whenever the bus or a reader left work:
+//! apply bus events, send the tick's bus requests in one batch per
+//! destination, and flush every connection with output in one write each.
+
+mod conn;
+mod listener;
+mod outbound;
+mod slab;
+mod state;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use monoio::net::TcpListener;
+use thiserror::Error;
+
+use crate::bus::Bus;
+use crate::config::Config;
+use crate::protocol::wire::DecodeLimits;
+use crate::protocol::ws::{FrameLimits, HandshakeLimits};
+use state::State;
+
+pub use conn::{NATIVE_PATH, NATIVE_SUBPROTOCOL};
+
+/// Bytes read from a socket per `recv`. One buffer per shard, shared by all
+/// its connections.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
+/// How often time budgets (slow consumers, close lingering) are enforced.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("shard {shard} failed to start: {message}")]
+    Shard { shard: usize, message: String },
+}
+
+/// Per-shard settings derived from the configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub frame_limits: FrameLimits,
+    pub handshake_max_header_bytes: usize,
+    pub handshake_max_headers: usize,
+    pub decode_limits: DecodeLimits,
+    pub max_batch: usize,
+    pub outbound_budget: usize,
+    pub outbound_max_age: Duration,
+    pub max_publish_bytes: usize,
+    pub max_subscriptions: usize,
+    pub close_timeout: Duration,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config) -> Self {
+        Settings {
+            frame_limits: FrameLimits {
+                max_frame_bytes: c.websocket.max_frame_bytes as usize,
+                max_message_bytes: c.websocket.max_message_bytes as usize,
+                max_fragments: c.websocket.max_fragments as usize,
+            },
+            handshake_max_header_bytes: c.websocket.handshake_max_header_bytes as usize,
+            handshake_max_headers: c.websocket.handshake_max_headers as usize,
+            decode_limits: DecodeLimits {
+                max_bytes: c.websocket.max_message_bytes as usize,
+                ..DecodeLimits::default()
+            },
+            max_batch: c.fanout.max_batch as usize,
+            outbound_budget: c.fanout.outbound_budget_bytes as usize,
+            outbound_max_age: Duration::from_millis(u64::from(c.fanout.outbound_max_age_ms)),
+            max_publish_bytes: c.fanout.max_publish_bytes as usize,
+            max_subscriptions: c.fanout.max_subscriptions_per_connection as usize,
+            close_timeout: Duration::from_millis(u64::from(c.websocket.close_timeout_ms)),
+        }
+    }
+
+    fn handshake_limits(&self) -> HandshakeLimits {
+        HandshakeLimits {
+            max_header_bytes: self.handshake_max_header_bytes,
+            max_headers: self.handshake_max_headers,
+        }
+    }
+}
+
+/// One shard's world, shared by its tasks (all on one thread).
+struct Shard {
+    settings: Rc<Settings>,
+    state: RefCell<State>,
+    scratch: RefCell<Box<[u8]>>,
+}
+
+/// The running server: shard threads and the address they listen on.
+pub struct Server {
+    pub local_addr: SocketAddr,
+    pub shards: usize,
+    /// "io_uring" or "epoll".
+    pub driver: &'static str,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Blocks until every shard thread has exited.
+    pub fn wait(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Binds every shard's listener and starts the shard threads. Returns once
+/// every shard is accepting, so the caller can announce readiness.
+pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartError> {
+    let shards = buses.len();
+    let addr = config.listen_addr().map_err(|e| StartError::Shard {
+        shard: 0,
+        message: e.to_string(),
+    })?;
+    let listeners = listener::bind_all(addr, shards, config.server.backlog as i32)
+        .map_err(|source| StartError::Listen { addr, source })?;
+    let local_addr = listeners[0]
+        .local_addr()
+        .map_err(|source| StartError::Listen { addr, source })?;
+    let settings = Settings::from_config(config);
+    let cpus = listener::allowed_cpus();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut threads = Vec::with_capacity(shards);
+    for (i, (std_listener, bus)) in listeners.into_iter().zip(buses).enumerate() {
+        let settings = settings.clone();
+        let ready = ready_tx.clone();
+        let cpu = (config.server.pin_threads && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+        let handle = std::thread::Builder::new()
+            .name(format!("shard-{i}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    listener::pin_to_cpu(cpu);
+                }
+                let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                    .enable_timer()
+                    .build();
+                let mut rt = match rt {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready.send(Err((i, format!("cannot build runtime: {e}"))));
+                        return;
+                    }
+                };
+                rt.block_on(run_shard(i as u16, settings, std_listener, bus, ready));
+            })
+            .map_err(|e| StartError::Shard {
+                shard: i,
+                message: e.to_string(),
+            })?;
+        threads.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err((shard, message))) => return Err(StartError::Shard { shard, message }),
+            Err(_) => {
+                return Err(StartError::Shard {
+                    shard: 0,
+                    message: "a shard thread exited during start".into(),
+                })
+            }
+        }
+    }
+    Ok(Server {
+        local_addr,
+        shards,
+        driver: if monoio::utils::detect_uring() {
+            "io_uring"
+        } else {
+            "epoll"
+        },
+        threads,
+    })
+}
+
+type Ready = mpsc::Sender<Result<(), (usize, String)>>;
+
+async fn run_shard(
+    id: u16,
+    settings: Settings,
+    std_listener: std::net::TcpListener,
+    bus: Box<dyn Bus>,
+    ready: Ready,
+) {
+    let listener = match TcpListener::from_std(std_listener) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err((id as usize, format!("cannot register listener: {e}"))));
+            return;
+        }
+    };
+    let settings = Rc::new(settings);
+    let shard = Rc::new(Shard {
+        state: RefCell::new(State::new(id, settings.clone(), bus)),
+        settings,
+        scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
+    });
+    monoio::spawn(dispatcher(shard.clone()));
+    monoio::spawn(sweeper(shard.clone()));
+    let _ = ready.send(Ok(()));
+    tracing::debug!(shard = id, "accepting");
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                // Small pushes must leave at once, not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                monoio::spawn(conn::run(shard.clone(), stream));
+            }
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning;
+                // existing connections keep being served meanwhile.
+                tracing::warn!(shard = id, error = %e, "accept failed");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Runs a tick whenever there is work; see the module docs.
+async fn dispatcher(shard: Rc<Shard>) {
+    loop {
+        std::future::poll_fn(|cx| shard.state.borrow_mut().poll_work(cx)).await;
+        let writers = shard.state.borrow_mut().tick();
+        for (id, stream) in writers {
+            monoio::spawn(conn::writer(shard.clone(), id, stream));
+        }
+        // Yield to readers and the accept loop between ticks. `yield_now`
+        // would requeue this task at the front and starve them.
+        monoio::time::sleep(Duration::ZERO).await;
+    }
+}
+
+async fn sweeper(shard: Rc<Shard>) {
+    loop {
+        monoio::time::sleep(SWEEP_INTERVAL).await;
+        let writers = shard.state.borrow_mut().sweep();
+        for (id, stream) in writers {
+            monoio::spawn(conn::writer(shard.clone(), id, stream));
+        }
+    }
+}

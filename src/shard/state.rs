@@ -1,0 +1,702 @@
+//! Everything one shard owns: its connections, its subscription table, its
+//! bus handle and its encoder. Only the shard's own thread touches it, so
+//! there are no locks; tasks borrow it briefly and never across an await.
+//!
+//! Fan-out lives here: a tick's publications for a channel are encoded once
+//! into a WebSocket frame, and every subscriber's queue gets a refcount of
+//! that frame.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use monoio::net::TcpStream;
+
+use super::outbound::{Flushed, Outbound};
+use super::slab::{ConnId, Slab};
+use super::Settings;
+use crate::bus::{Bus, BusEvent, Position, Publication, ReplyTo};
+use crate::protocol::channel;
+use crate::protocol::wire::{self, ClientRequest, Encoder, ErrorCode};
+use crate::protocol::ws::{self, OpCode};
+
+/// A reason to close a connection: a WebSocket close code and its text.
+#[derive(Debug, Clone)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl CloseReason {
+    pub fn new(code: u16, reason: impl Into<String>) -> Self {
+        CloseReason {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// Upgrade request not complete yet.
+    Handshake,
+    /// WebSocket open; `connected` once the client sent `Connect`.
+    Open { connected: bool },
+    /// Close frame (or HTTP error) queued; the socket is shut down when it
+    /// is flushed or at `deadline`, whichever comes first.
+    Closing { deadline: Instant },
+}
+
+pub struct Conn {
+    stream: Rc<TcpStream>,
+    fd: RawFd,
+    out: Outbound,
+    subs: Vec<Arc<str>>,
+    phase: Phase,
+    /// Queued in `State::dirty` for this tick's flush.
+    dirty: bool,
+    /// A writer task is waiting for this socket to become writable.
+    writer_active: bool,
+    /// Shut the write side once `out` drains (after a close frame).
+    shutdown_after_flush: bool,
+}
+
+enum ChannelState {
+    /// Asked the bus; waiting for its `Subscribed` answer.
+    Pending {
+        waiters: Vec<(ConnId, u32, Option<Position>)>,
+    },
+    /// Receiving publications; `last` is the newest position delivered.
+    Active { last: Position },
+}
+
+struct LocalChannel {
+    state: ChannelState,
+    subscribers: Vec<ConnId>,
+}
+
+pub struct State {
+    shard: u16,
+    settings: Rc<Settings>,
+    conns: Slab<Conn>,
+    channels: HashMap<Arc<str>, LocalChannel>,
+    bus: Box<dyn Bus>,
+    encoder: Encoder,
+    /// Connections with something to flush this tick.
+    dirty: Vec<ConnId>,
+    /// Connections with a blocked writer or a pending close, for the sweeper.
+    watched: Vec<ConnId>,
+    /// Connections whose socket filled up and need a writer task.
+    need_writer: Vec<(ConnId, Rc<TcpStream>)>,
+    /// Requests were queued on the bus and need a flush.
+    bus_pending: bool,
+    dispatcher: Option<Waker>,
+    next_client: u64,
+    now: Instant,
+    events: Vec<BusEvent>,
+    to_close: Vec<(ConnId, CloseReason)>,
+}
+
+impl State {
+    pub fn new(shard: u16, settings: Rc<Settings>, bus: Box<dyn Bus>) -> Self {
+        State {
+            shard,
+            settings,
+            conns: Slab::default(),
+            channels: HashMap::new(),
+            bus,
+            encoder: Encoder::new(),
+            dirty: Vec::new(),
+            watched: Vec::new(),
+            need_writer: Vec::new(),
+            bus_pending: false,
+            dispatcher: None,
+            next_client: 0,
+            now: Instant::now(),
+            events: Vec::new(),
+            to_close: Vec::new(),
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn add_conn(&mut self, stream: Rc<TcpStream>, fd: RawFd) -> ConnId {
+        self.conns.insert(Conn {
+            stream,
+            fd,
+            out: Outbound::default(),
+            subs: Vec::new(),
+            phase: Phase::Handshake,
+            dirty: false,
+            writer_active: false,
+            shutdown_after_flush: false,
+        })
+    }
+
+    /// Forgets a connection whose reader has finished. Shuts the socket down
+    /// so a writer task still waiting on it wakes up and exits.
+    pub fn remove_conn(&mut self, id: ConnId) {
+        self.detach(id);
+        if let Some(conn) = self.conns.remove(id) {
+            shutdown(conn.fd, libc::SHUT_RDWR);
+        }
+    }
+
+    pub fn touch(&mut self) {
+        self.now = Instant::now();
+    }
+
+    /// The handshake succeeded: queue the 101 response.
+    pub fn accept_upgrade(&mut self, id: ConnId, response: Vec<u8>) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.phase = Phase::Open { connected: false };
+        }
+        self.enqueue(id, Bytes::from(response));
+    }
+
+    /// The handshake failed: queue the HTTP error and close after it.
+    pub fn reject_upgrade(&mut self, id: ConnId, response: Vec<u8>) {
+        self.enqueue(id, Bytes::from(response));
+        self.begin_close(id);
+    }
+
+    /// Whether the connection is closing (its reader should only drain).
+    pub fn is_closing(&self, id: ConnId) -> bool {
+        self.conns
+            .get(id)
+            .is_none_or(|c| matches!(c.phase, Phase::Closing { .. }))
+    }
+
+    /// Sends a close frame and starts closing.
+    pub fn close(&mut self, id: ConnId, why: &CloseReason) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        if matches!(conn.phase, Phase::Closing { .. }) {
+            return;
+        }
+        conn.out.discard_unstarted();
+        conn.out.push(ws::close_frame(why.code, &why.reason));
+        self.mark_dirty(id);
+        self.begin_close(id);
+    }
+
+    /// Queues a pong (or any ready-made control frame).
+    pub fn send_frame(&mut self, id: ConnId, frame: Bytes) {
+        self.enqueue(id, frame);
+    }
+
+    fn begin_close(&mut self, id: ConnId) {
+        let deadline = self.now + self.settings.close_timeout;
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.phase = Phase::Closing { deadline };
+            conn.shutdown_after_flush = true;
+        }
+        self.detach(id);
+        self.watched.push(id);
+        self.mark_dirty(id);
+    }
+
+    /// Removes the connection from every channel it is subscribed to.
+    fn detach(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        for name in std::mem::take(&mut conn.subs) {
+            self.leave_channel(&name, id);
+        }
+    }
+
+    fn leave_channel(&mut self, name: &Arc<str>, id: ConnId) {
+        let Some(ch) = self.channels.get_mut(name) else {
+            return;
+        };
+        if let Some(i) = ch.subscribers.iter().position(|&c| c == id) {
+            ch.subscribers.swap_remove(i);
+        }
+        if let ChannelState::Pending { waiters } = &mut ch.state {
+            waiters.retain(|w| w.0 != id);
+        }
+        if ch.subscribers.is_empty() {
+            self.channels.remove(name);
+            self.bus.unsubscribe(name);
+            self.bus_pending = true;
+        }
+    }
+
+    fn enqueue(&mut self, id: ConnId, frame: Bytes) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.out.push(frame);
+            self.mark_dirty(id);
+        }
+    }
+
+    fn mark_dirty(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    fn reply(&mut self, id: ConnId, data: &[u8]) {
+        let frame = ws::frame(OpCode::Binary, data);
+        self.enqueue(id, frame);
+    }
+
+    fn reply_error(&mut self, id: ConnId, request: u32, code: ErrorCode, message: &str) {
+        let frame = ws::frame(OpCode::Binary, self.encoder.error(request, code, message));
+        self.enqueue(id, frame);
+    }
+
+    /// Handles one binary message from a client. An `Err` means the
+    /// connection must be closed with that reason.
+    pub fn on_client_message(&mut self, id: ConnId, data: &[u8]) -> Result<(), CloseReason> {
+        let requests = wire::decode_client_frame(data, &self.settings.decode_limits)
+            .map_err(|e| CloseReason::new(wire::close::INVALID_ENVELOPE, e.to_string()))?;
+        for (request, req) in requests {
+            self.on_request(id, request, req);
+        }
+        Ok(())
+    }
+
+    fn on_request(&mut self, id: ConnId, request: u32, req: ClientRequest<'_>) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        let connected = match conn.phase {
+            Phase::Open { connected } => connected,
+            _ => return,
+        };
+        match req {
+            ClientRequest::Connect { .. } if connected => {
+                self.reply_error(id, request, ErrorCode::BadRequest, "already connected");
+            }
+            ClientRequest::Connect { .. } => {
+                conn.phase = Phase::Open { connected: true };
+                self.next_client += 1;
+                let client_id = (u64::from(self.shard) << 48) | self.next_client;
+                let frame = ws::frame(
+                    OpCode::Binary,
+                    self.encoder
+                        .connected(request, client_id, u32::from(self.shard), unix_ms()),
+                );
+                self.enqueue(id, frame);
+            }
+            _ if !connected => {
+                self.reply_error(
+                    id,
+                    request,
+                    ErrorCode::Unauthorized,
+                    "send Connect before any other request",
+                );
+            }
+            ClientRequest::Ping => {
+                let frame = ws::frame(OpCode::Binary, self.encoder.pong(request));
+                self.enqueue(id, frame);
+            }
+            ClientRequest::Subscribe { channel, recover } => {
+                let recover = recover.map(|p| Position {
+                    epoch: p.epoch,
+                    offset: p.offset,
+                });
+                self.subscribe(id, request, channel, recover);
+            }
+            ClientRequest::Unsubscribe { channel } => self.unsubscribe(id, request, channel),
+            ClientRequest::Publish {
+                channel,
+                payload,
+                idempotency_key,
+            } => self.publish(id, request, channel, payload, idempotency_key),
+        }
+    }
+
+    fn subscribe(&mut self, id: ConnId, request: u32, name: &str, recover: Option<Position>) {
+        if let Err(e) = channel::validate(name) {
+            return self.reply_error(id, request, ErrorCode::InvalidChannel, &e.to_string());
+        }
+        let max = self.settings.max_subscriptions;
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        if conn.subs.iter().any(|s| &**s == name) {
+            return self.reply_error(id, request, ErrorCode::AlreadySubscribed, name);
+        }
+        if conn.subs.len() >= max {
+            let msg = format!("at most {max} subscriptions per connection");
+            return self.reply_error(id, request, ErrorCode::TooManySubscriptions, &msg);
+        }
+        let key: Arc<str> = match self.channels.get_key_value(name) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(name),
+        };
+        conn.subs.push(key.clone());
+        let ch = self
+            .channels
+            .entry(key.clone())
+            .or_insert_with(|| LocalChannel {
+                state: ChannelState::Pending {
+                    waiters: Vec::new(),
+                },
+                subscribers: Vec::new(),
+            });
+        ch.subscribers.push(id);
+        match &mut ch.state {
+            ChannelState::Pending { waiters } => {
+                waiters.push((id, request, recover));
+                if waiters.len() == 1 && ch.subscribers.len() == 1 {
+                    self.bus.subscribe(&key);
+                    self.bus_pending = true;
+                }
+            }
+            ChannelState::Active { last } => {
+                let last = *last;
+                self.confirm_subscription(id, request, &key, last, recover);
+            }
+        }
+    }
+
+    fn confirm_subscription(
+        &mut self,
+        id: ConnId,
+        request: u32,
+        name: &str,
+        at: Position,
+        recover: Option<Position>,
+    ) {
+        // Without history, recovery succeeds only when nothing was missed.
+        let recovered = recover == Some(at);
+        let pos = wire::Position {
+            epoch: at.epoch,
+            offset: at.offset,
+        };
+        let frame = ws::frame(
+            OpCode::Binary,
+            self.encoder.subscribed(request, name, pos, recovered),
+        );
+        self.enqueue(id, frame);
+    }
+
+    fn unsubscribe(&mut self, id: ConnId, request: u32, name: &str) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        let Some(i) = conn.subs.iter().position(|s| &**s == name) else {
+            return self.reply_error(id, request, ErrorCode::NotSubscribed, name);
+        };
+        let key = conn.subs.swap_remove(i);
+        self.leave_channel(&key, id);
+        let frame = ws::frame(OpCode::Binary, self.encoder.unsubscribed(request, name));
+        self.enqueue(id, frame);
+    }
+
+    fn publish(
+        &mut self,
+        id: ConnId,
+        request: u32,
+        name: &str,
+        payload: &[u8],
+        idempotency_key: Option<&str>,
+    ) {
+        if let Err(e) = channel::validate(name) {
+            return self.reply_error(id, request, ErrorCode::InvalidChannel, &e.to_string());
+        }
+        let max = self.settings.max_publish_bytes;
+        if payload.len() > max {
+            let msg = format!("payload is {} bytes; the limit is {max}", payload.len());
+            return self.reply_error(id, request, ErrorCode::PayloadTooLarge, &msg);
+        }
+        let reply_to = ReplyTo {
+            conn: id.as_u64(),
+            request,
+        };
+        self.bus.publish(
+            name,
+            Bytes::copy_from_slice(payload),
+            idempotency_key,
+            reply_to,
+        );
+        self.bus_pending = true;
+    }
+
+    /// Wakes the dispatcher if this turn left anything to send.
+    pub fn wake_if_needed(&mut self) {
+        if self.bus_pending || !self.dirty.is_empty() {
+            if let Some(w) = self.dispatcher.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Polls the bus for events; registers the dispatcher's waker for both
+    /// the bus and local work. Ready when there is something to do.
+    pub fn poll_work(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let mut events = std::mem::take(&mut self.events);
+        let bus_ready = self.bus.poll_events(cx, &mut events).is_ready();
+        self.events = events;
+        if bus_ready || !self.events.is_empty() || self.bus_pending || !self.dirty.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            self.dispatcher = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        }
+    }
+
+    /// One tick: apply bus events, send queued bus requests, flush every
+    /// connection that has output. Returns the writers to start.
+    pub fn tick(&mut self) -> Vec<(ConnId, Rc<TcpStream>)> {
+        self.touch();
+        let mut events = std::mem::take(&mut self.events);
+        for ev in events.drain(..) {
+            self.on_bus_event(ev);
+        }
+        self.events = events;
+        self.close_pending();
+        if self.bus_pending {
+            self.bus_pending = false;
+            self.bus.flush();
+        }
+        self.flush_dirty();
+        std::mem::take(&mut self.need_writer)
+    }
+
+    fn close_pending(&mut self) {
+        let closes = std::mem::take(&mut self.to_close);
+        for (id, why) in &closes {
+            self.close(*id, why);
+        }
+        self.to_close = closes;
+        self.to_close.clear();
+    }
+
+    fn on_bus_event(&mut self, ev: BusEvent) {
+        match ev {
+            BusEvent::Publications {
+                channel,
+                epoch,
+                items,
+            } => self.deliver(&channel, epoch, &items),
+            BusEvent::Subscribed { channel, position } => {
+                let Some(ch) = self.channels.get_mut(&channel) else {
+                    return;
+                };
+                let ChannelState::Pending { waiters } = &mut ch.state else {
+                    return;
+                };
+                let waiters = std::mem::take(waiters);
+                ch.state = ChannelState::Active { last: position };
+                for (id, request, recover) in waiters {
+                    self.confirm_subscription(id, request, &channel, position, recover);
+                }
+            }
+            BusEvent::Published {
+                reply_to,
+                channel,
+                result,
+            } => {
+                let id = ConnId::from_u64(reply_to.conn);
+                match result {
+                    Ok(p) => {
+                        let pos = wire::Position {
+                            epoch: p.epoch,
+                            offset: p.offset,
+                        };
+                        let data = self.encoder.publish_ack(reply_to.request, &channel, pos);
+                        let frame = ws::frame(OpCode::Binary, data);
+                        self.enqueue(id, frame);
+                    }
+                    Err(e) => {
+                        self.reply_error(id, reply_to.request, ErrorCode::Unavailable, &e.to_string())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Encodes the channel's new publications once per batch and queues the
+    /// same frame for every subscriber.
+    fn deliver(&mut self, name: &Arc<str>, epoch: u64, items: &[Publication]) {
+        let Some(ch) = self.channels.get_mut(name) else {
+            return;
+        };
+        let ChannelState::Active { last } = &mut ch.state else {
+            // Sequenced before our interest took effect: the Subscribed
+            // answer that follows covers it.
+            return;
+        };
+        let fresh = if epoch == last.epoch {
+            let start = items.partition_point(|p| p.offset <= last.offset);
+            &items[start..]
+        } else {
+            items
+        };
+        let Some(newest) = fresh.last() else {
+            return;
+        };
+        *last = Position {
+            epoch,
+            offset: newest.offset,
+        };
+        let budget = self.settings.outbound_budget;
+        for chunk in fresh.chunks(self.settings.max_batch) {
+            let data = self.encoder.publications(
+                name,
+                epoch,
+                chunk
+                    .iter()
+                    .map(|p| (p.offset, p.timestamp_ms, &p.payload[..])),
+            );
+            let frame = ws::frame(OpCode::Binary, data);
+            for &id in &ch.subscribers {
+                let Some(conn) = self.conns.get_mut(id) else {
+                    continue;
+                };
+                if conn.out.queued_bytes() + frame.len() > budget {
+                    self.to_close.push((id, slow_consumer("outbound budget exceeded")));
+                    continue;
+                }
+                conn.out.push(frame.clone());
+                if !conn.dirty {
+                    conn.dirty = true;
+                    self.dirty.push(id);
+                }
+            }
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        // Flushing can mark more connections dirty (a failed write closes
+        // its connection), so keep going until nothing is left.
+        let mut batch = std::mem::take(&mut self.dirty);
+        loop {
+            for id in batch.drain(..) {
+                self.flush_conn(id);
+            }
+            if self.dirty.is_empty() {
+                break;
+            }
+            std::mem::swap(&mut batch, &mut self.dirty);
+        }
+        self.dirty = batch;
+    }
+
+    /// Writes what the connection has queued; called by the tick and by the
+    /// connection's writer task once the socket is writable again.
+    pub fn flush_conn(&mut self, id: ConnId) -> Option<Flushed> {
+        let now = self.now;
+        let conn = self.conns.get_mut(id)?;
+        conn.dirty = false;
+        match conn.out.flush(conn.fd, now) {
+            Ok(Flushed::All) => {
+                if conn.shutdown_after_flush {
+                    conn.shutdown_after_flush = false;
+                    shutdown(conn.fd, libc::SHUT_WR);
+                }
+                Some(Flushed::All)
+            }
+            Ok(Flushed::Blocked) => {
+                if !conn.writer_active {
+                    conn.writer_active = true;
+                    self.need_writer.push((id, conn.stream.clone()));
+                    self.watched.push(id);
+                }
+                Some(Flushed::Blocked)
+            }
+            Err(_) => {
+                // The peer is gone: nothing queued can be delivered.
+                // Shutting down wakes the reader, which removes the
+                // connection.
+                conn.out = Outbound::default();
+                conn.shutdown_after_flush = false;
+                shutdown(conn.fd, libc::SHUT_RDWR);
+                if !matches!(conn.phase, Phase::Closing { .. }) {
+                    self.begin_close(id);
+                }
+                None
+            }
+        }
+    }
+
+    /// Called by a writer task when its socket became writable. Returns
+    /// whether the writer should keep waiting.
+    pub fn writable(&mut self, id: ConnId) -> bool {
+        self.touch();
+        match self.flush_conn(id) {
+            Some(Flushed::Blocked) => true,
+            _ => {
+                if let Some(conn) = self.conns.get_mut(id) {
+                    conn.writer_active = false;
+                }
+                false
+            }
+        }
+    }
+
+    /// Enforces the time budgets: slow consumers whose oldest queued byte is
+    /// too old, and closing connections past their linger deadline.
+    pub fn sweep(&mut self) -> Vec<(ConnId, Rc<TcpStream>)> {
+        self.touch();
+        let now = self.now;
+        let max_age = self.settings.outbound_max_age;
+        let mut watched = std::mem::take(&mut self.watched);
+        watched.retain(|&id| {
+            let Some(conn) = self.conns.get(id) else {
+                return false;
+            };
+            match conn.phase {
+                Phase::Closing { deadline } => {
+                    if now >= deadline {
+                        shutdown(conn.fd, libc::SHUT_RDWR);
+                        return false;
+                    }
+                    true
+                }
+                _ if conn.writer_active => {
+                    if conn
+                        .out
+                        .blocked_since()
+                        .is_some_and(|t| now.duration_since(t) > max_age)
+                    {
+                        self.to_close
+                            .push((id, slow_consumer("oldest queued message too old")));
+                    }
+                    true
+                }
+                _ => false,
+            }
+        });
+        watched.append(&mut self.watched);
+        self.watched = watched;
+        self.close_pending();
+        self.flush_dirty();
+        std::mem::take(&mut self.need_writer)
+    }
+}
+
+fn slow_consumer(why: &str) -> CloseReason {
+    CloseReason::new(
+        wire::close::SLOW_CONSUMER,
+        format!("slow consumer: {why}; reconnect and recover from your last position"),
+    )
+}
+
+fn shutdown(fd: RawFd, how: libc::c_int) {
+    // SAFETY: `fd` belongs to a live TcpStream held by the connection; an
+    // error (already shut down, peer gone) needs no handling.
+    unsafe {
+        libc::shutdown(fd, how);
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,374 @@
+//! Shared integration-test helpers: start the real `shardcast` binary on a
+//! free loopback port and talk to it as a native client would.
+//!
+//! The driver under test follows the environment: `.ci/run` runs the suite
+//! once as is (io_uring) and once with `MONOIO_FORCE_LEGACY_DRIVER=1`.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use shardcast::protocol::wire::{self, ClientEncoder, DecodeLimits, Position, ServerMessage};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Generous bound for anything a test waits on; a hang fails instead of
+/// blocking CI.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A running `shardcast serve`, killed on drop.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub driver: String,
+}
+
+impl Server {
+    /// Starts the server with two shards on a free port, plus `args`.
+    pub fn start(args: &[&str]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardcast"));
+        cmd.arg("serve")
+            .args(["--server-listen", "127.0.0.1:0", "--server-shards", "2"])
+            .args(args)
+            .env("SHARDCAST_LOG_LEVEL", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn shardcast");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listening line");
+        // "shardcast listening on 127.0.0.1:PORT shards=2 driver=io_uring"
+        let mut words = line.split_whitespace();
+        let addr = words
+            .nth(3)
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .parse()
+            .expect("address");
+        let driver = line
+            .split("driver=")
+            .nth(1)
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        Server {
+            child,
+            addr,
+            driver,
+        }
+    }
+
+    /// Whether the process is still alive (it must survive bad input).
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A native-protocol client over tokio-tungstenite.
+pub struct Client {
+    pub ws: Ws,
+    enc: ClientEncoder,
+    next_id: u32,
+    inbox: VecDeque<(u32, ServerMessage)>,
+    pub client_id: u64,
+    pub shard: u32,
+}
+
+/// Opens the WebSocket (offering `shardcast.v1`) without sending Connect.
+pub async fn open_ws(addr: SocketAddr) -> Ws {
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "shardcast.v1".parse().unwrap());
+    let (ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("handshake timed out")
+        .expect("handshake");
+    assert_eq!(
+        resp.headers()
+            .get("Sec-WebSocket-Protocol")
+            .map(|v| v.to_str().unwrap()),
+        Some("shardcast.v1")
+    );
+    ws
+}
+
+impl Client {
+    /// Opens a connection and completes Connect/Connected.
+    pub async fn connect(addr: SocketAddr) -> Client {
+        let ws = open_ws(addr).await;
+        let mut c = Client {
+            ws,
+            enc: ClientEncoder::new(),
+            next_id: 1,
+            inbox: VecDeque::new(),
+            client_id: 0,
+            shard: 0,
+        };
+        let id = c.next_id();
+        let frame = c.enc.connect(id, None);
+        c.send_raw(frame).await;
+        match c.reply(id).await {
+            ServerMessage::Connected {
+                client_id, shard, ..
+            } => {
+                c.client_id = client_id;
+                c.shard = shard;
+            }
+            other => panic!("expected Connected, got {other:?}"),
+        }
+        c
+    }
+
+    fn next_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    pub async fn send_raw(&mut self, frame: Vec<u8>) {
+        self.ws
+            .send(Message::Binary(frame.into()))
+            .await
+            .expect("send");
+    }
+
+    /// The next server message, in order.
+    pub async fn next(&mut self) -> (u32, ServerMessage) {
+        loop {
+            if let Some(m) = self.inbox.pop_front() {
+                return m;
+            }
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a server message")
+                .expect("connection ended")
+                .expect("websocket error");
+            match msg {
+                Message::Binary(b) => {
+                    let msgs = wire::decode_server_frame(&b, &DecodeLimits::default())
+                        .expect("server sent an invalid frame");
+                    assert!(!msgs.is_empty(), "empty frame from server");
+                    self.inbox.extend(msgs);
+                }
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("unexpected message {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the reply to request `id`, keeping other messages queued
+    /// in order.
+    pub async fn reply(&mut self, id: u32) -> ServerMessage {
+        let mut skipped = VecDeque::new();
+        let found = loop {
+            let (rid, msg) = self.next().await;
+            if rid == id && !matches!(msg, ServerMessage::Publication { .. }) {
+                break msg;
+            }
+            skipped.push_back((rid, msg));
+        };
+        while let Some(m) = skipped.pop_back() {
+            self.inbox.push_front(m);
+        }
+        found
+    }
+
+    pub async fn subscribe(&mut self, channel: &str) -> Position {
+        self.subscribe_from(channel, None).await.0
+    }
+
+    /// Subscribes, optionally recovering; returns (position, recovered).
+    pub async fn subscribe_from(
+        &mut self,
+        channel: &str,
+        recover: Option<Position>,
+    ) -> (Position, bool) {
+        let id = self.next_id();
+        let frame = self.enc.subscribe(id, channel, recover);
+        self.send_raw(frame).await;
+        match self.reply(id).await {
+            ServerMessage::Subscribed {
+                channel: c,
+                position,
+                recovered,
+            } => {
+                assert_eq!(c, channel);
+                (position, recovered)
+            }
+            other => panic!("expected Subscribed, got {other:?}"),
+        }
+    }
+
+    /// Publishes without waiting for the acknowledgement; returns the
+    /// request id.
+    pub async fn publish_nowait(&mut self, channel: &str, payload: &[u8]) -> u32 {
+        let id = self.next_id();
+        let frame = self.enc.publish(id, channel, payload, None);
+        self.send_raw(frame).await;
+        id
+    }
+
+    pub async fn publish(&mut self, channel: &str, payload: &[u8]) -> Position {
+        let id = self.publish_nowait(channel, payload).await;
+        match self.reply(id).await {
+            ServerMessage::PublishAck { position, .. } => position,
+            other => panic!("expected PublishAck, got {other:?}"),
+        }
+    }
+
+    /// The next publication (skipping acknowledgements and other replies).
+    pub async fn publication(&mut self) -> (String, u64, u64, Vec<u8>) {
+        loop {
+            if let (
+                _,
+                ServerMessage::Publication {
+                    channel,
+                    epoch,
+                    offset,
+                    payload,
+                    ..
+                },
+            ) = self.next().await
+            {
+                return (channel, epoch, offset, payload);
+            }
+        }
+    }
+}
+
+/// Opens clients until both shards are represented, keeping them all.
+pub async fn clients_on_both_shards(addr: SocketAddr, want_each: usize) -> Vec<Client> {
+    let mut clients = Vec::new();
+    let mut per_shard = [0usize; 2];
+    for _ in 0..200 {
+        let c = Client::connect(addr).await;
+        per_shard[c.shard as usize] += 1;
+        clients.push(c);
+        if per_shard.iter().all(|&n| n >= want_each) {
+            return clients;
+        }
+    }
+    panic!("200 connections never reached both shards: {per_shard:?}");
+}
+
+/// A hand-driven WebSocket client over a blocking std socket, for sending
+/// what a well-behaved library never would.
+pub struct RawClient {
+    pub sock: std::net::TcpStream,
+}
+
+pub const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: shardcast.v1\r\n\r\n";
+
+impl RawClient {
+    pub fn connect(addr: SocketAddr) -> RawClient {
+        let sock = std::net::TcpStream::connect(addr).expect("connect");
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        RawClient { sock }
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        self.sock.write_all(bytes).expect("write");
+    }
+
+    /// Reads the HTTP response head (up to the blank line).
+    pub fn read_http_head(&mut self) -> String {
+        use std::io::Read;
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = self.sock.read(&mut b).expect("read response");
+            assert!(n == 1, "connection closed inside the response head: {:?}", String::from_utf8_lossy(&head));
+            head.push(b[0]);
+        }
+        String::from_utf8(head).expect("ascii head")
+    }
+
+    /// Performs the upgrade and asserts 101.
+    pub fn upgrade(addr: SocketAddr) -> RawClient {
+        let mut c = RawClient::connect(addr);
+        c.write(UPGRADE.as_bytes());
+        let head = c.read_http_head();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        c
+    }
+
+    /// Sends a masked frame.
+    pub fn send(&mut self, opcode: shardcast::protocol::ws::OpCode, fin: bool, payload: &[u8]) {
+        let f = shardcast::protocol::ws::encode_client_frame(opcode, fin, payload, [1, 2, 3, 4]);
+        self.write(&f);
+    }
+
+    /// Reads one server frame: (opcode byte, payload). `None` at EOF.
+    pub fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        use std::io::Read;
+        let mut h = [0u8; 2];
+        if let Err(e) = self.sock.read_exact(&mut h) {
+            assert!(
+                matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset),
+                "read error {e}"
+            );
+            return None;
+        }
+        assert_eq!(h[1] & 0x80, 0, "server frames must not be masked");
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut b = [0u8; 2];
+                self.sock.read_exact(&mut b).unwrap();
+                u16::from_be_bytes(b) as usize
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                self.sock.read_exact(&mut b).unwrap();
+                u64::from_be_bytes(b) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        self.sock.read_exact(&mut payload).unwrap();
+        Some((h[0] & 0x0f, payload))
+    }
+
+    /// Reads frames until a close frame; returns its code and reason.
+    pub fn expect_close(&mut self) -> (u16, String) {
+        while let Some((op, payload)) = self.read_frame() {
+            if op == 0x8 {
+                assert!(payload.len() >= 2, "close frame without a code");
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                return (code, String::from_utf8(payload[2..].to_vec()).expect("utf-8 reason"));
+            }
+        }
+        panic!("connection ended without a close frame");
+    }
+}
+
+/// Starts a normal client, subscribes, publishes and receives: the server
+/// still serves.
+pub async fn assert_serving(addr: SocketAddr) {
+    let mut c = Client::connect(addr).await;
+    c.subscribe("health").await;
+    let pos = c.publish("health", b"ok").await;
+    let (ch, _, offset, payload) = c.publication().await;
+    assert_eq!((ch.as_str(), offset, payload.as_slice()), ("health", pos.offset, &b"ok"[..]));
+}
