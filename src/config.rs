@@ -202,12 +202,12 @@ impl Config {
                 path: path.to_string(),
                 source,
             })?;
-            let file: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-                ConfigError::Parse {
-                    path: path.to_string(),
-                    message: e.to_string(),
-                }
-            })?;
+            let file: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Parse {
+                        path: path.to_string(),
+                        message: e.to_string(),
+                    })?;
             // Going through `Config` first rejects unknown sections and keys
             // with serde's message, which points at the offending line.
             Config::deserialize(toml::Value::Table(file.clone())).map_err(|e| {
@@ -221,12 +221,11 @@ impl Config {
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
-            ConfigError::Parse {
+        let config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
                 path: "<overrides>".into(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -237,7 +236,11 @@ impl Config {
         check("server.shards", self.server.shards, 0..=1024)?;
         check("server.backlog", self.server.backlog, 1..=65_535)?;
         let ws = &self.websocket;
-        check("websocket.max_frame_bytes", ws.max_frame_bytes, 125..=(64 << 20))?;
+        check(
+            "websocket.max_frame_bytes",
+            ws.max_frame_bytes,
+            125..=(64 << 20),
+        )?;
         check(
             "websocket.max_message_bytes",
             ws.max_message_bytes,
@@ -254,7 +257,11 @@ impl Config {
             ws.handshake_max_headers,
             8..=256,
         )?;
-        check("websocket.close_timeout_ms", ws.close_timeout_ms, 10..=120_000)?;
+        check(
+            "websocket.close_timeout_ms",
+            ws.close_timeout_ms,
+            10..=120_000,
+        )?;
         let f = &self.fanout;
         check(
             "fanout.outbound_budget_bytes",
@@ -347,7 +354,11 @@ impl Config {
                 .ok_or_else(|| ConfigError::UnknownKey {
                     key: name.clone(),
                     origin: format!("environment variable {name}"),
-                    known: keys.iter().map(|k| Config::env_name(k)).collect::<Vec<_>>().join(", "),
+                    known: keys
+                        .iter()
+                        .map(|k| Config::env_name(k))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 })?;
             out.push(Override {
                 key: key.clone(),
@@ -425,12 +436,9 @@ fn apply_override(table: &mut toml::Table, o: &Override) -> Result<(), ConfigErr
         expected,
     };
     *slot = match slot {
-        toml::Value::Integer(_) => toml::Value::Integer(
-            o.value
-                .trim()
-                .parse()
-                .map_err(|_| bad("an integer"))?,
-        ),
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(o.value.trim().parse().map_err(|_| bad("an integer"))?)
+        }
         toml::Value::Boolean(_) => toml::Value::Boolean(match o.value.trim() {
             "true" | "1" | "yes" | "on" => true,
             "false" | "0" | "no" | "off" => false,
@@ -507,11 +515,13 @@ mod tests {
     #[test]
     fn env_and_flag_names_round_trip() {
         for key in Config::keys() {
-            assert_eq!(Config::key_for_flag(&Config::flag_name(&key)), Some(key.clone()));
-            let o = Config::env_overrides(
-                vec![(Config::env_name(&key), "1".to_string())].into_iter(),
-            )
-            .unwrap();
+            assert_eq!(
+                Config::key_for_flag(&Config::flag_name(&key)),
+                Some(key.clone())
+            );
+            let o =
+                Config::env_overrides(vec![(Config::env_name(&key), "1".to_string())].into_iter())
+                    .unwrap();
             assert_eq!(o[0].key, key);
         }
     }

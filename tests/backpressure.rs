@@ -11,7 +11,7 @@ use shardcast::protocol::ws::OpCode;
 async fn slow_reader_is_closed_and_others_keep_receiving() {
     let server = Server::start(&[
         "--fanout-outbound-budget-bytes",
-        "65536",
+        "1048576",
         "--fanout-outbound-max-age-ms",
         "2000",
         "--websocket-close-timeout-ms",
@@ -35,15 +35,19 @@ async fn slow_reader_is_closed_and_others_keep_receiving() {
     while !subscribed {
         let (_, payload) = slow.read_frame().expect("reply");
         let msgs = wire::decode_server_frame(&payload, &DecodeLimits::default()).unwrap();
-        subscribed = msgs.iter().any(|(id, m)| *id == 2 && matches!(m, ServerMessage::Subscribed { .. }));
+        subscribed = msgs
+            .iter()
+            .any(|(id, m)| *id == 2 && matches!(m, ServerMessage::Subscribed { .. }));
     }
 
     let mut fast = Client::connect(server.addr).await;
     let start = fast.subscribe("firehose").await;
     let mut publisher = Client::connect(server.addr).await;
 
-    // ~12 MB: far beyond the slow socket's buffers plus the 64 KiB budget.
-    const N: u64 = 800;
+    // ~16 MB: far beyond what the kernel buffers for the slow socket (its
+    // receive buffer is tiny; the server's send buffer autotunes to at most
+    // tcp_wmem's 4 MB by default) plus the 1 MiB budget.
+    const N: u64 = 1000;
     let payload = vec![0xAB; 16 * 1024];
     let reader = tokio::spawn(async move {
         for k in 1..=N {
@@ -55,7 +59,9 @@ async fn slow_reader_is_closed_and_others_keep_receiving() {
     for _ in 0..N {
         publisher.publish("firehose", &payload).await;
     }
-    reader.await.expect("the fast subscriber received every message in order");
+    reader
+        .await
+        .expect("the fast subscriber received every message in order");
 
     // Now the slow client reads: whole frames, then close 4001, then EOF.
     let (code, reason) = tokio::task::spawn_blocking(move || slow.expect_close())

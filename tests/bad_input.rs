@@ -110,7 +110,11 @@ async fn ping_gets_its_pong() {
 async fn envelope_failing_verification_is_4000() {
     let server = Server::start(&[]);
     let mut c = RawClient::upgrade(server.addr);
-    c.send(OpCode::Binary, true, b"definitely not a flatbuffer, but long enough");
+    c.send(
+        OpCode::Binary,
+        true,
+        b"definitely not a flatbuffer, but long enough",
+    );
     let (code, reason) = c.expect_close();
     assert_eq!(code, 4000);
     assert!(!reason.is_empty());
@@ -139,5 +143,8 @@ async fn requests_before_connect_are_refused() {
     let (op, payload) = c.read_frame().expect("reply");
     assert_eq!(op, 0x2);
     let msgs = wire::decode_server_frame(&payload, &DecodeLimits::default()).unwrap();
-    assert!(matches!(&msgs[..], [(9, ServerMessage::Error { .. })]), "{msgs:?}");
+    assert!(
+        matches!(&msgs[..], [(9, ServerMessage::Error { .. })]),
+        "{msgs:?}"
+    );
 }

@@ -25,10 +25,16 @@ fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn check_config_accepts_a_good_file() {
-    let p = temp_file("good.toml", "[server]\nlisten = \"127.0.0.1:9999\"\nshards = 3\n");
+    let p = temp_file(
+        "good.toml",
+        "[server]\nlisten = \"127.0.0.1:9999\"\nshards = 3\n",
+    );
     let (code, out, err) = shardcast(&["check-config", "--config", p.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("127.0.0.1:9999") && out.contains("3 shards"), "{out}");
+    assert!(
+        out.contains("127.0.0.1:9999") && out.contains("3 shards"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -36,7 +42,10 @@ fn out_of_range_value_names_key_and_range() {
     let p = temp_file("bad.toml", "[fanout]\nmax_batch = 0\n");
     let (code, _, err) = shardcast(&["check-config", "--config", p.to_str().unwrap()], &[]);
     assert_eq!(code, 2);
-    assert!(err.contains("fanout.max_batch") && err.contains("between 1 and 4096"), "{err}");
+    assert!(
+        err.contains("fanout.max_batch") && err.contains("between 1 and 4096"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -47,7 +56,10 @@ fn flags_and_environment_override_and_are_checked() {
 
     let (code, _, err) = shardcast(&["check-config"], &[("SHARDCAST_SERVER_SHARDS", "5000")]);
     assert_eq!(code, 2);
-    assert!(err.contains("server.shards") && err.contains("between 0 and 1024"), "{err}");
+    assert!(
+        err.contains("server.shards") && err.contains("between 0 and 1024"),
+        "{err}"
+    );
 
     // Flags win over the environment.
     let (code, out, err) = shardcast(
@@ -78,7 +90,13 @@ fn unknown_key_flag_and_variable_are_errors() {
 fn port_in_use_is_reported() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let (code, _, err) = shardcast(&["serve", "--server-listen", &addr, "--server-shards", "1"], &[]);
+    let (code, _, err) = shardcast(
+        &["serve", "--server-listen", &addr, "--server-shards", "1"],
+        &[],
+    );
     assert_eq!(code, 2);
-    assert!(err.contains("cannot listen") && err.contains(&addr), "{err}");
+    assert!(
+        err.contains("cannot listen") && err.contains(&addr),
+        "{err}"
+    );
 }

@@ -52,7 +52,11 @@ async fn cross_shard_delivery_keeps_per_channel_order() {
             let (ch, epoch, offset, payload) = s.publication().await;
             assert_eq!(ch, "room:order");
             assert_eq!(epoch, start[0].epoch);
-            assert_eq!(offset, start[0].offset + 1 + k as u64, "offsets strictly +1");
+            assert_eq!(
+                offset,
+                start[0].offset + 1 + k as u64,
+                "offsets strictly +1"
+            );
             let text = String::from_utf8(payload).unwrap();
             let (who, n) = text.split_once(':').unwrap();
             let who: usize = who.parse().unwrap();
@@ -93,7 +97,10 @@ async fn a_thousand_subscribers_receive_a_burst() {
     for _ in 0..SUBS {
         shards[ready_rx.recv().await.unwrap() as usize] += 1;
     }
-    assert!(shards[0] > 0 && shards[1] > 0, "subscribers on both shards: {shards:?}");
+    assert!(
+        shards[0] > 0 && shards[1] > 0,
+        "subscribers on both shards: {shards:?}"
+    );
     let mut publisher = Client::connect(addr).await;
     for i in 0..BURST {
         publisher

@@ -31,7 +31,10 @@ fn parse(args: &[String]) -> Result<Options, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut o = Options {
         connections: 10_000,
-        server: exe.with_file_name("shardcast").to_string_lossy().into_owned(),
+        server: exe
+            .with_file_name("shardcast")
+            .to_string_lossy()
+            .into_owned(),
         shards: 2,
         subscribe: false,
         hold: Duration::from_secs(3),
@@ -40,10 +43,15 @@ fn parse(args: &[String]) -> Result<Options, String> {
     while let Some(a) = it.next() {
         let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
         match a.as_str() {
-            "--connections" => o.connections = val()?.parse().map_err(|e| format!("--connections: {e}"))?,
+            "--connections" => {
+                o.connections = val()?.parse().map_err(|e| format!("--connections: {e}"))?
+            }
             "--server" => o.server = val()?,
             "--shards" => o.shards = val()?.parse().map_err(|e| format!("--shards: {e}"))?,
-            "--hold-secs" => o.hold = Duration::from_secs(val()?.parse().map_err(|e| format!("--hold-secs: {e}"))?),
+            "--hold-secs" => {
+                o.hold =
+                    Duration::from_secs(val()?.parse().map_err(|e| format!("--hold-secs: {e}"))?)
+            }
             "--subscribe" => o.subscribe = true,
             other => return Err(format!("unknown option {other}")),
         }
@@ -75,11 +83,22 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ));
     }
     let mut child = Command::new(&o.server)
-        .args(["serve", "--server-listen", "127.0.0.1:0", "--log-level", "warn"])
+        .args([
+            "serve",
+            "--server-listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+        ])
         .args(["--server-shards", &o.shards.to_string()])
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e} (build it with cargo build --release)", o.server))?;
+        .map_err(|e| {
+            format!(
+                "cannot start {}: {e} (build it with cargo build --release)",
+                o.server
+            )
+        })?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -100,13 +119,22 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let _ = child.wait();
     let r = result?;
     println!("scenario           idle");
-    println!("driver             {}", line.split("driver=").nth(1).unwrap_or("?").trim());
+    println!(
+        "driver             {}",
+        line.split("driver=").nth(1).unwrap_or("?").trim()
+    );
     println!("shards             {}", o.shards);
     println!("connections        {} (+{WARMUP} warm-up)", o.connections);
     println!("subscribed         {}", o.subscribe);
     println!("connect time       {:.2} s", r.connect_secs);
-    println!("server RSS before  {:.1} MiB", r.before.rss_bytes as f64 / 1048576.0);
-    println!("server RSS after   {:.1} MiB", r.after.rss_bytes as f64 / 1048576.0);
+    println!(
+        "server RSS before  {:.1} MiB",
+        r.before.rss_bytes as f64 / 1048576.0
+    );
+    println!(
+        "server RSS after   {:.1} MiB",
+        r.after.rss_bytes as f64 / 1048576.0
+    );
     println!(
         "RSS per connection {:.0} bytes",
         (r.after.rss_bytes as f64 - r.before.rss_bytes as f64) / o.connections as f64
@@ -148,7 +176,8 @@ async fn measure(o: &Options, addr: SocketAddr, pid: u32) -> Result<Measured, St
     })
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn open_many(addr: SocketAddr, n: usize, subscribe: bool) -> Result<Vec<Ws>, String> {
     const PARALLEL: usize = 128;
@@ -168,7 +197,9 @@ async fn open_many(addr: SocketAddr, n: usize, subscribe: bool) -> Result<Vec<Ws
 }
 
 async fn open_one(addr: SocketAddr, subscribe: bool, n: usize) -> Result<Ws, String> {
-    let mut req = format!("ws://{addr}/ws").into_client_request().map_err(|e| e.to_string())?;
+    let mut req = format!("ws://{addr}/ws")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
     req.headers_mut()
         .insert("Sec-WebSocket-Protocol", "shardcast.v1".parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req)
@@ -190,10 +221,16 @@ async fn open_one(addr: SocketAddr, subscribe: bool, n: usize) -> Result<Ws, Str
     while got < want {
         match ws.next().await {
             Some(Ok(Message::Binary(b))) => {
-                for (_, m) in wire::decode_server_frame(&b, &DecodeLimits::default()).map_err(|e| e.to_string())? {
+                for (_, m) in wire::decode_server_frame(&b, &DecodeLimits::default())
+                    .map_err(|e| e.to_string())?
+                {
                     match m {
-                        ServerMessage::Connected { .. } | ServerMessage::Subscribed { .. } => got += 1,
-                        ServerMessage::Error { message, .. } => return Err(format!("server error: {message}")),
+                        ServerMessage::Connected { .. } | ServerMessage::Subscribed { .. } => {
+                            got += 1
+                        }
+                        ServerMessage::Error { message, .. } => {
+                            return Err(format!("server error: {message}"))
+                        }
                         _ => {}
                     }
                 }

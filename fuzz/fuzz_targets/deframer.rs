@@ -23,7 +23,9 @@ fn run(data: &[u8], sizes: &[u8]) -> (Vec<Event>, Option<WsError>) {
     let mut pos = 0;
     let mut next_size = sizes.iter().cycle().map(|&s| usize::from(s) + 1);
     while pos < data.len() {
-        let end = next_size.next().map_or(data.len(), |s| (pos + s).min(data.len()));
+        let end = next_size
+            .next()
+            .map_or(data.len(), |s| (pos + s).min(data.len()));
         let mut rest = &data[pos..end];
         while !rest.is_empty() {
             match session.decode(rest) {

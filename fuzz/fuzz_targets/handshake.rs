@@ -27,11 +27,16 @@ fn run(data: &[u8], sizes: &[u8]) -> Result<Option<Request>, HandshakeError> {
     let mut fed = 0;
     let mut outcome = Ok(None);
     while pos < data.len() {
-        let end = next_size.next().map_or(data.len(), |s| (pos + s).min(data.len()));
+        let end = next_size
+            .next()
+            .map_or(data.len(), |s| (pos + s).min(data.len()));
         outcome = parser.feed(&data[pos..end]);
         fed += end - pos;
         pos = end;
-        assert!(parser.bytes_examined() <= 2 * fed, "parser rescanned its input");
+        assert!(
+            parser.bytes_examined() <= 2 * fed,
+            "parser rescanned its input"
+        );
         if !matches!(outcome, Ok(None)) {
             assert_eq!(parser.feed(b"x"), Err(HandshakeError::AlreadyFinished));
             break;
@@ -57,7 +62,10 @@ fuzz_target!(|input: &[u8]| {
     assert_eq!(whole, chunked, "chunking changed the outcome");
     match whole {
         Ok(Some(request)) => {
-            let response = accept_response(&request.key, request.subprotocols.first().map(String::as_str));
+            let response = accept_response(
+                &request.key,
+                request.subprotocols.first().map(String::as_str),
+            );
             let text = String::from_utf8(response).expect("response is ASCII");
             assert!(text.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
             assert!(text.contains(&accept_key(&request.key)));

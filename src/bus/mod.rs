@@ -64,7 +64,10 @@ pub enum BusEvent {
     },
     /// This shard's interest in `channel` took effect; every later
     /// publication has an offset above `position.offset`.
-    Subscribed { channel: Arc<str>, position: Position },
+    Subscribed {
+        channel: Arc<str>,
+        position: Position,
+    },
     /// The outcome of a publish this shard asked for.
     Published {
         reply_to: ReplyTo,

@@ -39,7 +39,12 @@ mod tests {
 
     #[test]
     fn accepts_typical_names() {
-        for n in ["room:42", "private-user.7", "presence-a_b", "dash/metrics#cpu"] {
+        for n in [
+            "room:42",
+            "private-user.7",
+            "presence-a_b",
+            "dash/metrics#cpu",
+        ] {
             assert_eq!(validate(n), Ok(()), "{n}");
         }
     }

@@ -130,7 +130,10 @@ fn check_route(request: &ws::Request) -> Result<(), (u16, String)> {
     if request.path != NATIVE_PATH {
         return Err((
             404,
-            format!("no endpoint at {}; the WebSocket endpoint is {NATIVE_PATH}", request.path),
+            format!(
+                "no endpoint at {}; the WebSocket endpoint is {NATIVE_PATH}",
+                request.path
+            ),
         ));
     }
     if !request.subprotocols.is_empty()

@@ -45,10 +45,6 @@ impl Outbound {
         self.queued
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
-    }
-
     pub fn blocked_since(&self) -> Option<Instant> {
         self.blocked_since
     }
@@ -79,7 +75,11 @@ impl Outbound {
             }; MAX_IOVECS];
             let mut n = 0;
             for (i, f) in self.frames.iter().take(MAX_IOVECS).enumerate() {
-                let part = if i == 0 { &f[self.front_written..] } else { &f[..] };
+                let part = if i == 0 {
+                    &f[self.front_written..]
+                } else {
+                    &f[..]
+                };
                 iov[i] = libc::iovec {
                     iov_base: part.as_ptr() as *mut libc::c_void,
                     iov_len: part.len(),
@@ -147,8 +147,11 @@ mod tests {
             out.push(Bytes::from(vec![i; 10]));
         }
         assert_eq!(out.queued_bytes(), 1000);
-        assert_eq!(out.flush(a.as_raw_fd(), Instant::now()).unwrap(), Flushed::All);
-        assert!(out.is_empty());
+        assert_eq!(
+            out.flush(a.as_raw_fd(), Instant::now()).unwrap(),
+            Flushed::All
+        );
+        assert_eq!(out.queued_bytes(), 0);
         let mut got = vec![0u8; 1000];
         b.read_exact(&mut got).unwrap();
         for (i, chunk) in got.chunks(10).enumerate() {
@@ -173,7 +176,7 @@ mod tests {
             received.extend_from_slice(&buf[..n]);
             out.flush(a.as_raw_fd(), Instant::now()).unwrap();
         }
-        assert!(out.is_empty());
+        assert_eq!(out.queued_bytes(), 0);
         assert_eq!(out.blocked_since(), None);
         assert_eq!(&received[..1 << 20], &frame[..]);
         assert_eq!(&received[1 << 20..], &frame[..]);
@@ -185,7 +188,10 @@ mod tests {
         let mut out = Outbound::default();
         out.push(Bytes::from(vec![1u8; 4 << 20]));
         out.push(Bytes::from(vec![2u8; 100]));
-        assert_eq!(out.flush(a.as_raw_fd(), Instant::now()).unwrap(), Flushed::Blocked);
+        assert_eq!(
+            out.flush(a.as_raw_fd(), Instant::now()).unwrap(),
+            Flushed::Blocked
+        );
         let left = out.queued_bytes();
         assert!(left > 100 && left < (4 << 20) + 100);
         out.discard_unstarted();

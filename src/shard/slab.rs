@@ -48,14 +48,6 @@ impl<T> Default for Slab<T> {
 }
 
 impl<T> Slab<T> {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     pub fn insert(&mut self, value: T) -> ConnId {
         self.len += 1;
         let index = match self.free.pop() {
@@ -98,14 +90,6 @@ impl<T> Slab<T> {
         self.len -= 1;
         Some(value)
     }
-
-    pub fn iter_ids(&self) -> impl Iterator<Item = ConnId> + '_ {
-        self.slots.iter().enumerate().filter_map(|(i, s)| {
-            s.value
-                .as_ref()
-                .map(|_| ConnId((u64::from(s.generation) << 32) | i as u64))
-        })
-    }
 }
 
 #[cfg(test)]
@@ -122,7 +106,6 @@ mod tests {
         assert_eq!(s.get(a), None);
         assert_eq!(s.get(b), Some(&"b"));
         assert_eq!(s.remove(a), None);
-        assert_eq!(s.len(), 1);
-        assert_eq!(s.iter_ids().collect::<Vec<_>>(), vec![b]);
+        assert_eq!(s.len, 1);
     }
 }

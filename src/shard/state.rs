@@ -122,10 +122,6 @@ impl State {
         }
     }
 
-    pub fn connection_count(&self) -> usize {
-        self.conns.len()
-    }
-
     pub fn add_conn(&mut self, stream: Rc<TcpStream>, fd: RawFd) -> ConnId {
         self.conns.insert(Conn {
             stream,
@@ -146,6 +142,8 @@ impl State {
         if let Some(conn) = self.conns.remove(id) {
             shutdown(conn.fd, libc::SHUT_RDWR);
         }
+        // Leaving its channels may have queued unsubscribes for the bus.
+        self.wake_if_needed();
     }
 
     pub fn touch(&mut self) {
@@ -164,13 +162,6 @@ impl State {
     pub fn reject_upgrade(&mut self, id: ConnId, response: Vec<u8>) {
         self.enqueue(id, Bytes::from(response));
         self.begin_close(id);
-    }
-
-    /// Whether the connection is closing (its reader should only drain).
-    pub fn is_closing(&self, id: ConnId) -> bool {
-        self.conns
-            .get(id)
-            .is_none_or(|c| matches!(c.phase, Phase::Closing { .. }))
     }
 
     /// Sends a close frame and starts closing.
@@ -244,11 +235,6 @@ impl State {
                 self.dirty.push(id);
             }
         }
-    }
-
-    fn reply(&mut self, id: ConnId, data: &[u8]) {
-        let frame = ws::frame(OpCode::Binary, data);
-        self.enqueue(id, frame);
     }
 
     fn reply_error(&mut self, id: ConnId, request: u32, code: ErrorCode, message: &str) {
@@ -459,10 +445,10 @@ impl State {
         }
         self.events = events;
         self.close_pending();
-        if self.bus_pending {
-            self.bus_pending = false;
-            self.bus.flush();
-        }
+        // Always flush: besides our own requests, handling events as a
+        // channel owner queues deliveries and acknowledgements for others.
+        self.bus_pending = false;
+        self.bus.flush();
         self.flush_dirty();
         std::mem::take(&mut self.need_writer)
     }
@@ -512,9 +498,12 @@ impl State {
                         let frame = ws::frame(OpCode::Binary, data);
                         self.enqueue(id, frame);
                     }
-                    Err(e) => {
-                        self.reply_error(id, reply_to.request, ErrorCode::Unavailable, &e.to_string())
-                    }
+                    Err(e) => self.reply_error(
+                        id,
+                        reply_to.request,
+                        ErrorCode::Unavailable,
+                        &e.to_string(),
+                    ),
                 }
             }
         }
@@ -558,8 +547,12 @@ impl State {
                 let Some(conn) = self.conns.get_mut(id) else {
                     continue;
                 };
-                if conn.out.queued_bytes() + frame.len() > budget {
-                    self.to_close.push((id, slow_consumer("outbound budget exceeded")));
+                // The budget bounds the backlog: a single frame larger than
+                // the budget still goes to a connection that keeps up.
+                let queued = conn.out.queued_bytes();
+                if queued > 0 && queued + frame.len() > budget {
+                    self.to_close
+                        .push((id, slow_consumer("outbound budget exceeded")));
                     continue;
                 }
                 conn.out.push(frame.clone());
@@ -628,7 +621,7 @@ impl State {
     /// whether the writer should keep waiting.
     pub fn writable(&mut self, id: ConnId) -> bool {
         self.touch();
-        match self.flush_conn(id) {
+        let keep_waiting = match self.flush_conn(id) {
             Some(Flushed::Blocked) => true,
             _ => {
                 if let Some(conn) = self.conns.get_mut(id) {
@@ -636,7 +629,9 @@ impl State {
                 }
                 false
             }
-        }
+        };
+        self.wake_if_needed();
+        keep_waiting
     }
 
     /// Enforces the time budgets: slow consumers whose oldest queued byte is
@@ -676,6 +671,7 @@ impl State {
         self.watched = watched;
         self.close_pending();
         self.flush_dirty();
+        self.wake_if_needed();
         std::mem::take(&mut self.need_writer)
     }
 }

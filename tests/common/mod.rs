@@ -299,7 +299,11 @@ impl RawClient {
         let mut b = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
             let n = self.sock.read(&mut b).expect("read response");
-            assert!(n == 1, "connection closed inside the response head: {:?}", String::from_utf8_lossy(&head));
+            assert!(
+                n == 1,
+                "connection closed inside the response head: {:?}",
+                String::from_utf8_lossy(&head)
+            );
             head.push(b[0]);
         }
         String::from_utf8(head).expect("ascii head")
@@ -326,7 +330,10 @@ impl RawClient {
         let mut h = [0u8; 2];
         if let Err(e) = self.sock.read_exact(&mut h) {
             assert!(
-                matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset),
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ),
                 "read error {e}"
             );
             return None;
@@ -356,7 +363,10 @@ impl RawClient {
             if op == 0x8 {
                 assert!(payload.len() >= 2, "close frame without a code");
                 let code = u16::from_be_bytes([payload[0], payload[1]]);
-                return (code, String::from_utf8(payload[2..].to_vec()).expect("utf-8 reason"));
+                return (
+                    code,
+                    String::from_utf8(payload[2..].to_vec()).expect("utf-8 reason"),
+                );
             }
         }
         panic!("connection ended without a close frame");
@@ -370,5 +380,8 @@ pub async fn assert_serving(addr: SocketAddr) {
     c.subscribe("health").await;
     let pos = c.publish("health", b"ok").await;
     let (ch, _, offset, payload) = c.publication().await;
-    assert_eq!((ch.as_str(), offset, payload.as_slice()), ("health", pos.offset, &b"ok"[..]));
+    assert_eq!(
+        (ch.as_str(), offset, payload.as_slice()),
+        ("health", pos.offset, &b"ok"[..])
+    );
 }
