@@ -48,7 +48,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration, as validated.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -112,17 +112,6 @@ pub struct FanoutConfig {
 pub struct LogConfig {
     /// One of error, warn, info, debug, trace.
     pub level: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            websocket: WebSocketConfig::default(),
-            fanout: FanoutConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for ServerConfig {

@@ -11,8 +11,8 @@ async fn cross_shard_delivery_keeps_per_channel_order() {
     // Two subscribers and two publishers, with both shards represented.
     let mut clients = clients_on_both_shards(server.addr, 2).await;
     clients.sort_by_key(|c| c.shard);
-    let mut subs = vec![clients.remove(0), clients.pop().unwrap()];
-    let mut pubs = vec![clients.remove(0), clients.pop().unwrap()];
+    let mut subs = [clients.remove(0), clients.pop().unwrap()];
+    let mut pubs = [clients.remove(0), clients.pop().unwrap()];
     assert_ne!(subs[0].shard, subs[1].shard);
     assert_ne!(pubs[0].shard, pubs[1].shard);
 

@@ -22,6 +22,9 @@ pub const NATIVE_SUBPROTOCOL: &str = "shardcast.v1";
 /// The path of the native endpoint.
 pub const NATIVE_PATH: &str = "/ws";
 
+// The session lives inline: it is the state of every open connection, so
+// boxing it would only add an allocation and a pointer to each of them.
+#[allow(clippy::large_enum_variant)]
 enum Input {
     /// Reading the HTTP upgrade request. Boxed so that an open connection's
     /// task does not carry the parser's size.
