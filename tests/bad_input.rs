@@ -110,14 +110,23 @@ async fn ping_gets_its_pong() {
 async fn envelope_failing_verification_is_4000() {
     let server = Server::start(&[]);
     let mut c = RawClient::upgrade(server.addr);
-    c.send(
-        OpCode::Binary,
-        true,
-        b"definitely not a flatbuffer, but long enough",
-    );
+    let junk = b"definitely not a flatbuffer, but long enough";
+    c.send(OpCode::Binary, true, junk);
     let (code, reason) = c.expect_close();
     assert_eq!(code, 4000);
-    assert!(!reason.is_empty());
+    let expected = shardcast::protocol::wire::decode_client_frame(junk, &Default::default())
+        .unwrap_err()
+        .reason();
+    assert_eq!(reason, expected);
+
+    // A frame with the right identifier whose offsets point outside it.
+    let mut c = RawClient::upgrade(server.addr);
+    let mut forged = vec![0xFFu8; 40];
+    forged[4..8].copy_from_slice(b"SCW1");
+    c.send(OpCode::Binary, true, &forged);
+    let (code, reason) = c.expect_close();
+    assert_eq!(code, 4000);
+    assert_eq!(reason, "envelope failed verification");
     assert_serving(server.addr).await;
 }
 

@@ -246,7 +246,7 @@ impl State {
     /// connection must be closed with that reason.
     pub fn on_client_message(&mut self, id: ConnId, data: &[u8]) -> Result<(), CloseReason> {
         let requests = wire::decode_client_frame(data, &self.settings.decode_limits)
-            .map_err(|e| CloseReason::new(wire::close::INVALID_ENVELOPE, e.to_string()))?;
+            .map_err(|e| CloseReason::new(wire::close::INVALID_ENVELOPE, e.reason()))?;
         for (request, req) in requests {
             self.on_request(id, request, req);
         }
