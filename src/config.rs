@@ -54,6 +54,9 @@ pub struct Config {
     pub server: ServerConfig,
     pub websocket: WebSocketConfig,
     pub fanout: FanoutConfig,
+    pub limits: LimitsConfig,
+    pub auth: AuthConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
 }
 
@@ -69,6 +72,9 @@ pub struct ServerConfig {
     pub pin_threads: bool,
     /// Listen backlog per shard socket.
     pub backlog: u32,
+    /// On SIGTERM/SIGINT, connections are closed (1012) spread over this
+    /// window, so clients do not all reconnect in the same instant.
+    pub drain_window_ms: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -107,6 +113,112 @@ pub struct FanoutConfig {
     pub max_subscriptions_per_connection: u32,
 }
 
+/// Limits that protect the server from clients. 0 turns a limit off where
+/// noted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Connections one shard holds; beyond it new ones get 503.
+    pub max_connections_per_shard: u32,
+    /// Concurrent connections from one IP address (0 = no limit). Mind
+    /// carrier-grade NAT: many mobile users can share one address.
+    pub max_connections_per_ip: u32,
+    /// New connections per second from one IP address (0 = no limit).
+    pub accept_rate_per_ip: u32,
+    /// Burst allowed above `accept_rate_per_ip`.
+    pub accept_burst_per_ip: u32,
+    /// Time allowed for the whole upgrade request (slowloris defence).
+    pub handshake_timeout_ms: u32,
+    /// Messages per second one connection may send (token bucket).
+    pub messages_per_second: u32,
+    /// Burst allowed above `messages_per_second`.
+    pub message_burst: u32,
+    /// Rate-limited messages in a row before the connection is closed.
+    pub rate_limit_strikes: u32,
+    /// A connection silent this long is pinged.
+    pub ping_interval_ms: u32,
+    /// A connection silent this long (no data, no pong) is closed (4002).
+    pub idle_timeout_ms: u32,
+    /// Comma-separated Origin values browsers may connect from; empty
+    /// allows any (native clients send no Origin and are not affected).
+    pub allowed_origins: String,
+}
+
+/// Connect-token verification. Tokens are JWTs; a key's algorithm is fixed
+/// by configuration, never taken from the token.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Whether a client may connect without a token. Anonymous clients
+    /// cannot use `private-`, `presence-` or `user:` channels.
+    pub anonymous: bool,
+    /// Whether anonymous clients may publish.
+    pub anonymous_publish: bool,
+    /// Shared secret for HS256 tokens (empty = HS256 not accepted).
+    pub hs256_secret: String,
+    /// Ed25519 public key for EdDSA tokens: PEM (SPKI) or base64 of the
+    /// 32 raw bytes (empty = EdDSA not accepted).
+    pub ed25519_public_key: String,
+    /// Required `iss` claim (empty = not checked).
+    pub issuer: String,
+    /// Required `aud` claim (empty = not checked).
+    pub audience: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    pub leeway_secs: u32,
+    /// A connection must send Connect within this time.
+    pub deadline_ms: u32,
+}
+
+/// The admin HTTP endpoint: health, readiness, Prometheus metrics.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin endpoint; empty disables it. Keep it off the
+    /// public interface: it has no authentication.
+    pub listen: String,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections_per_shard: 500_000,
+            max_connections_per_ip: 0,
+            accept_rate_per_ip: 0,
+            accept_burst_per_ip: 100,
+            handshake_timeout_ms: 5_000,
+            messages_per_second: 200,
+            message_burst: 400,
+            rate_limit_strikes: 20,
+            ping_interval_ms: 25_000,
+            idle_timeout_ms: 60_000,
+            allowed_origins: String::new(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            anonymous: true,
+            anonymous_publish: true,
+            hs256_secret: String::new(),
+            ed25519_public_key: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            leeway_secs: 5,
+            deadline_ms: 10_000,
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:9090".into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -121,6 +233,7 @@ impl Default for ServerConfig {
             shards: 0,
             pin_threads: true,
             backlog: 4096,
+            drain_window_ms: 10_000,
         }
     }
 }
@@ -224,6 +337,11 @@ impl Config {
         self.listen_addr()?;
         check("server.shards", self.server.shards, 0..=1024)?;
         check("server.backlog", self.server.backlog, 1..=65_535)?;
+        check(
+            "server.drain_window_ms",
+            self.server.drain_window_ms,
+            0..=600_000,
+        )?;
         let ws = &self.websocket;
         check(
             "websocket.max_frame_bytes",
@@ -273,6 +391,56 @@ impl Config {
             f.max_subscriptions_per_connection,
             1..=1_000_000,
         )?;
+        let l = &self.limits;
+        check(
+            "limits.max_connections_per_shard",
+            l.max_connections_per_shard,
+            1..=10_000_000,
+        )?;
+        check(
+            "limits.max_connections_per_ip",
+            l.max_connections_per_ip,
+            0..=10_000_000,
+        )?;
+        check(
+            "limits.accept_rate_per_ip",
+            l.accept_rate_per_ip,
+            0..=1_000_000,
+        )?;
+        check(
+            "limits.accept_burst_per_ip",
+            l.accept_burst_per_ip,
+            1..=1_000_000,
+        )?;
+        check(
+            "limits.handshake_timeout_ms",
+            l.handshake_timeout_ms,
+            100..=120_000,
+        )?;
+        check(
+            "limits.messages_per_second",
+            l.messages_per_second,
+            1..=1_000_000,
+        )?;
+        check("limits.message_burst", l.message_burst, 1..=1_000_000)?;
+        check(
+            "limits.rate_limit_strikes",
+            l.rate_limit_strikes,
+            1..=1_000_000,
+        )?;
+        check(
+            "limits.ping_interval_ms",
+            l.ping_interval_ms,
+            100..=3_600_000,
+        )?;
+        check(
+            "limits.idle_timeout_ms",
+            l.idle_timeout_ms,
+            l.ping_interval_ms.saturating_add(1)..=7_200_000,
+        )?;
+        check("auth.leeway_secs", self.auth.leeway_secs, 0..=300)?;
+        check("auth.deadline_ms", self.auth.deadline_ms, 100..=600_000)?;
+        self.admin_addr()?;
         if !["error", "warn", "info", "debug", "trace"].contains(&self.log.level.as_str()) {
             return Err(ConfigError::Invalid {
                 key: "log.level",
@@ -292,6 +460,22 @@ impl Config {
                 key: "server.listen",
                 value: format!("{:?}", self.server.listen),
                 reason: format!("{e}; expected IP:PORT such as 127.0.0.1:8080"),
+            })
+    }
+
+    /// The admin endpoint's address, if enabled.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.admin.listen.is_empty() {
+            return Ok(None);
+        }
+        self.admin
+            .listen
+            .parse()
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid {
+                key: "admin.listen",
+                value: format!("{:?}", self.admin.listen),
+                reason: format!("{e}; expected IP:PORT, or \"\" to disable"),
             })
     }
 

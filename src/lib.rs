@@ -5,6 +5,7 @@
 //! trait, and [`bus`] is the only place that moves publications between
 //! shards (and, later, nodes).
 
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod protocol;

@@ -1,0 +1,399 @@
+//! JWT (RFC 7519) verification for connect tokens.
+//!
+//! Only compact JWS tokens with `HS256` or `EdDSA` (Ed25519) are accepted,
+//! and only for algorithms that have a configured key: the token's `alg`
+//! header selects among *configured* keys and can never switch verification
+//! off (`none`) or turn a public key into an HMAC secret.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{KeyInit, Mac};
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Why a token was refused. Messages never contain the token itself.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("token is not a compact JWS (header.payload.signature)")]
+    Malformed,
+    #[error("token header or claims are not valid base64url JSON")]
+    BadEncoding,
+    #[error("token algorithm {0:?} is not accepted by this server")]
+    AlgorithmNotAllowed(String),
+    #[error("token signature does not verify")]
+    BadSignature,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("token issuer does not match")]
+    WrongIssuer,
+    #[error("token audience does not match")]
+    WrongAudience,
+    #[error("token has no subject (sub)")]
+    NoSubject,
+}
+
+/// Keys and claim rules, from configuration.
+pub struct Verifier {
+    hs256: Option<Vec<u8>>,
+    ed25519: Option<ed25519_dalek::VerifyingKey>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway_secs: u64,
+}
+
+/// The claims shardcast uses.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    pub sub: Option<String>,
+    pub exp: Option<u64>,
+    pub nbf: Option<u64>,
+    pub iss: Option<String>,
+    #[serde(default)]
+    pub aud: Audience,
+    /// Channel patterns the holder may subscribe to (and publish to, when
+    /// `publish` is absent) beyond public channels; `*` at the end matches
+    /// any suffix.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// If present, the only channel patterns the holder may publish to.
+    pub publish: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Audience {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct Header {
+    alg: String,
+}
+
+/// Errors in the key configuration, reported at start.
+#[derive(Debug, Error)]
+pub enum KeyError {
+    #[error("auth.ed25519_public_key: {0}")]
+    Ed25519(String),
+}
+
+impl Verifier {
+    pub fn new(
+        hs256_secret: &str,
+        ed25519_public_key: &str,
+        issuer: &str,
+        audience: &str,
+        leeway_secs: u32,
+    ) -> Result<Self, KeyError> {
+        let ed25519 = if ed25519_public_key.trim().is_empty() {
+            None
+        } else {
+            Some(parse_ed25519_key(ed25519_public_key).map_err(KeyError::Ed25519)?)
+        };
+        let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+        Ok(Verifier {
+            hs256: nonempty(hs256_secret).map(String::into_bytes),
+            ed25519,
+            issuer: nonempty(issuer),
+            audience: nonempty(audience),
+            leeway_secs: u64::from(leeway_secs),
+        })
+    }
+
+    /// Whether any key is configured (otherwise every token is refused).
+    pub fn has_keys(&self) -> bool {
+        self.hs256.is_some() || self.ed25519.is_some()
+    }
+
+    /// Verifies `token` at `now` (seconds since the Unix epoch).
+    pub fn verify(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        let header: Header = decode_json(h)?;
+        let signature = URL_SAFE_NO_PAD
+            .decode(s)
+            .map_err(|_| TokenError::BadEncoding)?;
+        let signed = &token[..h.len() + 1 + p.len()];
+        match (header.alg.as_str(), &self.hs256, &self.ed25519) {
+            ("HS256", Some(secret), _) => {
+                let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret)
+                    .map_err(|_| TokenError::BadSignature)?;
+                mac.update(signed.as_bytes());
+                // Constant-time comparison.
+                mac.verify_slice(&signature)
+                    .map_err(|_| TokenError::BadSignature)?;
+            }
+            ("EdDSA", _, Some(key)) => {
+                let sig = ed25519_dalek::Signature::from_slice(&signature)
+                    .map_err(|_| TokenError::BadSignature)?;
+                key.verify_strict(signed.as_bytes(), &sig)
+                    .map_err(|_| TokenError::BadSignature)?;
+            }
+            (alg, _, _) => {
+                return Err(TokenError::AlgorithmNotAllowed(
+                    alg.chars().take(16).collect(),
+                ))
+            }
+        }
+        let claims: Claims = decode_json(p)?;
+        if let Some(exp) = claims.exp {
+            if now > exp.saturating_add(self.leeway_secs) {
+                return Err(TokenError::Expired);
+            }
+        }
+        if let Some(nbf) = claims.nbf {
+            if now.saturating_add(self.leeway_secs) < nbf {
+                return Err(TokenError::NotYetValid);
+            }
+        }
+        if let Some(iss) = &self.issuer {
+            if claims.iss.as_deref() != Some(iss) {
+                return Err(TokenError::WrongIssuer);
+            }
+        }
+        if let Some(aud) = &self.audience {
+            let ok = match &claims.aud {
+                Audience::None => false,
+                Audience::One(a) => a == aud,
+                Audience::Many(list) => list.iter().any(|a| a == aud),
+            };
+            if !ok {
+                return Err(TokenError::WrongAudience);
+            }
+        }
+        if claims.sub.as_deref().is_none_or(str::is_empty) {
+            return Err(TokenError::NoSubject);
+        }
+        Ok(claims)
+    }
+}
+
+fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| TokenError::BadEncoding)?;
+    serde_json::from_slice(&bytes).map_err(|_| TokenError::BadEncoding)
+}
+
+/// Accepts a PEM `PUBLIC KEY` (SubjectPublicKeyInfo for Ed25519, whose DER
+/// ends with the 32 key bytes after a fixed 12-byte prefix) or base64 of the
+/// 32 raw bytes.
+fn parse_ed25519_key(text: &str) -> Result<ed25519_dalek::VerifyingKey, String> {
+    use base64::engine::general_purpose::STANDARD;
+    const SPKI_PREFIX: [u8; 12] = [
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    let text = text.trim();
+    let raw: Vec<u8> = if text.starts_with("-----BEGIN PUBLIC KEY-----") {
+        let body: String = text
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect::<Vec<_>>()
+            .concat();
+        let der = STANDARD
+            .decode(body.trim())
+            .map_err(|e| format!("PEM body is not base64: {e}"))?;
+        der.strip_prefix(&SPKI_PREFIX[..])
+            .ok_or("PEM is not an Ed25519 SubjectPublicKeyInfo")?
+            .to_vec()
+    } else {
+        STANDARD
+            .decode(text)
+            .map_err(|e| format!("expected PEM or base64 of 32 bytes: {e}"))?
+    };
+    let bytes: [u8; 32] = raw
+        .try_into()
+        .map_err(|v: Vec<u8>| format!("key is {} bytes, expected 32", v.len()))?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|e| format!("invalid key: {e}"))
+}
+
+/// Builds a signed token; used by tests and by tools that mint tokens for
+/// load tests.
+pub mod mint {
+    use super::*;
+
+    fn encode(header: &str, claims: &serde_json::Value) -> String {
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        )
+    }
+
+    pub fn hs256(secret: &[u8], claims: &serde_json::Value) -> String {
+        let signed = encode(r#"{"alg":"HS256","typ":"JWT"}"#, claims);
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any key length");
+        mac.update(signed.as_bytes());
+        let sig = mac.finalize().into_bytes();
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig))
+    }
+
+    pub fn eddsa(key: &ed25519_dalek::SigningKey, claims: &serde_json::Value) -> String {
+        use ed25519_dalek::Signer;
+        let signed = encode(r#"{"alg":"EdDSA","typ":"JWT"}"#, claims);
+        let sig = key.sign(signed.as_bytes());
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+    }
+
+    /// An unsigned `alg: none` token, for tests that it is refused.
+    pub fn none(claims: &serde_json::Value) -> String {
+        format!("{}.", encode(r#"{"alg":"none","typ":"JWT"}"#, claims))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use serde_json::json;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn signing_key() -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[7u8; 32])
+    }
+
+    fn verifier() -> Verifier {
+        let public = STANDARD.encode(signing_key().verifying_key().to_bytes());
+        Verifier::new("s3cret", &public, "", "", 5).unwrap()
+    }
+
+    #[test]
+    fn accepts_hs256_and_eddsa() {
+        let v = verifier();
+        let c = json!({"sub": "u1", "exp": NOW + 60});
+        assert_eq!(
+            v.verify(&mint::hs256(b"s3cret", &c), NOW)
+                .unwrap()
+                .sub
+                .as_deref(),
+            Some("u1")
+        );
+        assert_eq!(
+            v.verify(&mint::eddsa(&signing_key(), &c), NOW)
+                .unwrap()
+                .sub
+                .as_deref(),
+            Some("u1")
+        );
+    }
+
+    #[test]
+    fn refuses_none_unknown_and_unconfigured_algorithms() {
+        let c = json!({"sub": "u1"});
+        let v = verifier();
+        assert!(matches!(
+            v.verify(&mint::none(&c), NOW),
+            Err(TokenError::AlgorithmNotAllowed(_))
+        ));
+        let hs_only = Verifier::new("s3cret", "", "", "", 5).unwrap();
+        assert!(matches!(
+            hs_only.verify(&mint::eddsa(&signing_key(), &c), NOW),
+            Err(TokenError::AlgorithmNotAllowed(_))
+        ));
+        let ed_only = Verifier::new(
+            "",
+            &STANDARD.encode(signing_key().verifying_key().to_bytes()),
+            "",
+            "",
+            5,
+        )
+        .unwrap();
+        assert!(matches!(
+            ed_only.verify(&mint::hs256(b"s3cret", &c), NOW),
+            Err(TokenError::AlgorithmNotAllowed(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_tampered_and_wrongly_signed_tokens() {
+        let v = verifier();
+        let good = mint::hs256(b"s3cret", &json!({"sub": "u1"}));
+        let other = mint::hs256(b"s3cret", &json!({"sub": "admin"}));
+        // Claims of one token with the signature of another.
+        let (h, rest) = good.split_once('.').unwrap();
+        let sig = rest.split_once('.').unwrap().1;
+        let forged_claims = other.split('.').nth(1).unwrap();
+        let forged = format!("{h}.{forged_claims}.{sig}");
+        assert_eq!(v.verify(&forged, NOW), Err(TokenError::BadSignature));
+        assert_eq!(
+            v.verify(&mint::hs256(b"wrong", &json!({"sub": "u1"})), NOW),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(v.verify("a.b", NOW), Err(TokenError::Malformed));
+        assert_eq!(v.verify("!!.!!.!!", NOW), Err(TokenError::BadEncoding));
+    }
+
+    #[test]
+    fn time_claims_with_leeway() {
+        let v = verifier();
+        let t = |c| mint::hs256(b"s3cret", &c);
+        assert!(
+            v.verify(&t(json!({"sub": "u", "exp": NOW - 3})), NOW)
+                .is_ok(),
+            "within leeway"
+        );
+        assert_eq!(
+            v.verify(&t(json!({"sub": "u", "exp": NOW - 6})), NOW),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            v.verify(&t(json!({"sub": "u", "nbf": NOW + 6})), NOW),
+            Err(TokenError::NotYetValid)
+        );
+    }
+
+    #[test]
+    fn issuer_audience_and_subject() {
+        let v = Verifier::new("k", "", "https://app", "shardcast", 0).unwrap();
+        let t = |c| mint::hs256(b"k", &c);
+        assert!(v
+            .verify(
+                &t(json!({"sub": "u", "iss": "https://app", "aud": ["x", "shardcast"]})),
+                NOW
+            )
+            .is_ok());
+        assert_eq!(
+            v.verify(
+                &t(json!({"sub": "u", "iss": "evil", "aud": "shardcast"})),
+                NOW
+            ),
+            Err(TokenError::WrongIssuer)
+        );
+        assert_eq!(
+            v.verify(
+                &t(json!({"sub": "u", "iss": "https://app", "aud": "x"})),
+                NOW
+            ),
+            Err(TokenError::WrongAudience)
+        );
+        assert_eq!(
+            v.verify(&t(json!({"iss": "https://app", "aud": "shardcast"})), NOW),
+            Err(TokenError::NoSubject)
+        );
+    }
+
+    #[test]
+    fn pem_keys_parse() {
+        let raw = signing_key().verifying_key().to_bytes();
+        let mut der = vec![
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ];
+        der.extend_from_slice(&raw);
+        let pem = format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            STANDARD.encode(der)
+        );
+        assert_eq!(parse_ed25519_key(&pem).unwrap().to_bytes(), raw);
+        assert!(parse_ed25519_key("AAAA").is_err());
+    }
+}
