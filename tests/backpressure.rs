@@ -10,6 +10,10 @@ use shardcast::protocol::ws::OpCode;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_reader_is_closed_and_others_keep_receiving() {
     let server = Server::start(&[
+        common::BULK_PUBLISHER[0],
+        common::BULK_PUBLISHER[1],
+        common::BULK_PUBLISHER[2],
+        common::BULK_PUBLISHER[3],
         "--fanout-outbound-budget-bytes",
         "1048576",
         "--fanout-outbound-max-age-ms",

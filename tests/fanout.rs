@@ -7,7 +7,7 @@ use common::{clients_on_both_shards, Client, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_shard_delivery_keeps_per_channel_order() {
-    let server = Server::start(&[]);
+    let server = Server::start(&common::BULK_PUBLISHER);
     // Two subscribers and two publishers, with both shards represented.
     let mut clients = clients_on_both_shards(server.addr, 2).await;
     clients.sort_by_key(|c| c.shard);

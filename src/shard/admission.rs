@@ -21,9 +21,13 @@ const CLEANUP_EVERY: u32 = 1024;
 pub enum Verdict {
     Admit,
     /// Too many concurrent connections from this address.
-    TooManyConnections { limit: u32 },
+    TooManyConnections {
+        limit: u32,
+    },
     /// Connecting too fast; retry after this many seconds.
-    TooFast { retry_after_secs: u32 },
+    TooFast {
+        retry_after_secs: u32,
+    },
 }
 
 struct Entry {
@@ -127,7 +131,11 @@ mod tests {
         assert_eq!(a.admit(ip(1), t), Verdict::Admit);
         assert_eq!(a.admit(ip(1), t), Verdict::Admit);
         assert_eq!(a.admit(ip(1), t), Verdict::TooManyConnections { limit: 2 });
-        assert_eq!(a.admit(ip(2), t), Verdict::Admit, "other addresses unaffected");
+        assert_eq!(
+            a.admit(ip(2), t),
+            Verdict::Admit,
+            "other addresses unaffected"
+        );
         a.release(ip(1));
         assert_eq!(a.admit(ip(1), t), Verdict::Admit);
     }
@@ -138,7 +146,12 @@ mod tests {
         let t = Instant::now();
         assert_eq!(a.admit(ip(1), t), Verdict::Admit);
         assert_eq!(a.admit(ip(1), t), Verdict::Admit);
-        assert_eq!(a.admit(ip(1), t), Verdict::TooFast { retry_after_secs: 1 });
+        assert_eq!(
+            a.admit(ip(1), t),
+            Verdict::TooFast {
+                retry_after_secs: 1
+            }
+        );
         assert_eq!(a.admit(ip(1), t + Duration::from_secs(1)), Verdict::Admit);
     }
 
@@ -148,6 +161,9 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(a.admit(ip(1), Instant::now()), Verdict::Admit);
         }
-        assert!(a.stripes.iter().all(|s| s.lock().unwrap().entries.is_empty()));
+        assert!(a
+            .stripes
+            .iter()
+            .all(|s| s.lock().unwrap().entries.is_empty()));
     }
 }

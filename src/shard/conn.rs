@@ -7,6 +7,7 @@
 //! WebSocket session keeps of an incomplete frame.
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 
@@ -36,10 +37,10 @@ enum Input {
 }
 
 /// Drives one accepted connection until it is closed.
-pub async fn run(shard: Rc<Shard>, stream: TcpStream) {
+pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: IpAddr) {
     let fd = stream.as_raw_fd();
     let stream = Rc::new(stream);
-    let id = shard.state.borrow_mut().add_conn(stream.clone(), fd);
+    let id = shard.state.borrow_mut().add_conn(stream.clone(), fd, peer);
     let mut input = Input::Handshake(Box::new(HandshakeParser::new(
         shard.settings.handshake_limits(),
     )));
@@ -83,6 +84,7 @@ fn read_available(shard: &Shard, id: ConnId, fd: RawFd, input: &mut Input) -> io
         let n = n as usize;
         let mut state = shard.state.borrow_mut();
         state.touch();
+        state.seen(id);
         on_bytes(shard, &mut state, id, input, &scratch[..n]);
         state.wake_if_needed();
         if n < scratch.len() {
@@ -98,7 +100,21 @@ fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, byt
         Input::Handshake(parser) => match parser.feed(bytes) {
             Ok(None) => {}
             Ok(Some(request)) => {
-                if let Err((status, message)) = check_route(&request) {
+                if let Some(r) = state.take_refusal(id) {
+                    let retry = r.retry_after_secs.map(|s| s.to_string());
+                    let headers: Vec<(&str, &str)> = retry
+                        .as_deref()
+                        .map(|v| ("Retry-After", v))
+                        .into_iter()
+                        .collect();
+                    let response = ws::error_response_with(r.status, &r.message, &headers);
+                    state.reject_upgrade(id, response);
+                    *input = Input::Draining;
+                    return;
+                }
+                let checked = check_route(&request)
+                    .and_then(|()| check_origin(&request, &shard.settings.allowed_origins));
+                if let Err((status, message)) = checked {
                     state.reject_upgrade(id, ws::error_response(status, &message));
                     *input = Input::Draining;
                     return;
@@ -148,6 +164,17 @@ fn check_route(request: &ws::Request) -> Result<(), (u16, String)> {
         ));
     }
     Ok(())
+}
+
+/// Browsers send `Origin`; native clients do not. Only a present origin
+/// that is not on a non-empty allowlist is refused.
+fn check_origin(request: &ws::Request, allowed: &[String]) -> Result<(), (u16, String)> {
+    match &request.origin {
+        Some(origin) if !allowed.is_empty() && !allowed.iter().any(|a| a == origin) => {
+            Err((403, format!("origin {origin} is not allowed")))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Decodes every complete message in `bytes`. `Err` closes the connection.

@@ -9,24 +9,27 @@
 //! apply bus events, send the tick's bus requests in one batch per
 //! destination, and flush every connection with output in one write each.
 
+mod admission;
 mod conn;
 mod listener;
 mod outbound;
+mod rate;
 mod slab;
 mod state;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use monoio::net::TcpListener;
 use thiserror::Error;
 
+use crate::auth::Auth;
 use crate::bus::Bus;
-use crate::config::Config;
+use crate::config::{Config, LimitsConfig};
 use crate::protocol::wire::DecodeLimits;
 use crate::protocol::ws::{FrameLimits, HandshakeLimits};
 use state::State;
@@ -49,10 +52,11 @@ pub enum StartError {
     },
     #[error("shard {shard} failed to start: {message}")]
     Shard { shard: usize, message: String },
+    #[error("{0}")]
+    Auth(#[from] crate::auth::KeyError),
 }
 
 /// Per-shard settings derived from the configuration.
-#[derive(Clone, Debug)]
 pub struct Settings {
     pub frame_limits: FrameLimits,
     pub handshake_max_header_bytes: usize,
@@ -64,11 +68,22 @@ pub struct Settings {
     pub max_publish_bytes: usize,
     pub max_subscriptions: usize,
     pub close_timeout: Duration,
+    pub limits: LimitsConfig,
+    /// Browser origins allowed to connect; empty allows any.
+    pub allowed_origins: Vec<String>,
+    pub auth: Auth,
+    pub auth_deadline_ms: u32,
+    pub leeway_secs: u32,
+    /// Shared by all shards: one address's connections land on any shard.
+    pub admission: Arc<admission::Admission>,
 }
 
 impl Settings {
-    pub fn from_config(c: &Config) -> Self {
-        Settings {
+    pub fn from_config(
+        c: &Config,
+        admission: Arc<admission::Admission>,
+    ) -> Result<Self, crate::auth::KeyError> {
+        Ok(Settings {
             frame_limits: FrameLimits {
                 max_frame_bytes: c.websocket.max_frame_bytes as usize,
                 max_message_bytes: c.websocket.max_message_bytes as usize,
@@ -86,7 +101,19 @@ impl Settings {
             max_publish_bytes: c.fanout.max_publish_bytes as usize,
             max_subscriptions: c.fanout.max_subscriptions_per_connection as usize,
             close_timeout: Duration::from_millis(u64::from(c.websocket.close_timeout_ms)),
-        }
+            limits: c.limits.clone(),
+            allowed_origins: c
+                .limits
+                .allowed_origins
+                .split(',')
+                .map(|o| o.trim().to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            auth: Auth::from_config(&c.auth)?,
+            auth_deadline_ms: c.auth.deadline_ms,
+            leeway_secs: c.auth.leeway_secs,
+            admission,
+        })
     }
 
     fn handshake_limits(&self) -> HandshakeLimits {
@@ -135,12 +162,16 @@ pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartE
     let local_addr = listeners[0]
         .local_addr()
         .map_err(|source| StartError::Listen { addr, source })?;
-    let settings = Settings::from_config(config);
+    let admission = Arc::new(admission::Admission::new(
+        config.limits.max_connections_per_ip,
+        config.limits.accept_rate_per_ip,
+        config.limits.accept_burst_per_ip,
+    ));
     let cpus = listener::allowed_cpus();
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
     for (i, (std_listener, bus)) in listeners.into_iter().zip(buses).enumerate() {
-        let settings = settings.clone();
+        let settings = Settings::from_config(config, admission.clone())?;
         let ready = ready_tx.clone();
         let cpu = (config.server.pin_threads && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
         let handle = std::thread::Builder::new()
@@ -220,10 +251,10 @@ async fn run_shard(
     tracing::debug!(shard = id, "accepting");
     loop {
         match listener.accept().await {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 // Small pushes must leave at once, not wait for Nagle.
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(conn::run(shard.clone(), stream));
+                monoio::spawn(conn::run(shard.clone(), stream, peer.ip()));
             }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning;

@@ -79,6 +79,18 @@ impl<T> Slab<T> {
             .and_then(|s| s.value.as_mut())
     }
 
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Every live value with its id.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (ConnId, &mut T)> {
+        self.slots.iter_mut().enumerate().filter_map(|(i, s)| {
+            let id = ConnId((u64::from(s.generation) << 32) | i as u64);
+            s.value.as_mut().map(|v| (id, v))
+        })
+    }
+
     pub fn remove(&mut self, id: ConnId) -> Option<T> {
         let slot = self
             .slots
@@ -106,6 +118,7 @@ mod tests {
         assert_eq!(s.get(a), None);
         assert_eq!(s.get(b), Some(&"b"));
         assert_eq!(s.remove(a), None);
-        assert_eq!(s.len, 1);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.iter_mut().map(|(id, _)| id).collect::<Vec<_>>(), vec![b]);
     }
 }

@@ -6,19 +6,23 @@
 //! into a WebSocket frame, and every subscriber's queue gets a refcount of
 //! that frame.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use monoio::net::TcpStream;
 
+use super::admission::Verdict;
 use super::outbound::{Flushed, Outbound};
+use super::rate::TokenBucket;
 use super::slab::{ConnId, Slab};
 use super::Settings;
+use crate::auth::Identity;
 use crate::bus::{Bus, BusEvent, Position, Publication, ReplyTo};
 use crate::protocol::channel;
 use crate::protocol::wire::{self, ClientRequest, Encoder, ErrorCode};
@@ -63,6 +67,35 @@ pub struct Conn {
     writer_active: bool,
     /// Shut the write side once `out` drains (after a close frame).
     shutdown_after_flush: bool,
+    peer: IpAddr,
+    /// Counted in the per-IP table; released when the connection ends.
+    admitted: bool,
+    /// Decided at accept: answer the upgrade request with this instead.
+    refusal: Option<Box<Refusal>>,
+    /// Last time anything arrived from the client.
+    last_seen: Instant,
+    /// A keepalive ping is out and unanswered.
+    pinged: bool,
+    bucket: TokenBucket,
+    /// Rate-limited messages in a row.
+    strikes: u32,
+    /// Set by a Connect with a token; `None` for anonymous clients.
+    identity: Option<Box<Identity>>,
+}
+
+/// An HTTP refusal of the upgrade (limits hit at accept).
+pub struct Refusal {
+    pub status: u16,
+    pub message: String,
+    pub retry_after_secs: Option<u32>,
+}
+
+/// Per-connection deadlines that are the same for everyone, so a FIFO
+/// queue is also a deadline-ordered queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Deadline {
+    Handshake,
+    Connect,
 }
 
 enum ChannelState {
@@ -99,6 +132,9 @@ pub struct State {
     now: Instant,
     events: Vec<BusEvent>,
     to_close: Vec<(ConnId, CloseReason)>,
+    deadlines: VecDeque<(Instant, ConnId, Deadline)>,
+    /// When the last full scan (keepalive, idle, token expiry) ran.
+    last_scan: Instant,
 }
 
 impl State {
@@ -119,11 +155,43 @@ impl State {
             now: Instant::now(),
             events: Vec::new(),
             to_close: Vec::new(),
+            deadlines: VecDeque::new(),
+            last_scan: Instant::now(),
         }
     }
 
-    pub fn add_conn(&mut self, stream: Rc<TcpStream>, fd: RawFd) -> ConnId {
-        self.conns.insert(Conn {
+    /// Registers an accepted connection and decides whether it will be
+    /// admitted; a refused one is answered once its request head arrives.
+    pub fn add_conn(&mut self, stream: Rc<TcpStream>, fd: RawFd, peer: IpAddr) -> ConnId {
+        self.touch();
+        let now = self.now;
+        let limits = &self.settings.limits;
+        let mut admitted = false;
+        let refusal = if self.conns.len() >= limits.max_connections_per_shard as usize {
+            Some(Refusal {
+                status: 503,
+                message: "server at connection capacity; retry later".into(),
+                retry_after_secs: Some(5),
+            })
+        } else {
+            match self.settings.admission.admit(peer, now) {
+                Verdict::Admit => {
+                    admitted = true;
+                    None
+                }
+                Verdict::TooManyConnections { limit } => Some(Refusal {
+                    status: 503,
+                    message: format!("too many connections from your address (limit {limit})"),
+                    retry_after_secs: Some(5),
+                }),
+                Verdict::TooFast { retry_after_secs } => Some(Refusal {
+                    status: 503,
+                    message: "connecting too fast from your address".into(),
+                    retry_after_secs: Some(retry_after_secs),
+                }),
+            }
+        };
+        let id = self.conns.insert(Conn {
             stream,
             fd,
             out: Outbound::default(),
@@ -132,7 +200,33 @@ impl State {
             dirty: false,
             writer_active: false,
             shutdown_after_flush: false,
-        })
+            peer,
+            admitted,
+            refusal: refusal.map(Box::new),
+            last_seen: now,
+            pinged: false,
+            bucket: TokenBucket::new(limits.message_burst, now),
+            strikes: 0,
+            identity: None,
+        });
+        let deadline = now + Duration::from_millis(u64::from(limits.handshake_timeout_ms));
+        self.deadlines
+            .push_back((deadline, id, Deadline::Handshake));
+        id
+    }
+
+    /// Takes the refusal decided at accept, if any.
+    pub fn take_refusal(&mut self, id: ConnId) -> Option<Box<Refusal>> {
+        self.conns.get_mut(id).and_then(|c| c.refusal.take())
+    }
+
+    /// Records that input arrived (keepalive bookkeeping).
+    pub fn seen(&mut self, id: ConnId) {
+        let now = self.now;
+        if let Some(c) = self.conns.get_mut(id) {
+            c.last_seen = now;
+            c.pinged = false;
+        }
     }
 
     /// Forgets a connection whose reader has finished. Shuts the socket down
@@ -141,6 +235,9 @@ impl State {
         self.detach(id);
         if let Some(conn) = self.conns.remove(id) {
             shutdown(conn.fd, libc::SHUT_RDWR);
+            if conn.admitted {
+                self.settings.admission.release(conn.peer);
+            }
         }
         // Leaving its channels may have queued unsubscribes for the bus.
         self.wake_if_needed();
@@ -155,6 +252,8 @@ impl State {
         if let Some(conn) = self.conns.get_mut(id) {
             conn.phase = Phase::Open { connected: false };
         }
+        let deadline = self.now + Duration::from_millis(u64::from(self.settings.auth_deadline_ms));
+        self.deadlines.push_back((deadline, id, Deadline::Connect));
         self.enqueue(id, Bytes::from(response));
     }
 
@@ -247,25 +346,76 @@ impl State {
     pub fn on_client_message(&mut self, id: ConnId, data: &[u8]) -> Result<(), CloseReason> {
         let requests = wire::decode_client_frame(data, &self.settings.decode_limits)
             .map_err(|e| CloseReason::new(wire::close::INVALID_ENVELOPE, e.reason()))?;
+        let limits = &self.settings.limits;
+        let (rate, burst, max_strikes) = (
+            limits.messages_per_second,
+            limits.message_burst,
+            limits.rate_limit_strikes,
+        );
         for (request, req) in requests {
-            self.on_request(id, request, req);
+            let now = self.now;
+            let Some(conn) = self.conns.get_mut(id) else {
+                break;
+            };
+            if !conn.bucket.take(now, rate, burst) {
+                conn.strikes += 1;
+                if conn.strikes >= max_strikes {
+                    return Err(CloseReason::new(
+                        wire::close::RATE_LIMITED,
+                        format!("over {rate} messages/s {max_strikes} times in a row"),
+                    ));
+                }
+                let msg = format!("over {rate} messages/s; this request was dropped");
+                self.reply_error(id, request, ErrorCode::RateLimited, &msg);
+                continue;
+            }
+            conn.strikes = 0;
+            self.on_request(id, request, req)?;
         }
         Ok(())
     }
 
-    fn on_request(&mut self, id: ConnId, request: u32, req: ClientRequest<'_>) {
+    fn on_request(
+        &mut self,
+        id: ConnId,
+        request: u32,
+        req: ClientRequest<'_>,
+    ) -> Result<(), CloseReason> {
         let Some(conn) = self.conns.get_mut(id) else {
-            return;
+            return Ok(());
         };
         let connected = match conn.phase {
             Phase::Open { connected } => connected,
-            _ => return,
+            _ => return Ok(()),
         };
         match req {
-            ClientRequest::Connect { .. } if connected => {
-                self.reply_error(id, request, ErrorCode::BadRequest, "already connected");
-            }
-            ClientRequest::Connect { .. } => {
+            ClientRequest::Connect { token } => {
+                let identity = self
+                    .settings
+                    .auth
+                    .connect(token, unix_ms() / 1000)
+                    .map_err(|e| {
+                        tracing::debug!(error = %e, "connect refused");
+                        CloseReason::new(wire::close::AUTH_FAILED, format!("connect refused: {e}"))
+                    })?;
+                if connected {
+                    // A second Connect refreshes the token, for the same user.
+                    let same_user = match (&conn.identity, &identity) {
+                        (Some(old), Some(new)) => old.user == new.user,
+                        (None, _) => true,
+                        (Some(_), None) => false,
+                    };
+                    if !same_user {
+                        self.reply_error(
+                            id,
+                            request,
+                            ErrorCode::BadRequest,
+                            "a token refresh must be for the same user",
+                        );
+                        return Ok(());
+                    }
+                }
+                conn.identity = identity.map(Box::new);
                 conn.phase = Phase::Open { connected: true };
                 self.next_client += 1;
                 let client_id = (u64::from(self.shard) << 48) | self.next_client;
@@ -302,6 +452,7 @@ impl State {
                 idempotency_key,
             } => self.publish(id, request, channel, payload, idempotency_key),
         }
+        Ok(())
     }
 
     fn subscribe(&mut self, id: ConnId, request: u32, name: &str, recover: Option<Position>) {
@@ -312,6 +463,14 @@ impl State {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
+        if !self
+            .settings
+            .auth
+            .may_subscribe(conn.identity.as_deref(), name)
+        {
+            let msg = format!("not allowed to subscribe to {name}");
+            return self.reply_error(id, request, ErrorCode::Unauthorized, &msg);
+        }
         if conn.subs.iter().any(|s| &**s == name) {
             return self.reply_error(id, request, ErrorCode::AlreadySubscribed, name);
         }
@@ -393,6 +552,14 @@ impl State {
     ) {
         if let Err(e) = channel::validate(name) {
             return self.reply_error(id, request, ErrorCode::InvalidChannel, &e.to_string());
+        }
+        let allowed = self
+            .conns
+            .get(id)
+            .is_some_and(|c| self.settings.auth.may_publish(c.identity.as_deref(), name));
+        if !allowed {
+            let msg = format!("not allowed to publish to {name}");
+            return self.reply_error(id, request, ErrorCode::Unauthorized, &msg);
         }
         let max = self.settings.max_publish_bytes;
         if payload.len() > max {
@@ -639,6 +806,11 @@ impl State {
     pub fn sweep(&mut self) -> Vec<(ConnId, Rc<TcpStream>)> {
         self.touch();
         let now = self.now;
+        self.expire_deadlines(now);
+        if now.duration_since(self.last_scan) >= SCAN_INTERVAL {
+            self.last_scan = now;
+            self.scan(now);
+        }
         let max_age = self.settings.outbound_max_age;
         let mut watched = std::mem::take(&mut self.watched);
         watched.retain(|&id| {
@@ -675,6 +847,89 @@ impl State {
         std::mem::take(&mut self.need_writer)
     }
 }
+
+impl State {
+    /// Handshakes and Connects that did not arrive in time.
+    fn expire_deadlines(&mut self, now: Instant) {
+        while let Some(&(at, id, kind)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let Some(conn) = self.conns.get(id) else {
+                continue;
+            };
+            match (kind, &conn.phase) {
+                (Deadline::Handshake, Phase::Handshake) => {
+                    // A slowloris: no response is owed, just the socket.
+                    tracing::debug!("handshake timed out");
+                    shutdown(conn.fd, libc::SHUT_RDWR);
+                }
+                (Deadline::Connect, Phase::Open { connected: false }) => {
+                    let ms = self.settings.auth_deadline_ms;
+                    self.to_close.push((
+                        id,
+                        CloseReason::new(
+                            wire::close::AUTH_DEADLINE,
+                            format!("no Connect within {ms} ms"),
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Keepalive pings, idle timeouts and token expiry: one pass over every
+    /// connection per `SCAN_INTERVAL` (cheap next to the per-message work,
+    /// and no per-connection timers to keep).
+    fn scan(&mut self, now: Instant) {
+        let ping_after = Duration::from_millis(u64::from(self.settings.limits.ping_interval_ms));
+        let idle_after = Duration::from_millis(u64::from(self.settings.limits.idle_timeout_ms));
+        let now_secs = unix_ms() / 1000;
+        let mut pings = Vec::new();
+        for (id, conn) in self.conns.iter_mut() {
+            if !matches!(conn.phase, Phase::Open { .. }) {
+                continue;
+            }
+            let silent = now.duration_since(conn.last_seen);
+            if silent >= idle_after {
+                let ms = idle_after.as_millis();
+                self.to_close.push((
+                    id,
+                    CloseReason::new(
+                        wire::close::IDLE_TIMEOUT,
+                        format!("nothing received for {ms} ms"),
+                    ),
+                ));
+            } else if silent >= ping_after && !conn.pinged {
+                conn.pinged = true;
+                pings.push(id);
+            }
+            if conn
+                .identity
+                .as_ref()
+                .and_then(|i| i.expires)
+                .is_some_and(|exp| now_secs > exp + u64::from(self.settings.leeway_secs))
+            {
+                self.to_close.push((
+                    id,
+                    CloseReason::new(
+                        wire::close::TOKEN_EXPIRED,
+                        "token expired; reconnect, or send Connect with a fresh token before expiry",
+                    ),
+                ));
+            }
+        }
+        let ping = ws::frame(OpCode::Ping, b"");
+        for id in pings {
+            self.enqueue(id, ping.clone());
+        }
+    }
+}
+
+/// How often the keepalive / idle / expiry scan runs.
+const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 
 fn slow_consumer(why: &str) -> CloseReason {
     CloseReason::new(

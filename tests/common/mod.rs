@@ -23,6 +23,15 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// blocking CI.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// Lifts the per-connection message rate limit, for tests that publish in
+/// bulk from one connection.
+pub const BULK_PUBLISHER: [&str; 4] = [
+    "--limits-messages-per-second",
+    "1000000",
+    "--limits-message-burst",
+    "1000000",
+];
+
 /// A running `shardcast serve`, killed on drop.
 pub struct Server {
     child: Child,

@@ -65,6 +65,16 @@ pub mod close {
     /// The connection's outbound budget (bytes or age) was exceeded; the
     /// client should reconnect and recover by position.
     pub const SLOW_CONSUMER: u16 = 4001;
+    /// Nothing (no data, no pong) arrived within `limits.idle_timeout_ms`.
+    pub const IDLE_TIMEOUT: u16 = 4002;
+    /// The connect token expired and was not refreshed by a new Connect.
+    pub const TOKEN_EXPIRED: u16 = 4003;
+    /// Connect was refused: missing, invalid or expired token.
+    pub const AUTH_FAILED: u16 = 4004;
+    /// No Connect arrived within `auth.deadline_ms`.
+    pub const AUTH_DEADLINE: u16 = 4005;
+    /// The client kept sending over its message rate limit.
+    pub const RATE_LIMITED: u16 = 4008;
 }
 
 /// A position in one channel's log: `offset` grows by exactly 1 per
