@@ -36,6 +36,15 @@ pub struct CloseReason {
 }
 
 impl CloseReason {
+    /// A slow consumer's backlog cannot get through, so it is dropped and
+    /// the close frame goes next; for every other close, replies already
+    /// queued are sent first.
+    fn drops_backlog(&self) -> bool {
+        self.code == wire::close::SLOW_CONSUMER
+    }
+}
+
+impl CloseReason {
     pub fn new(code: u16, reason: impl Into<String>) -> Self {
         CloseReason {
             code,
@@ -271,7 +280,9 @@ impl State {
         if matches!(conn.phase, Phase::Closing { .. }) {
             return;
         }
-        conn.out.discard_unstarted();
+        if why.drops_backlog() {
+            conn.out.discard_unstarted();
+        }
         conn.out.push(ws::close_frame(why.code, &why.reason));
         self.mark_dirty(id);
         self.begin_close(id);

@@ -394,3 +394,99 @@ pub async fn assert_serving(addr: SocketAddr) {
         ("health", pos.offset, &b"ok"[..])
     );
 }
+
+/// Connects with an optional token. `Err((code, reason))` when the server
+/// closes the connection instead of answering Connected.
+pub async fn try_connect(addr: SocketAddr, token: Option<&str>) -> Result<Client, (u16, String)> {
+    let ws = open_ws(addr).await;
+    let mut c = Client {
+        ws,
+        enc: ClientEncoder::new(),
+        next_id: 1,
+        inbox: VecDeque::new(),
+        client_id: 0,
+        shard: 0,
+    };
+    let frame = c.enc.connect(1, token);
+    c.send_raw(frame).await;
+    c.next_id = 2;
+    match c.next_or_close().await {
+        Ok((
+            _,
+            ServerMessage::Connected {
+                client_id, shard, ..
+            },
+        )) => {
+            c.client_id = client_id;
+            c.shard = shard;
+            Ok(c)
+        }
+        Ok(other) => panic!("expected Connected, got {other:?}"),
+        Err(close) => Err(close),
+    }
+}
+
+impl Client {
+    /// The next message, or the close code and reason if the server closed.
+    pub async fn next_or_close(&mut self) -> Result<(u32, ServerMessage), (u16, String)> {
+        loop {
+            if let Some(m) = self.inbox.pop_front() {
+                return Ok(m);
+            }
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for the server")
+                .expect("connection ended without a close frame")
+                .expect("websocket error");
+            match msg {
+                Message::Binary(b) => self.inbox.extend(
+                    wire::decode_server_frame(&b, &DecodeLimits::default()).expect("valid frame"),
+                ),
+                Message::Close(Some(f)) => return Err((f.code.into(), f.reason.to_string())),
+                Message::Close(None) => return Err((1005, String::new())),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a request built by the caller with the given id.
+    pub async fn request(&mut self, build: impl FnOnce(&mut ClientEncoder, u32) -> Vec<u8>) -> u32 {
+        let id = self.next_id();
+        let frame = build(&mut self.enc, id);
+        self.send_raw(frame).await;
+        id
+    }
+}
+
+impl RawClient {
+    /// Connects from a chosen loopback source address (per-IP limits).
+    pub fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> RawClient {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&SocketAddr::new(source, 0).into()).unwrap();
+        sock.connect(&addr.into()).unwrap();
+        let sock: std::net::TcpStream = sock.into();
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        RawClient { sock }
+    }
+
+    /// Sends the upgrade request and returns the response head.
+    pub fn request_upgrade(&mut self) -> String {
+        self.write(UPGRADE.as_bytes());
+        self.read_http_head()
+    }
+
+    /// True once the server has closed the TCP connection.
+    pub fn is_closed_by_peer(&mut self) -> bool {
+        use std::io::Read;
+        let mut b = [0u8; 256];
+        loop {
+            match self.sock.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
