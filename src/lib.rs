@@ -5,8 +5,10 @@
 //! trait, and [`bus`] is the only place that moves publications between
 //! shards (and, later, nodes).
 
+pub mod api;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod metrics;
 pub mod protocol;
 pub mod shard;

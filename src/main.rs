@@ -96,13 +96,23 @@ fn serve(config: Config) -> Result<(), String> {
         .map(|b| Box::new(b) as Box<dyn Bus>)
         .collect();
     let server = shardcast::shard::start(&config, buses).map_err(|e| e.to_string())?;
+    let admin = match config.admin_addr().map_err(|e| e.to_string())? {
+        Some(addr) => Some(
+            shardcast::api::admin::spawn(addr, server.registry.clone())
+                .map_err(|e| format!("cannot listen on admin.listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     // One machine-readable line on stdout: tests and scripts read the
     // address from it (useful with port 0).
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "shardcast listening on {} shards={} driver={}",
-        server.local_addr, server.shards, server.driver
+        "shardcast listening on {} shards={} driver={} admin={}",
+        server.local_addr,
+        server.shards,
+        server.driver,
+        admin.map_or("off".to_string(), |a| a.to_string())
     );
     let _ = out.flush();
     drop(out);

@@ -15,7 +15,6 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -34,6 +33,7 @@ enum Envelope {
         key: Option<Box<str>>,
         from: u16,
         reply_to: ReplyTo,
+        ingress_us: u64,
     },
     Interest {
         channel: Arc<str>,
@@ -174,8 +174,9 @@ impl LocalBus {
                 key,
                 from,
                 reply_to,
+                ingress_us,
             } => {
-                let now = now_ms();
+                let now = super::unix_us();
                 let ch = self.owned_mut(&channel);
                 let offset = match key.as_deref().and_then(|k| ch.recent_keys.get(k)) {
                     // A retry of a publish we already stored: answer with the
@@ -186,7 +187,8 @@ impl LocalBus {
                         let offset = ch.last_offset;
                         ch.pending.push(Publication {
                             offset,
-                            timestamp_ms: now,
+                            published_us: now,
+                            ingress_us,
                             payload,
                         });
                         if let Some(key) = key {
@@ -303,6 +305,7 @@ impl Bus for LocalBus {
         payload: Bytes,
         idempotency_key: Option<&str>,
         reply_to: ReplyTo,
+        ingress_us: u64,
     ) {
         let owner = self.owner_of(channel);
         let env = Envelope::Publish {
@@ -311,6 +314,7 @@ impl Bus for LocalBus {
             key: idempotency_key.map(Box::from),
             from: self.me,
             reply_to,
+            ingress_us,
         };
         self.send(owner, env);
     }
@@ -378,12 +382,6 @@ impl Bus for LocalBus {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,7 +438,7 @@ mod tests {
         }
         for i in 0..50u32 {
             let from = (i % 3) as usize;
-            buses[from].publish("room", Bytes::from(vec![i as u8]), None, reply(i));
+            buses[from].publish("room", Bytes::from(vec![i as u8]), None, reply(i), 0);
             if i % 7 == 0 {
                 settle(&mut buses);
             }
@@ -461,7 +459,7 @@ mod tests {
     fn every_publish_is_acknowledged_with_its_position() {
         let mut buses = LocalBus::cluster(2);
         for i in 0..10 {
-            buses[(i % 2) as usize].publish("c", Bytes::from_static(b"x"), None, reply(i));
+            buses[(i % 2) as usize].publish("c", Bytes::from_static(b"x"), None, reply(i), 0);
         }
         let ev = settle(&mut buses);
         let mut offsets: Vec<u64> = ev
@@ -483,9 +481,9 @@ mod tests {
         let mut buses = LocalBus::cluster(2);
         buses[0].subscribe("c");
         settle(&mut buses);
-        buses[1].publish("c", Bytes::from_static(b"a"), Some("k1"), reply(1));
-        buses[1].publish("c", Bytes::from_static(b"a"), Some("k1"), reply(2));
-        buses[1].publish("c", Bytes::from_static(b"b"), Some("k2"), reply(3));
+        buses[1].publish("c", Bytes::from_static(b"a"), Some("k1"), reply(1), 0);
+        buses[1].publish("c", Bytes::from_static(b"a"), Some("k1"), reply(2), 0);
+        buses[1].publish("c", Bytes::from_static(b"b"), Some("k2"), reply(3), 0);
         let ev = settle(&mut buses);
         assert_eq!(delivered(&ev[0], "c"), vec![1, 2]);
         let acks: Vec<(u32, u64)> = ev[1]
@@ -507,11 +505,11 @@ mod tests {
         let mut buses = LocalBus::cluster(2);
         buses[0].subscribe("c");
         settle(&mut buses);
-        buses[0].publish("c", Bytes::from_static(b"1"), None, reply(1));
-        buses[0].publish("c", Bytes::from_static(b"2"), None, reply(2));
+        buses[0].publish("c", Bytes::from_static(b"1"), None, reply(1), 0);
+        buses[0].publish("c", Bytes::from_static(b"2"), None, reply(2), 0);
         // Shard 1 subscribes in the same tick as the publishes.
         buses[1].subscribe("c");
-        buses[0].publish("c", Bytes::from_static(b"3"), None, reply(3));
+        buses[0].publish("c", Bytes::from_static(b"3"), None, reply(3), 0);
         let ev = settle(&mut buses);
         let pos = ev[1]
             .iter()

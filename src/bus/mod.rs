@@ -19,6 +19,14 @@ use thiserror::Error;
 
 pub use local::LocalBus;
 
+/// Now, as microseconds since the Unix epoch (the unit of publication
+/// timestamps, comparable across threads and, with synced clocks, nodes).
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// A position in a channel's history: `offset` counts publications from 1
 /// and `epoch` names the history they belong to. A new epoch means earlier
 /// offsets are gone (history lost or never kept).
@@ -33,7 +41,11 @@ pub struct Position {
 #[derive(Clone, Debug)]
 pub struct Publication {
     pub offset: u64,
-    pub timestamp_ms: u64,
+    /// When the publication was sequenced (Unix time, microseconds).
+    pub published_us: u64,
+    /// When the publisher's frame was read by its shard (Unix time,
+    /// microseconds); for the ingress→write latency metric.
+    pub ingress_us: u64,
     pub payload: Bytes,
 }
 
@@ -86,6 +98,7 @@ pub trait Bus: Send {
         payload: Bytes,
         idempotency_key: Option<&str>,
         reply_to: ReplyTo,
+        ingress_us: u64,
     );
     /// This shard now has at least one subscriber for `channel`. Answered by
     /// [`BusEvent::Subscribed`]; publications follow it.

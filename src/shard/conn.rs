@@ -16,6 +16,7 @@ use monoio::net::TcpStream;
 use super::slab::ConnId;
 use super::state::{CloseReason, State};
 use super::Shard;
+use crate::metrics::Limit;
 use crate::protocol::ws::{self, Event, HandshakeParser, Session};
 
 /// The WebSocket subprotocol of the native FlatBuffers protocol.
@@ -84,7 +85,7 @@ fn read_available(shard: &Shard, id: ConnId, fd: RawFd, input: &mut Input) -> io
         let n = n as usize;
         let mut state = shard.state.borrow_mut();
         state.touch();
-        state.seen(id);
+        state.received(id, n);
         on_bytes(shard, &mut state, id, input, &scratch[..n]);
         state.wake_if_needed();
         if n < scratch.len() {
@@ -115,6 +116,9 @@ fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, byt
                 let checked = check_route(&request)
                     .and_then(|()| check_origin(&request, &shard.settings.allowed_origins));
                 if let Err((status, message)) = checked {
+                    if status == 403 {
+                        state.counters.limit(Limit::Origin);
+                    }
                     state.reject_upgrade(id, ws::error_response(status, &message));
                     *input = Input::Draining;
                     return;

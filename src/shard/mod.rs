@@ -30,6 +30,7 @@ use thiserror::Error;
 use crate::auth::Auth;
 use crate::bus::Bus;
 use crate::config::{Config, LimitsConfig};
+use crate::metrics::Registry;
 use crate::protocol::wire::DecodeLimits;
 use crate::protocol::ws::{FrameLimits, HandshakeLimits};
 use state::State;
@@ -137,6 +138,8 @@ pub struct Server {
     pub shards: usize,
     /// "io_uring" or "epoll".
     pub driver: &'static str,
+    /// Metrics and readiness, shared with the admin endpoint.
+    pub registry: Arc<Registry>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -167,12 +170,14 @@ pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartE
         config.limits.accept_rate_per_ip,
         config.limits.accept_burst_per_ip,
     ));
+    let registry = Arc::new(Registry::new(shards));
     let cpus = listener::allowed_cpus();
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
     for (i, (std_listener, bus)) in listeners.into_iter().zip(buses).enumerate() {
         let settings = Settings::from_config(config, admission.clone())?;
         let ready = ready_tx.clone();
+        let registry = registry.clone();
         let cpu = (config.server.pin_threads && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
         let handle = std::thread::Builder::new()
             .name(format!("shard-{i}"))
@@ -190,7 +195,14 @@ pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartE
                         return;
                     }
                 };
-                rt.block_on(run_shard(i as u16, settings, std_listener, bus, ready));
+                rt.block_on(run_shard(
+                    i as u16,
+                    settings,
+                    std_listener,
+                    bus,
+                    registry,
+                    ready,
+                ));
             })
             .map_err(|e| StartError::Shard {
                 shard: i,
@@ -211,9 +223,11 @@ pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartE
             }
         }
     }
+    registry.set_ready();
     Ok(Server {
         local_addr,
         shards,
+        registry,
         driver: if monoio::utils::detect_uring() {
             "io_uring"
         } else {
@@ -230,6 +244,7 @@ async fn run_shard(
     settings: Settings,
     std_listener: std::net::TcpListener,
     bus: Box<dyn Bus>,
+    registry: Arc<Registry>,
     ready: Ready,
 ) {
     let listener = match TcpListener::from_std(std_listener) {
@@ -241,7 +256,7 @@ async fn run_shard(
     };
     let settings = Rc::new(settings);
     let shard = Rc::new(Shard {
-        state: RefCell::new(State::new(id, settings.clone(), bus)),
+        state: RefCell::new(State::new(id, settings.clone(), bus, registry)),
         settings,
         scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
     });
@@ -283,7 +298,11 @@ async fn dispatcher(shard: Rc<Shard>) {
 async fn sweeper(shard: Rc<Shard>) {
     loop {
         monoio::time::sleep(SWEEP_INTERVAL).await;
-        let writers = shard.state.borrow_mut().sweep();
+        let writers = {
+            let mut state = shard.state.borrow_mut();
+            state.report();
+            state.sweep()
+        };
         for (id, stream) in writers {
             monoio::spawn(conn::writer(shard.clone(), id, stream));
         }

@@ -23,7 +23,8 @@ use super::rate::TokenBucket;
 use super::slab::{ConnId, Slab};
 use super::Settings;
 use crate::auth::Identity;
-use crate::bus::{Bus, BusEvent, Position, Publication, ReplyTo};
+use crate::bus::{unix_us, Bus, BusEvent, Position, Publication, ReplyTo};
+use crate::metrics::{Counters, Latencies, Limit, Registry};
 use crate::protocol::channel;
 use crate::protocol::wire::{self, ClientRequest, Encoder, ErrorCode};
 use crate::protocol::ws::{self, OpCode};
@@ -144,10 +145,22 @@ pub struct State {
     deadlines: VecDeque<(Instant, ConnId, Deadline)>,
     /// When the last full scan (keepalive, idle, token expiry) ran.
     last_scan: Instant,
+    pub counters: Counters,
+    /// Latencies since the last publish to the registry.
+    latencies: Latencies,
+    /// (published_us, ingress_us, recipients) of this tick's deliveries,
+    /// recorded once the tick's writes are done.
+    delivered: Vec<(u64, u64, u64)>,
+    registry: Arc<Registry>,
 }
 
 impl State {
-    pub fn new(shard: u16, settings: Rc<Settings>, bus: Box<dyn Bus>) -> Self {
+    pub fn new(
+        shard: u16,
+        settings: Rc<Settings>,
+        bus: Box<dyn Bus>,
+        registry: Arc<Registry>,
+    ) -> Self {
         State {
             shard,
             settings,
@@ -166,7 +179,19 @@ impl State {
             to_close: Vec::new(),
             deadlines: VecDeque::new(),
             last_scan: Instant::now(),
+            counters: Counters::default(),
+            latencies: Latencies::default(),
+            delivered: Vec::new(),
+            registry,
         }
+    }
+
+    /// Publishes this shard's counters and latencies to the registry.
+    pub fn report(&mut self) {
+        self.counters.connections = self.conns.len() as u64;
+        self.counters.channels = self.channels.len() as u64;
+        self.registry
+            .publish(usize::from(self.shard), &self.counters, &mut self.latencies);
     }
 
     /// Registers an accepted connection and decides whether it will be
@@ -176,7 +201,9 @@ impl State {
         let now = self.now;
         let limits = &self.settings.limits;
         let mut admitted = false;
+        self.counters.connections_accepted += 1;
         let refusal = if self.conns.len() >= limits.max_connections_per_shard as usize {
+            self.counters.limit(Limit::Capacity);
             Some(Refusal {
                 status: 503,
                 message: "server at connection capacity; retry later".into(),
@@ -188,16 +215,22 @@ impl State {
                     admitted = true;
                     None
                 }
-                Verdict::TooManyConnections { limit } => Some(Refusal {
-                    status: 503,
-                    message: format!("too many connections from your address (limit {limit})"),
-                    retry_after_secs: Some(5),
-                }),
-                Verdict::TooFast { retry_after_secs } => Some(Refusal {
-                    status: 503,
-                    message: "connecting too fast from your address".into(),
-                    retry_after_secs: Some(retry_after_secs),
-                }),
+                Verdict::TooManyConnections { limit } => {
+                    self.counters.limit(Limit::PerIp);
+                    Some(Refusal {
+                        status: 503,
+                        message: format!("too many connections from your address (limit {limit})"),
+                        retry_after_secs: Some(5),
+                    })
+                }
+                Verdict::TooFast { retry_after_secs } => {
+                    self.counters.limit(Limit::AcceptRate);
+                    Some(Refusal {
+                        status: 503,
+                        message: "connecting too fast from your address".into(),
+                        retry_after_secs: Some(retry_after_secs),
+                    })
+                }
             }
         };
         let id = self.conns.insert(Conn {
@@ -229,8 +262,9 @@ impl State {
         self.conns.get_mut(id).and_then(|c| c.refusal.take())
     }
 
-    /// Records that input arrived (keepalive bookkeeping).
-    pub fn seen(&mut self, id: ConnId) {
+    /// Records that `bytes` arrived (keepalive bookkeeping and metrics).
+    pub fn received(&mut self, id: ConnId, bytes: usize) {
+        self.counters.bytes_in += bytes as u64;
         let now = self.now;
         if let Some(c) = self.conns.get_mut(id) {
             c.last_seen = now;
@@ -282,6 +316,7 @@ impl State {
         }
         if why.drops_backlog() {
             conn.out.discard_unstarted();
+            self.counters.slow_consumer_closes += 1;
         }
         conn.out.push(ws::close_frame(why.code, &why.reason));
         self.mark_dirty(id);
@@ -320,6 +355,7 @@ impl State {
         };
         if let Some(i) = ch.subscribers.iter().position(|&c| c == id) {
             ch.subscribers.swap_remove(i);
+            self.counters.subscriptions -= 1;
         }
         if let ChannelState::Pending { waiters } = &mut ch.state {
             waiters.retain(|w| w.0 != id);
@@ -364,6 +400,7 @@ impl State {
             limits.rate_limit_strikes,
         );
         for (request, req) in requests {
+            self.counters.messages_in += 1;
             let now = self.now;
             let Some(conn) = self.conns.get_mut(id) else {
                 break;
@@ -371,6 +408,7 @@ impl State {
             if !conn.bucket.take(now, rate, burst) {
                 conn.strikes += 1;
                 if conn.strikes >= max_strikes {
+                    self.counters.limit(Limit::Rate);
                     return Err(CloseReason::new(
                         wire::close::RATE_LIMITED,
                         format!("over {rate} messages/s {max_strikes} times in a row"),
@@ -406,6 +444,7 @@ impl State {
                     .auth
                     .connect(token, unix_ms() / 1000)
                     .map_err(|e| {
+                        self.counters.auth_failures += 1;
                         tracing::debug!(error = %e, "connect refused");
                         CloseReason::new(wire::close::AUTH_FAILED, format!("connect refused: {e}"))
                     })?;
@@ -494,6 +533,7 @@ impl State {
             None => Arc::from(name),
         };
         conn.subs.push(key.clone());
+        self.counters.subscriptions += 1;
         let ch = self
             .channels
             .entry(key.clone())
@@ -586,6 +626,7 @@ impl State {
             Bytes::copy_from_slice(payload),
             idempotency_key,
             reply_to,
+            unix_us(),
         );
         self.bus_pending = true;
     }
@@ -628,6 +669,16 @@ impl State {
         self.bus_pending = false;
         self.bus.flush();
         self.flush_dirty();
+        if !self.delivered.is_empty() {
+            let now = unix_us();
+            for (published, ingress, n) in self.delivered.drain(..) {
+                self.latencies.record(
+                    now.saturating_sub(published),
+                    now.saturating_sub(ingress),
+                    n,
+                );
+            }
+        }
         std::mem::take(&mut self.need_writer)
     }
 
@@ -718,7 +769,7 @@ impl State {
                 epoch,
                 chunk
                     .iter()
-                    .map(|p| (p.offset, p.timestamp_ms, &p.payload[..])),
+                    .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
             );
             let frame = ws::frame(OpCode::Binary, data);
             for &id in &ch.subscribers {
@@ -738,6 +789,12 @@ impl State {
                     conn.dirty = true;
                     self.dirty.push(id);
                 }
+            }
+            let recipients = ch.subscribers.len() as u64;
+            self.counters.messages_out += recipients * chunk.len() as u64;
+            for p in chunk {
+                self.delivered
+                    .push((p.published_us, p.ingress_us, recipients));
             }
         }
     }
@@ -764,7 +821,10 @@ impl State {
         let now = self.now;
         let conn = self.conns.get_mut(id)?;
         conn.dirty = false;
-        match conn.out.flush(conn.fd, now) {
+        let before = conn.out.queued_bytes();
+        let result = conn.out.flush(conn.fd, now);
+        self.counters.bytes_out += (before - conn.out.queued_bytes()) as u64;
+        match result {
             Ok(Flushed::All) => {
                 if conn.shutdown_after_flush {
                     conn.shutdown_after_flush = false;
@@ -874,9 +934,11 @@ impl State {
                 (Deadline::Handshake, Phase::Handshake) => {
                     // A slowloris: no response is owed, just the socket.
                     tracing::debug!("handshake timed out");
+                    self.counters.limit(Limit::Handshake);
                     shutdown(conn.fd, libc::SHUT_RDWR);
                 }
                 (Deadline::Connect, Phase::Open { connected: false }) => {
+                    self.counters.limit(Limit::AuthDeadline);
                     let ms = self.settings.auth_deadline_ms;
                     self.to_close.push((
                         id,
@@ -905,6 +967,7 @@ impl State {
             }
             let silent = now.duration_since(conn.last_seen);
             if silent >= idle_after {
+                self.counters.limit(Limit::Idle);
                 let ms = idle_after.as_millis();
                 self.to_close.push((
                     id,
@@ -923,6 +986,7 @@ impl State {
                 .and_then(|i| i.expires)
                 .is_some_and(|exp| now_secs > exp + u64::from(self.settings.leeway_secs))
             {
+                self.counters.limit(Limit::TokenExpired);
                 self.to_close.push((
                     id,
                     CloseReason::new(

@@ -37,6 +37,8 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub driver: String,
+    /// The admin endpoint's address.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Server {
@@ -45,6 +47,7 @@ impl Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardcast"));
         cmd.arg("serve")
             .args(["--server-listen", "127.0.0.1:0", "--server-shards", "2"])
+            .args(["--admin-listen", "127.0.0.1:0"])
             .args(args)
             .env("SHARDCAST_LOG_LEVEL", "warn")
             .stdout(Stdio::piped())
@@ -62,16 +65,19 @@ impl Server {
             .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
             .parse()
             .expect("address");
-        let driver = line
-            .split("driver=")
-            .nth(1)
-            .unwrap_or("")
-            .trim()
-            .to_string();
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or("")
+                .to_string()
+        };
+        let driver = field("driver=");
+        let admin = field("admin=").parse().ok();
         Server {
             child,
             addr,
             driver,
+            admin,
         }
     }
 
@@ -489,4 +495,21 @@ impl RawClient {
             }
         }
     }
+}
+
+/// A plain HTTP GET; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read response");
+    let status = text[9..12].parse().expect("status");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
 }

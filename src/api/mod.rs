@@ -1,0 +1,3 @@
+//! HTTP endpoints outside the WebSocket path.
+
+pub mod admin;

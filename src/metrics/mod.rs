@@ -1,0 +1,219 @@
+//! Metrics: plain per-shard counters and histograms (no atomics on the hot
+//! path), published by each shard into its own slot of a [`Registry`] a few
+//! times a second, and rendered by the admin endpoint.
+
+mod prometheus;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+
+pub use prometheus::render;
+
+/// Highest latency a histogram tracks, in microseconds (60 s); larger
+/// values are clamped into the top bucket.
+const MAX_LATENCY_US: u64 = 60_000_000;
+
+/// Why a connection was refused before the upgrade or closed by a limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    Capacity,
+    PerIp,
+    AcceptRate,
+    Origin,
+    Handshake,
+    AuthDeadline,
+    Rate,
+    Idle,
+    TokenExpired,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 9] = [
+        Limit::Capacity,
+        Limit::PerIp,
+        Limit::AcceptRate,
+        Limit::Origin,
+        Limit::Handshake,
+        Limit::AuthDeadline,
+        Limit::Rate,
+        Limit::Idle,
+        Limit::TokenExpired,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Capacity => "shard_capacity",
+            Limit::PerIp => "connections_per_ip",
+            Limit::AcceptRate => "accept_rate_per_ip",
+            Limit::Origin => "origin",
+            Limit::Handshake => "handshake_timeout",
+            Limit::AuthDeadline => "auth_deadline",
+            Limit::Rate => "message_rate",
+            Limit::Idle => "idle_timeout",
+            Limit::TokenExpired => "token_expired",
+        }
+    }
+}
+
+/// Counters one shard keeps. Gauges are filled in when published.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub connections: u64,
+    pub subscriptions: u64,
+    pub channels: u64,
+    pub connections_accepted: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub slow_consumer_closes: u64,
+    pub auth_failures: u64,
+    pub limit_hits: [u64; Limit::ALL.len()],
+}
+
+impl Counters {
+    pub fn limit(&mut self, l: Limit) {
+        self.limit_hits[l as usize] += 1;
+    }
+}
+
+/// Latency histograms in microseconds.
+#[derive(Clone, Debug)]
+pub struct Latencies {
+    /// From the moment a publication was sequenced to the write that
+    /// handed it to the kernel, per delivered message.
+    pub publish_to_write: Histogram<u64>,
+    /// From the moment the publishing client's frame was read to that
+    /// write, per delivered message.
+    pub ingress_to_write: Histogram<u64>,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        let h =
+            || Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("static bounds are valid");
+        Latencies {
+            publish_to_write: h(),
+            ingress_to_write: h(),
+        }
+    }
+}
+
+impl Latencies {
+    /// Records one publication delivered to `recipients` connections.
+    pub fn record(&mut self, publish_us: u64, ingress_us: u64, recipients: u64) {
+        let clamp = |v: u64| v.clamp(1, MAX_LATENCY_US);
+        // Bounds are fixed and values clamped, so recording cannot fail.
+        let _ = self
+            .publish_to_write
+            .record_n(clamp(publish_us), recipients);
+        let _ = self
+            .ingress_to_write
+            .record_n(clamp(ingress_us), recipients);
+    }
+
+    fn add(&mut self, other: &Latencies) {
+        let _ = self.publish_to_write.add(&other.publish_to_write);
+        let _ = self.ingress_to_write.add(&other.ingress_to_write);
+    }
+
+    fn reset(&mut self) {
+        self.publish_to_write.reset();
+        self.ingress_to_write.reset();
+    }
+}
+
+/// What one shard last published.
+#[derive(Clone, Debug, Default)]
+pub struct ShardReport {
+    pub counters: Counters,
+    /// Cumulative since start.
+    pub latencies: Latencies,
+}
+
+/// Shared between the shards (writers, one slot each) and the admin
+/// endpoint (reader). Each slot's lock is taken a few times a second by its
+/// shard and on each scrape; never per message.
+pub struct Registry {
+    shards: Vec<Mutex<ShardReport>>,
+    ready: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Registry {
+    pub fn new(shards: usize) -> Self {
+        Registry {
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Shard `i` publishes its counters and this interval's latencies
+    /// (which it then resets).
+    pub fn publish(&self, shard: usize, counters: &Counters, interval: &mut Latencies) {
+        let mut slot = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
+        slot.counters = counters.clone();
+        slot.latencies.add(interval);
+        interval.reset();
+    }
+
+    pub fn snapshot(&self) -> Vec<ShardReport> {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Ready: every shard accepting and not draining.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.is_draining()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishing_accumulates_latencies_and_replaces_counters() {
+        let r = Registry::new(2);
+        let mut c = Counters::default();
+        let mut l = Latencies::default();
+        c.messages_out = 5;
+        l.record(100, 200, 5);
+        r.publish(1, &c, &mut l);
+        assert_eq!(l.publish_to_write.len(), 0, "interval reset");
+        c.messages_out = 7;
+        l.record(300, 400, 2);
+        r.publish(1, &c, &mut l);
+        let snap = r.snapshot();
+        assert_eq!(snap[1].counters.messages_out, 7);
+        assert_eq!(snap[1].latencies.publish_to_write.len(), 7);
+        assert_eq!(snap[0].latencies.publish_to_write.len(), 0);
+    }
+
+    #[test]
+    fn readiness_ends_with_draining() {
+        let r = Registry::new(1);
+        assert!(!r.is_ready());
+        r.set_ready();
+        assert!(r.is_ready());
+        r.set_draining();
+        assert!(!r.is_ready());
+    }
+}

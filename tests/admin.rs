@@ -1,0 +1,121 @@
+//! The admin endpoint: health, readiness and Prometheus metrics that match
+//! what the test did.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::{http_get, Client, Server};
+
+/// Parses Prometheus text format strictly enough to catch malformed
+/// output: every sample belongs to a declared metric family, labels are
+/// well-formed, values are numbers. Returns (name, labels) → value.
+fn parse_prometheus(text: &str) -> HashMap<(String, String), f64> {
+    let mut declared: HashMap<String, String> = HashMap::new();
+    let mut samples = HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            declared.insert(name.to_string(), kind.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => {
+                let l = l.strip_suffix('}').expect("closing brace");
+                for pair in l.split(',') {
+                    let (k, v) = pair.split_once('=').expect("label k=v");
+                    assert!(
+                        k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                        "{line}"
+                    );
+                    assert!(v.starts_with('"') && v.ends_with('"'), "{line}");
+                }
+                (n, l.to_string())
+            }
+            None => (series, String::new()),
+        };
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line}"
+        );
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| declared.get(*f).map(String::as_str) == Some("histogram"))
+            })
+            .unwrap_or(name);
+        assert!(
+            declared.contains_key(family),
+            "sample before its TYPE: {line}"
+        );
+        samples.insert((name.to_string(), labels), value);
+    }
+    samples
+}
+
+fn total(m: &HashMap<(String, String), f64>, name: &str) -> f64 {
+    m.iter()
+        .filter(|((n, _), _)| n == name)
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_match_activity() {
+    let s = Server::start(&[]);
+    let admin = s.admin.expect("admin endpoint");
+    assert_eq!(http_get(admin, "/healthz"), (200, "ok\n".into()));
+    assert_eq!(http_get(admin, "/readyz"), (200, "ready\n".into()));
+    assert_eq!(http_get(admin, "/nope").0, 404);
+
+    // 3 connections; 1 subscribe; 5 publishes → 9 requests in, 5 out.
+    let mut sub = Client::connect(s.addr).await;
+    sub.subscribe("metrics-test").await;
+    let mut publisher = Client::connect(s.addr).await;
+    let _idle = Client::connect(s.addr).await;
+    for i in 0..5u8 {
+        publisher.publish("metrics-test", &[i]).await;
+    }
+    for _ in 0..5 {
+        sub.publication().await;
+    }
+
+    let deadline = Instant::now() + common::WAIT;
+    let m = loop {
+        let (status, body) = http_get(admin, "/metrics");
+        assert_eq!(status, 200);
+        let m = parse_prometheus(&body);
+        if total(&m, "shardcast_messages_out_total") == 5.0
+            && total(&m, "shardcast_messages_in_total") == 9.0
+        {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "metrics never matched:\n{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(total(&m, "shardcast_connections"), 3.0);
+    assert_eq!(total(&m, "shardcast_subscriptions"), 1.0);
+    assert_eq!(total(&m, "shardcast_channels"), 1.0);
+    assert_eq!(total(&m, "shardcast_connections_accepted_total"), 3.0);
+    assert!(total(&m, "shardcast_bytes_in_total") > 0.0);
+    assert!(total(&m, "shardcast_bytes_out_total") > 0.0);
+    assert_eq!(total(&m, "shardcast_slow_consumer_closes_total"), 0.0);
+    assert_eq!(total(&m, "shardcast_publish_to_write_seconds_count"), 5.0);
+    assert_eq!(total(&m, "shardcast_ingress_to_write_seconds_count"), 5.0);
+    let inf = m[&(
+        "shardcast_publish_to_write_seconds_bucket".to_string(),
+        "le=\"+Inf\"".to_string(),
+    )];
+    assert_eq!(inf, 5.0);
+    assert_eq!(total(&m, "shardcast_ready"), 1.0);
+}
