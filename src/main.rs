@@ -2,6 +2,8 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use shardcast::bus::{Bus, LocalBus};
 use shardcast::config::{Config, Origin, Override};
@@ -88,7 +90,39 @@ fn init_logging(level: &str) {
         .init();
 }
 
+/// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread
+/// it starts afterwards) and returns the set, for `sigwait` on one thread.
+fn block_shutdown_signals() -> libc::sigset_t {
+    // SAFETY: plain signal-mask manipulation on a local set, done before
+    // any other thread exists.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Forwards each shutdown signal to a channel, from a dedicated thread.
+fn signal_channel(set: libc::sigset_t) -> mpsc::Receiver<i32> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: `set` holds signals blocked in every thread.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 && tx.send(sig).is_err() {
+                return;
+            }
+        })
+        .expect("spawn the signal thread");
+    rx
+}
+
 fn serve(config: Config) -> Result<(), String> {
+    let signals = signal_channel(block_shutdown_signals());
     init_logging(&config.log.level);
     let shards = config.shard_count();
     let buses: Vec<Box<dyn Bus>> = LocalBus::cluster(shards)
@@ -123,7 +157,33 @@ fn serve(config: Config) -> Result<(), String> {
         bus = "local",
         "serving"
     );
-    server.wait();
+    let sig = signals
+        .recv()
+        .map_err(|_| "signal thread stopped".to_string())?;
+    let window = server.drain_window();
+    tracing::info!(
+        signal = sig,
+        window_ms = window.as_millis() as u64,
+        "draining: closing connections with 1012; a second signal exits at once"
+    );
+    server.drain();
+    // Shards finish when their connections are gone or the window is over;
+    // the margin only covers thread teardown.
+    let deadline = Instant::now() + window + Duration::from_millis(500);
+    while !server.is_finished() {
+        match signals.recv_timeout(Duration::from_millis(20)) {
+            Ok(_) => {
+                eprintln!("shardcast: second signal, exiting without finishing the drain");
+                std::process::exit(1);
+            }
+            Err(_) if Instant::now() >= deadline => {
+                tracing::warn!("drain window over with connections left; exiting");
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    tracing::info!("drained; exiting");
     Ok(())
 }
 

@@ -19,6 +19,7 @@ mod state;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -26,6 +27,7 @@ use std::time::Duration;
 
 use monoio::net::TcpListener;
 use thiserror::Error;
+use tokio::sync::watch;
 
 use crate::auth::Auth;
 use crate::bus::Bus;
@@ -140,15 +142,27 @@ pub struct Server {
     pub driver: &'static str,
     /// Metrics and readiness, shared with the admin endpoint.
     pub registry: Arc<Registry>,
+    drain: watch::Sender<bool>,
+    drain_window: Duration,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Blocks until every shard thread has exited.
-    pub fn wait(self) {
-        for t in self.threads {
-            let _ = t.join();
-        }
+    /// Starts a graceful drain: every shard stops accepting and closes its
+    /// connections with 1012, spread over the drain window.
+    pub fn drain(&self) {
+        self.registry.set_draining();
+        let _ = self.drain.send(true);
+    }
+
+    /// The configured drain window.
+    pub fn drain_window(&self) -> Duration {
+        self.drain_window
+    }
+
+    /// Whether every shard thread has exited.
+    pub fn is_finished(&self) -> bool {
+        self.threads.iter().all(|t| t.is_finished())
     }
 }
 
@@ -171,6 +185,8 @@ pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartE
         config.limits.accept_burst_per_ip,
     ));
     let registry = Arc::new(Registry::new(shards));
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let drain_window = Duration::from_millis(u64::from(config.server.drain_window_ms));
     let cpus = listener::allowed_cpus();
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
@@ -178,6 +194,7 @@ pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartE
         let settings = Settings::from_config(config, admission.clone())?;
         let ready = ready_tx.clone();
         let registry = registry.clone();
+        let drain = drain_rx.clone();
         let cpu = (config.server.pin_threads && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
         let handle = std::thread::Builder::new()
             .name(format!("shard-{i}"))
@@ -201,6 +218,10 @@ pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartE
                     std_listener,
                     bus,
                     registry,
+                    Draining {
+                        signal: drain,
+                        window: drain_window,
+                    },
                     ready,
                 ));
             })
@@ -228,6 +249,8 @@ pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartE
         local_addr,
         shards,
         registry,
+        drain: drain_tx,
+        drain_window,
         driver: if monoio::utils::detect_uring() {
             "io_uring"
         } else {
@@ -239,12 +262,19 @@ pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartE
 
 type Ready = mpsc::Sender<Result<(), (usize, String)>>;
 
+/// How a shard learns that the server is draining.
+struct Draining {
+    signal: watch::Receiver<bool>,
+    window: Duration,
+}
+
 async fn run_shard(
     id: u16,
     settings: Settings,
     std_listener: std::net::TcpListener,
     bus: Box<dyn Bus>,
     registry: Arc<Registry>,
+    draining: Draining,
     ready: Ready,
 ) {
     let listener = match TcpListener::from_std(std_listener) {
@@ -262,6 +292,8 @@ async fn run_shard(
     });
     monoio::spawn(dispatcher(shard.clone()));
     monoio::spawn(sweeper(shard.clone()));
+    let listener_fd = listener.as_raw_fd();
+    monoio::spawn(watch_drain(shard.clone(), draining, listener_fd));
     let _ = ready.send(Ok(()));
     tracing::debug!(shard = id, "accepting");
     loop {
@@ -271,6 +303,7 @@ async fn run_shard(
                 let _ = stream.set_nodelay(true);
                 monoio::spawn(conn::run(shard.clone(), stream, peer.ip()));
             }
+            Err(_) if shard.state.borrow().is_draining() => break,
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning;
                 // existing connections keep being served meanwhile.
@@ -278,6 +311,28 @@ async fn run_shard(
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+    // Draining: the sweeper closes connections over the window; this shard
+    // is done when they are gone or the window is over.
+    while !shard.state.borrow().drained() {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::debug!(shard = id, "drained");
+}
+
+/// Waits for the drain signal, then starts draining and stops accepting.
+async fn watch_drain(shard: Rc<Shard>, mut draining: Draining, listener_fd: RawFd) {
+    if draining.signal.wait_for(|&d| d).await.is_err() {
+        return;
+    }
+    shard.state.borrow_mut().begin_drain(draining.window);
+    // Shutting the listening socket down wakes the pending accept with an
+    // error, which ends the accept loop (racing accept against a signal in
+    // `select!` could leak an accepted descriptor).
+    // SAFETY: the listener outlives this call (it lives in run_shard,
+    // which only returns after draining began).
+    unsafe {
+        libc::shutdown(listener_fd, libc::SHUT_RDWR);
     }
 }
 
