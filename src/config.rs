@@ -55,6 +55,7 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub fanout: FanoutConfig,
     pub limits: LimitsConfig,
+    pub history: HistoryConfig,
     pub auth: AuthConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
@@ -142,6 +143,26 @@ pub struct LimitsConfig {
     /// Comma-separated Origin values browsers may connect from; empty
     /// allows any (native clients send no Origin and are not affected).
     pub allowed_origins: String,
+}
+
+/// What is kept for recovery: clients that resubscribe with their last
+/// position get what they missed, if it is still kept.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Publications kept per channel (0 = none).
+    pub size: u32,
+    /// How long a channel's history is kept after its last publication.
+    pub ttl_secs: u32,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            size: 1000,
+            ttl_secs: 3600,
+        }
+    }
 }
 
 /// Connect-token verification. Tokens are JWTs; a key's algorithm is fixed
@@ -438,6 +459,8 @@ impl Config {
             l.idle_timeout_ms,
             l.ping_interval_ms.saturating_add(1)..=7_200_000,
         )?;
+        check("history.size", self.history.size, 0..=1_000_000)?;
+        check("history.ttl_secs", self.history.ttl_secs, 1..=30 * 86_400)?;
         check("auth.leeway_secs", self.auth.leeway_secs, 0..=300)?;
         check("auth.deadline_ms", self.auth.deadline_ms, 100..=600_000)?;
         self.admin_addr()?;

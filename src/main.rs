@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use shardcast::bus::local::Retention;
 use shardcast::bus::{Bus, LocalBus};
 use shardcast::config::{Config, Origin, Override};
 
@@ -125,7 +126,11 @@ fn serve(config: Config) -> Result<(), String> {
     let signals = signal_channel(block_shutdown_signals());
     init_logging(&config.log.level);
     let shards = config.shard_count();
-    let buses: Vec<Box<dyn Bus>> = LocalBus::cluster(shards)
+    let retention = Retention {
+        size: config.history.size as usize,
+        ttl: Duration::from_secs(u64::from(config.history.ttl_secs)),
+    };
+    let buses: Vec<Box<dyn Bus>> = LocalBus::cluster(shards, retention)
         .into_iter()
         .map(|b| Box::new(b) as Box<dyn Bus>)
         .collect();

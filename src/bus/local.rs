@@ -15,11 +15,12 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::{Bus, BusEvent, Position, Publication, ReplyTo};
+use super::{Bus, BusEvent, History, Position, Publication, ReplyTo};
 
 /// Idempotency keys remembered per channel. A retry normally follows the
 /// original within seconds, so a short window is enough and bounds memory.
@@ -40,6 +41,12 @@ enum Envelope {
         from: u16,
         on: bool,
     },
+    HistoryRead {
+        channel: Arc<str>,
+        after: Position,
+        from: u16,
+        request: u64,
+    },
     // From the owner.
     Deliver {
         channel: Arc<str>,
@@ -55,6 +62,22 @@ enum Envelope {
         channel: Arc<str>,
         position: Position,
     },
+    HistoryAnswer {
+        request: u64,
+        channel: Arc<str>,
+        result: History,
+    },
+}
+
+/// How much history the local bus keeps per channel.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// Publications kept per channel (0 = none: recovery then only
+    /// succeeds when nothing was missed).
+    pub size: usize,
+    /// A channel nobody subscribes to is forgotten this long after its last
+    /// publication.
+    pub ttl: Duration,
 }
 
 /// Sequencer state for a channel this shard owns.
@@ -65,6 +88,9 @@ struct Owned {
     interested: Vec<u16>,
     /// Publications sequenced this tick, not yet forwarded.
     pending: Vec<Publication>,
+    /// The newest `Retention::size` publications, oldest first.
+    history: VecDeque<Publication>,
+    last_publish: Instant,
     recent_keys: HashMap<Box<str>, u64>,
     recent_order: VecDeque<Box<str>>,
 }
@@ -82,11 +108,13 @@ pub struct LocalBus {
     dirty: Vec<Arc<str>>,
     epoch_seed: u64,
     epoch_counter: u64,
+    retention: Retention,
+    last_expiry: Instant,
 }
 
 impl LocalBus {
     /// Builds one connected handle per shard.
-    pub fn cluster(shards: usize) -> Vec<LocalBus> {
+    pub fn cluster(shards: usize, retention: Retention) -> Vec<LocalBus> {
         assert!(
             (1..=u16::MAX as usize).contains(&shards),
             "shard count out of range"
@@ -109,6 +137,8 @@ impl LocalBus {
                 dirty: Vec::new(),
                 epoch_seed: seed ^ ((i as u64) << 48),
                 epoch_counter: 0,
+                retention,
+                last_expiry: Instant::now(),
             })
             .collect()
     }
@@ -158,6 +188,8 @@ impl LocalBus {
                     last_offset: 0,
                     interested: Vec::new(),
                     pending: Vec::new(),
+                    history: VecDeque::new(),
+                    last_publish: Instant::now(),
                     recent_keys: HashMap::new(),
                     recent_order: VecDeque::new(),
                 },
@@ -184,6 +216,7 @@ impl LocalBus {
                     Some(&offset) => offset,
                     None => {
                         ch.last_offset += 1;
+                        ch.last_publish = Instant::now();
                         let offset = ch.last_offset;
                         ch.pending.push(Publication {
                             offset,
@@ -237,6 +270,44 @@ impl LocalBus {
                     self.retire_if_unused(&channel);
                 }
             }
+            Envelope::HistoryRead {
+                channel,
+                after,
+                from,
+                request,
+            } => {
+                // Everything sequenced so far goes out first, so the answer
+                // reaches `from` after every publication it covers.
+                self.forward(&channel, out);
+                let result = match self.owned.get(&channel) {
+                    Some(ch) => read_history(ch, after),
+                    // Never published or forgotten: nothing to continue from.
+                    None => History::Lost {
+                        current: Position {
+                            epoch: 0,
+                            offset: 0,
+                        },
+                    },
+                };
+                self.route(
+                    from,
+                    Envelope::HistoryAnswer {
+                        request,
+                        channel,
+                        result,
+                    },
+                    out,
+                );
+            }
+            Envelope::HistoryAnswer {
+                request,
+                channel,
+                result,
+            } => out.push(BusEvent::History {
+                request,
+                channel,
+                result,
+            }),
             Envelope::Deliver {
                 channel,
                 epoch,
@@ -270,6 +341,13 @@ impl LocalBus {
         if ch.pending.is_empty() {
             return;
         }
+        let keep = self.retention.size;
+        if keep > 0 {
+            ch.history.extend(ch.pending.iter().cloned());
+            while ch.history.len() > keep {
+                ch.history.pop_front();
+            }
+        }
         let items: Arc<[Publication]> = ch.pending.drain(..).collect();
         let epoch = ch.epoch;
         let targets = ch.interested.clone();
@@ -286,15 +364,30 @@ impl LocalBus {
         }
     }
 
-    /// Without history, a channel nobody listens to needs no state: the next
-    /// publish starts a new epoch, which tells recovering clients honestly
-    /// that what came before is gone.
+    /// A channel nobody listens to and without history worth keeping needs
+    /// no state: the next publish starts a new epoch, which tells recovering
+    /// clients honestly that what came before is gone.
     fn retire_if_unused(&mut self, channel: &Arc<str>) {
+        let ttl = self.retention.ttl;
         if let Some(ch) = self.owned.get(channel) {
-            if ch.interested.is_empty() && ch.pending.is_empty() {
+            let history_live = !ch.history.is_empty() && ch.last_publish.elapsed() < ttl;
+            if ch.interested.is_empty() && ch.pending.is_empty() && !history_live {
                 self.owned.remove(channel);
             }
         }
+    }
+
+    /// Forgets unwatched channels whose history expired; at most once a
+    /// second, so the cost does not grow with the publish rate.
+    fn expire(&mut self) {
+        if self.last_expiry.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_expiry = Instant::now();
+        let ttl = self.retention.ttl;
+        self.owned.retain(|_, ch| {
+            !ch.interested.is_empty() || !ch.pending.is_empty() || ch.last_publish.elapsed() < ttl
+        });
     }
 }
 
@@ -325,6 +418,17 @@ impl Bus for LocalBus {
             channel: Arc::from(channel),
             from: self.me,
             on: true,
+        };
+        self.send(owner, env);
+    }
+
+    fn history(&mut self, channel: &str, after: Position, request: u64) {
+        let owner = self.owner_of(channel);
+        let env = Envelope::HistoryRead {
+            channel: Arc::from(channel),
+            after,
+            from: self.me,
+            request,
         };
         self.send(owner, env);
     }
@@ -374,11 +478,39 @@ impl Bus for LocalBus {
         }
         self.dirty = dirty;
         self.dirty.clear();
+        self.expire();
         if progressed {
             Poll::Ready(())
         } else {
             Poll::Pending
         }
+    }
+}
+
+/// Continues a channel's history after `after`, or says it cannot.
+fn read_history(ch: &Owned, after: Position) -> History {
+    let current = Position {
+        epoch: ch.epoch,
+        offset: ch.last_offset,
+    };
+    if after.epoch != ch.epoch || after.offset > ch.last_offset {
+        return History::Lost { current };
+    }
+    if after.offset == ch.last_offset {
+        return History::Items {
+            epoch: ch.epoch,
+            items: Vec::new(),
+        };
+    }
+    match ch.history.front() {
+        Some(first) if first.offset <= after.offset + 1 => {
+            let skip = (after.offset + 1 - first.offset) as usize;
+            History::Items {
+                epoch: ch.epoch,
+                items: ch.history.iter().skip(skip).cloned().collect(),
+            }
+        }
+        _ => History::Lost { current },
     }
 }
 
@@ -409,6 +541,69 @@ mod tests {
         events
     }
 
+    const NO_HISTORY: Retention = Retention {
+        size: 0,
+        ttl: Duration::from_secs(60),
+    };
+
+    fn history_of(events: &[BusEvent]) -> Vec<&History> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                BusEvent::History { result, .. } => Some(result),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn history_continues_a_position_or_says_it_is_lost() {
+        let retention = Retention {
+            size: 5,
+            ttl: Duration::from_secs(60),
+        };
+        let mut buses = LocalBus::cluster(2, retention);
+        for i in 0..8u32 {
+            buses[0].publish("h", Bytes::from(vec![i as u8]), None, reply(i), 0);
+        }
+        let ev = settle(&mut buses);
+        let epoch = ev[0]
+            .iter()
+            .find_map(|e| match e {
+                BusEvent::Published { result: Ok(p), .. } => Some(p.epoch),
+                _ => None,
+            })
+            .unwrap();
+        // Nobody subscribes, but the channel is kept for its history.
+        let at = |offset| Position { epoch, offset };
+        buses[1].history("h", at(5), 1);
+        buses[1].history("h", at(8), 2);
+        buses[1].history("h", at(2), 3); // 3 was trimmed (keeps 4..=8)
+        buses[1].history(
+            "h",
+            Position {
+                epoch: epoch ^ 1,
+                offset: 5,
+            },
+            4,
+        );
+        let ev = settle(&mut buses);
+        let answers = history_of(&ev[1]);
+        assert_eq!(answers.len(), 4);
+        match answers[0] {
+            History::Items { items, .. } => {
+                assert_eq!(
+                    items.iter().map(|p| p.offset).collect::<Vec<_>>(),
+                    vec![6, 7, 8]
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(answers[1], History::Items { items, .. } if items.is_empty()));
+        assert!(matches!(answers[2], History::Lost { current } if current.offset == 8));
+        assert!(matches!(answers[3], History::Lost { .. }));
+    }
+
     fn reply(request: u32) -> ReplyTo {
         ReplyTo { conn: 7, request }
     }
@@ -428,7 +623,7 @@ mod tests {
 
     #[test]
     fn publications_reach_interested_shards_in_order() {
-        let mut buses = LocalBus::cluster(3);
+        let mut buses = LocalBus::cluster(3, NO_HISTORY);
         buses[1].subscribe("room");
         buses[2].subscribe("room");
         let ev = settle(&mut buses);
@@ -457,7 +652,7 @@ mod tests {
 
     #[test]
     fn every_publish_is_acknowledged_with_its_position() {
-        let mut buses = LocalBus::cluster(2);
+        let mut buses = LocalBus::cluster(2, NO_HISTORY);
         for i in 0..10 {
             buses[(i % 2) as usize].publish("c", Bytes::from_static(b"x"), None, reply(i), 0);
         }
@@ -478,7 +673,7 @@ mod tests {
 
     #[test]
     fn idempotency_key_stores_once() {
-        let mut buses = LocalBus::cluster(2);
+        let mut buses = LocalBus::cluster(2, NO_HISTORY);
         buses[0].subscribe("c");
         settle(&mut buses);
         buses[1].publish("c", Bytes::from_static(b"a"), Some("k1"), reply(1), 0);
@@ -502,7 +697,7 @@ mod tests {
 
     #[test]
     fn subscribe_answer_separates_old_from_new() {
-        let mut buses = LocalBus::cluster(2);
+        let mut buses = LocalBus::cluster(2, NO_HISTORY);
         buses[0].subscribe("c");
         settle(&mut buses);
         buses[0].publish("c", Bytes::from_static(b"1"), None, reply(1), 0);
@@ -528,7 +723,7 @@ mod tests {
 
     #[test]
     fn last_unsubscribe_retires_the_channel_with_a_new_epoch() {
-        let mut buses = LocalBus::cluster(1);
+        let mut buses = LocalBus::cluster(1, NO_HISTORY);
         buses[0].subscribe("c");
         let first = settle(&mut buses);
         buses[0].unsubscribe("c");

@@ -86,6 +86,27 @@ pub enum BusEvent {
         channel: Arc<str>,
         result: Result<Position, BusError>,
     },
+    /// The answer to [`Bus::history`].
+    History {
+        request: u64,
+        channel: Arc<str>,
+        result: History,
+    },
+}
+
+/// What a history read found.
+#[derive(Clone, Debug)]
+pub enum History {
+    /// Every publication after the requested position, in order, up to the
+    /// newest stored when the read ran (possibly none). Offsets are
+    /// consecutive and start right after the requested one.
+    Items { epoch: u64, items: Vec<Publication> },
+    /// The requested position cannot be continued: the epoch changed
+    /// (history lost) or the next publication was trimmed or expired.
+    /// `current` is the newest position, from which live delivery goes on.
+    Lost { current: Position },
+    /// The history store could not be reached.
+    Unavailable(String),
 }
 
 /// One shard's handle on the bus. Each shard owns its own handle; handles
@@ -105,6 +126,9 @@ pub trait Bus: Send {
     fn subscribe(&mut self, channel: &str);
     /// This shard has no subscriber for `channel` any more.
     fn unsubscribe(&mut self, channel: &str);
+    /// Reads what was published on `channel` after `after`. Answered by
+    /// [`BusEvent::History`] carrying `request`.
+    fn history(&mut self, channel: &str, after: Position, request: u64);
     /// Sends everything queued since the last flush, one batch per
     /// destination.
     fn flush(&mut self);

@@ -23,7 +23,7 @@ use super::rate::TokenBucket;
 use super::slab::{ConnId, Slab};
 use super::Settings;
 use crate::auth::Identity;
-use crate::bus::{unix_us, Bus, BusEvent, Position, Publication, ReplyTo};
+use crate::bus::{unix_us, Bus, BusEvent, History, Position, Publication, ReplyTo};
 use crate::metrics::{Counters, Latencies, Limit, Registry};
 use crate::protocol::channel;
 use crate::protocol::wire::{self, ClientRequest, Encoder, ErrorCode};
@@ -119,7 +119,32 @@ enum ChannelState {
 
 struct LocalChannel {
     state: ChannelState,
+    /// Connections receiving live publications.
     subscribers: Vec<ConnId>,
+    /// Connections catching up from history; they join `subscribers` once
+    /// they reach the live position.
+    recovering: Vec<ConnId>,
+}
+
+impl LocalChannel {
+    fn is_unused(&self) -> bool {
+        let waiting = match &self.state {
+            ChannelState::Pending { waiters } => !waiters.is_empty(),
+            ChannelState::Active { .. } => false,
+        };
+        self.subscribers.is_empty() && self.recovering.is_empty() && !waiting
+    }
+}
+
+/// A connection catching up on a channel from history.
+struct Recovery {
+    conn: ConnId,
+    request: u32,
+    channel: Arc<str>,
+    /// The newest position the client has (advances as history arrives).
+    at: Position,
+    /// `Subscribed { recovered: true }` was sent.
+    announced: bool,
 }
 
 pub struct State {
@@ -153,6 +178,8 @@ pub struct State {
     delivered: Vec<(u64, u64, u64)>,
     registry: Arc<Registry>,
     drain: Option<Drain>,
+    recoveries: HashMap<u64, Recovery>,
+    next_recovery: u64,
 }
 
 /// A graceful shutdown in progress: connections are closed a few at a
@@ -197,6 +224,8 @@ impl State {
             delivered: Vec::new(),
             registry,
             drain: None,
+            recoveries: HashMap::new(),
+            next_recovery: 0,
         }
     }
 
@@ -437,17 +466,18 @@ impl State {
     }
 
     fn leave_channel(&mut self, name: &Arc<str>, id: ConnId) {
+        self.counters.subscriptions -= 1;
         let Some(ch) = self.channels.get_mut(name) else {
             return;
         };
         if let Some(i) = ch.subscribers.iter().position(|&c| c == id) {
             ch.subscribers.swap_remove(i);
-            self.counters.subscriptions -= 1;
         }
+        ch.recovering.retain(|&c| c != id);
         if let ChannelState::Pending { waiters } = &mut ch.state {
             waiters.retain(|w| w.0 != id);
         }
-        if ch.subscribers.is_empty() {
+        if ch.is_unused() {
             self.channels.remove(name);
             self.bus.unsubscribe(name);
             self.bus_pending = true;
@@ -629,33 +659,73 @@ impl State {
                     waiters: Vec::new(),
                 },
                 subscribers: Vec::new(),
+                recovering: Vec::new(),
             });
-        ch.subscribers.push(id);
         match &mut ch.state {
             ChannelState::Pending { waiters } => {
                 waiters.push((id, request, recover));
-                if waiters.len() == 1 && ch.subscribers.len() == 1 {
+                if waiters.len() == 1 && ch.subscribers.is_empty() && ch.recovering.is_empty() {
                     self.bus.subscribe(&key);
                     self.bus_pending = true;
                 }
             }
             ChannelState::Active { last } => {
                 let last = *last;
-                self.confirm_subscription(id, request, &key, last, recover);
+                self.start_subscription(id, request, &key, last, recover);
             }
         }
     }
 
-    fn confirm_subscription(
+    /// The channel is live on this shard at `live`: the connection either
+    /// joins at once or first catches up from history.
+    fn start_subscription(
+        &mut self,
+        id: ConnId,
+        request: u32,
+        name: &Arc<str>,
+        live: Position,
+        recover: Option<Position>,
+    ) {
+        let Some(ch) = self.channels.get_mut(name) else {
+            return;
+        };
+        match recover {
+            Some(from) if from.epoch == live.epoch && from.offset < live.offset => {
+                ch.recovering.push(id);
+                self.next_recovery += 1;
+                let token = self.next_recovery;
+                self.recoveries.insert(
+                    token,
+                    Recovery {
+                        conn: id,
+                        request,
+                        channel: name.clone(),
+                        at: from,
+                        announced: false,
+                    },
+                );
+                self.bus.history(name, from, token);
+                self.bus_pending = true;
+            }
+            _ => {
+                ch.subscribers.push(id);
+                // Recovered only if the client already has everything; a
+                // different epoch or a position from the future cannot be
+                // continued.
+                let recovered = recover == Some(live);
+                self.reply_subscribed(id, request, name, live, recovered);
+            }
+        }
+    }
+
+    fn reply_subscribed(
         &mut self,
         id: ConnId,
         request: u32,
         name: &str,
         at: Position,
-        recover: Option<Position>,
+        recovered: bool,
     ) {
-        // Without history, recovery succeeds only when nothing was missed.
-        let recovered = recover == Some(at);
         let pos = wire::Position {
             epoch: at.epoch,
             offset: at.offset,
@@ -665,6 +735,100 @@ impl State {
             self.encoder.subscribed(request, name, pos, recovered),
         );
         self.enqueue(id, frame);
+    }
+
+    /// A history read for a recovering connection came back.
+    fn on_history(&mut self, token: u64, result: History) {
+        let Some(mut rec) = self.recoveries.remove(&token) else {
+            return;
+        };
+        let id = rec.conn;
+        let name = rec.channel.clone();
+        let Some(ch) = self.channels.get_mut(&name) else {
+            return;
+        };
+        if !ch.recovering.contains(&id) {
+            return; // unsubscribed or gone meanwhile
+        }
+        let ChannelState::Active { last: live } = ch.state else {
+            return;
+        };
+        let items = match result {
+            History::Items { epoch, items } if epoch == live.epoch => items,
+            History::Items { .. } | History::Lost { .. } if !rec.announced => {
+                // Cannot continue the client's position: say so, go live.
+                ch.recovering.retain(|&c| c != id);
+                ch.subscribers.push(id);
+                return self.reply_subscribed(id, rec.request, &name, live, false);
+            }
+            History::Unavailable(msg) if !rec.announced => {
+                self.reply_error(id, rec.request, ErrorCode::Unavailable, &msg);
+                return self.drop_subscription(id, &name);
+            }
+            History::Items { .. } | History::Lost { .. } | History::Unavailable(_) => {
+                // History vanished halfway through a recovery we already
+                // announced: never leave a silent gap — end the
+                // subscription and let the client resubscribe.
+                let frame = ws::frame(OpCode::Binary, self.encoder.unsubscribed(0, &name));
+                self.enqueue(id, frame);
+                self.reply_error(
+                    id,
+                    rec.request,
+                    ErrorCode::Unavailable,
+                    "history was lost during recovery; subscribe again",
+                );
+                return self.drop_subscription(id, &name);
+            }
+        };
+        if !rec.announced {
+            rec.announced = true;
+            self.reply_subscribed(id, rec.request, &name, rec.at, true);
+        }
+        // Send what the client lacks, up to what this shard delivers live;
+        // anything newer reaches it live once it joins.
+        let wanted: Vec<&Publication> = items
+            .iter()
+            .filter(|p| p.offset > rec.at.offset && p.offset <= live.offset)
+            .collect();
+        for chunk in wanted.chunks(self.settings.max_batch) {
+            let data = self.encoder.publications(
+                &name,
+                live.epoch,
+                chunk
+                    .iter()
+                    .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
+            );
+            let frame = ws::frame(OpCode::Binary, data);
+            self.enqueue(id, frame);
+            self.counters.messages_out += chunk.len() as u64;
+        }
+        if let Some(p) = wanted.last() {
+            rec.at.offset = p.offset;
+        }
+        let Some(ch) = self.channels.get_mut(&name) else {
+            return;
+        };
+        if rec.at.offset >= live.offset {
+            ch.recovering.retain(|&c| c != id);
+            ch.subscribers.push(id);
+        } else {
+            // Live moved on while history was read: read the rest.
+            self.next_recovery += 1;
+            let token = self.next_recovery;
+            self.bus.history(&name, rec.at, token);
+            self.bus_pending = true;
+            self.recoveries.insert(token, rec);
+        }
+    }
+
+    /// Ends one subscription of a connection (server side).
+    fn drop_subscription(&mut self, id: ConnId, name: &Arc<str>) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            if let Some(i) = conn.subs.iter().position(|s| s == name) {
+                conn.subs.swap_remove(i);
+                self.leave_channel(name, id);
+            }
+        }
     }
 
     fn unsubscribe(&mut self, id: ConnId, request: u32, name: &str) {
@@ -795,9 +959,12 @@ impl State {
                 let waiters = std::mem::take(waiters);
                 ch.state = ChannelState::Active { last: position };
                 for (id, request, recover) in waiters {
-                    self.confirm_subscription(id, request, &channel, position, recover);
+                    self.start_subscription(id, request, &channel, position, recover);
                 }
             }
+            BusEvent::History {
+                request, result, ..
+            } => self.on_history(request, result),
             BusEvent::Published {
                 reply_to,
                 channel,
