@@ -56,6 +56,7 @@ pub struct Config {
     pub fanout: FanoutConfig,
     pub limits: LimitsConfig,
     pub history: HistoryConfig,
+    pub compression: CompressionConfig,
     pub auth: AuthConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
@@ -161,6 +162,34 @@ impl Default for HistoryConfig {
         HistoryConfig {
             size: 1000,
             ttl_secs: 3600,
+        }
+    }
+}
+
+/// zstd for connections that negotiate `shardcast.v1+zstd`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    /// zstd level for broadcasts (1 is fast and already gives most of the
+    /// gain on batches).
+    pub level: u32,
+    /// Frames at least this long are compressed; shorter ones only with a
+    /// dictionary.
+    pub min_bytes: u32,
+    /// Path of a trained dictionary (`shardcast zstd-train`); empty = none.
+    pub dictionary: String,
+    /// The id clients use to fetch it (`/dictionaries/<id>` on the admin
+    /// port) and that compressed frames carry.
+    pub dictionary_id: u32,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            level: 1,
+            min_bytes: 512,
+            dictionary: String::new(),
+            dictionary_id: 1,
         }
     }
 }
@@ -460,6 +489,17 @@ impl Config {
             l.ping_interval_ms.saturating_add(1)..=7_200_000,
         )?;
         check("history.size", self.history.size, 0..=1_000_000)?;
+        check("compression.level", self.compression.level, 1..=19)?;
+        check(
+            "compression.min_bytes",
+            self.compression.min_bytes,
+            16..=(64 << 20),
+        )?;
+        check(
+            "compression.dictionary_id",
+            self.compression.dictionary_id,
+            1..=u32::MAX,
+        )?;
         check("history.ttl_secs", self.history.ttl_secs, 1..=30 * 86_400)?;
         check("auth.leeway_secs", self.auth.leeway_secs, 0..=300)?;
         check("auth.deadline_ms", self.auth.deadline_ms, 100..=600_000)?;

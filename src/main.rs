@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use shardcast::bus::local::Retention;
 use shardcast::bus::{Bus, LocalBus};
 use shardcast::config::{Config, Origin, Override};
+use shardcast::protocol::compression::{self, Dictionary};
 
 // mimalloc keeps per-thread heaps, so shards allocating and freeing frames
 // on their own threads never contend on a global allocator lock, and its
@@ -22,6 +23,8 @@ USAGE:
     shardcast serve [--config FILE] [--SECTION-KEY VALUE]...
     shardcast check-config [--config FILE] [--SECTION-KEY VALUE]...
     shardcast keys        list every config key with its flag and environment variable
+    shardcast zstd-train --out FILE [--max-bytes N] [--lines] SAMPLE...
+                          train a zstd dictionary for small messages
     shardcast --version
 
 Every config key `section.key` can be set in the TOML file, by the
@@ -122,6 +125,74 @@ fn signal_channel(set: libc::sigset_t) -> mpsc::Receiver<i32> {
     rx
 }
 
+fn load_dictionary(config: &Config) -> Result<Option<Dictionary>, String> {
+    let path = &config.compression.dictionary;
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("config key `compression.dictionary`: cannot read {path}: {e}"))?;
+    Ok(Some(Dictionary {
+        id: config.compression.dictionary_id,
+        bytes,
+    }))
+}
+
+/// `shardcast zstd-train --out FILE [--max-bytes N] [--lines] SAMPLE...`:
+/// each sample file is one message, or with `--lines` each line of each
+/// file is one.
+fn zstd_train(args: &[String]) -> Result<(), String> {
+    let mut out = None;
+    let mut max_bytes = 16 * 1024;
+    let mut lines = false;
+    let mut files = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--out" => out = it.next().cloned(),
+            "--max-bytes" => {
+                max_bytes = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--max-bytes needs a number of bytes")?
+            }
+            "--lines" => lines = true,
+            f if !f.starts_with("--") => files.push(f.to_string()),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    let out = out.ok_or("--out FILE is required")?;
+    let mut samples: Vec<Vec<u8>> = Vec::new();
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(|e| format!("cannot read {f}: {e}"))?;
+        if lines {
+            samples.extend(
+                bytes
+                    .split(|&b| b == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .map(<[u8]>::to_vec),
+            );
+        } else {
+            samples.push(bytes);
+        }
+    }
+    if samples.len() < 8 {
+        return Err(format!(
+            "{} samples given; train on hundreds of representative messages",
+            samples.len()
+        ));
+    }
+    let dict = compression::train(&samples, max_bytes)
+        .map_err(|e| format!("training failed: {e} (more or more varied samples help)"))?;
+    std::fs::write(&out, &dict).map_err(|e| format!("cannot write {out}: {e}"))?;
+    println!(
+        "wrote a {}-byte dictionary trained on {} samples to {out}",
+        dict.len(),
+        samples.len()
+    );
+    Ok(())
+}
+
 fn serve(config: Config) -> Result<(), String> {
     let signals = signal_channel(block_shutdown_signals());
     init_logging(&config.log.level);
@@ -134,10 +205,12 @@ fn serve(config: Config) -> Result<(), String> {
         .into_iter()
         .map(|b| Box::new(b) as Box<dyn Bus>)
         .collect();
-    let server = shardcast::shard::start(&config, buses).map_err(|e| e.to_string())?;
+    let dictionary = load_dictionary(&config)?;
+    let server =
+        shardcast::shard::start(&config, buses, dictionary.clone()).map_err(|e| e.to_string())?;
     let admin = match config.admin_addr().map_err(|e| e.to_string())? {
         Some(addr) => Some(
-            shardcast::api::admin::spawn(addr, server.registry.clone())
+            shardcast::api::admin::spawn(addr, server.registry.clone(), dictionary)
                 .map_err(|e| format!("cannot listen on admin.listen {addr}: {e}"))?,
         ),
         None => None,
@@ -203,6 +276,7 @@ fn main() -> ExitCode {
                 c.shard_count()
             );
         }),
+        Some("zstd-train") => zstd_train(&args[1..]),
         Some("keys") => {
             for key in Config::keys() {
                 println!(

@@ -11,12 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::metrics::{self, Registry};
+use crate::protocol::compression::Dictionary;
 
 /// Largest request head read from a scraper.
 const MAX_HEAD: usize = 8192;
 
 /// Binds the endpoint and serves it on a background thread.
-pub fn spawn(addr: SocketAddr, registry: Arc<Registry>) -> io::Result<SocketAddr> {
+pub fn spawn(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    dictionary: Option<Dictionary>,
+) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     std::thread::Builder::new()
@@ -25,7 +30,7 @@ pub fn spawn(addr: SocketAddr, registry: Arc<Registry>) -> io::Result<SocketAddr
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => {
-                        if let Err(e) = serve(s, &registry) {
+                        if let Err(e) = serve(s, &registry, dictionary.as_ref()) {
                             tracing::debug!(error = %e, "admin request failed");
                         }
                     }
@@ -39,7 +44,7 @@ pub fn spawn(addr: SocketAddr, registry: Arc<Registry>) -> io::Result<SocketAddr
     Ok(local)
 }
 
-fn serve(mut s: TcpStream, registry: &Registry) -> io::Result<()> {
+fn serve(mut s: TcpStream, registry: &Registry, dictionary: Option<&Dictionary>) -> io::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut head = Vec::with_capacity(512);
@@ -76,13 +81,32 @@ fn serve(mut s: TcpStream, registry: &Registry) -> io::Result<()> {
             );
             respond(&mut s, 200, "text/plain; version=0.0.4", &body)
         }
+        p if p.starts_with("/dictionaries/") => {
+            let id = p["/dictionaries/".len()..].parse::<u32>().ok();
+            match dictionary {
+                Some(d) if Some(d.id) == id => {
+                    respond_bytes(&mut s, "application/octet-stream", &d.bytes)
+                }
+                _ => respond(&mut s, 404, "text/plain", "no such dictionary\n"),
+            }
+        }
         _ => respond(
             &mut s,
             404,
             "text/plain",
-            "not found: try /healthz, /readyz or /metrics\n",
+            "not found: try /healthz, /readyz, /metrics or /dictionaries/<id>\n",
         ),
     }
+}
+
+fn respond_bytes(s: &mut TcpStream, content_type: &str, body: &[u8]) -> io::Result<()> {
+    write!(
+        s,
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    s.flush()
 }
 
 fn respond(s: &mut TcpStream, status: u16, content_type: &str, body: &str) -> io::Result<()> {

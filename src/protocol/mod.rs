@@ -2,5 +2,6 @@
 //! a socket, a clock or a thread; time arrives as an argument.
 
 pub mod channel;
+pub mod compression;
 pub mod wire;
 pub mod ws;

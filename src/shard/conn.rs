@@ -17,12 +17,15 @@ use super::slab::ConnId;
 use super::state::{CloseReason, State};
 use super::Shard;
 use crate::metrics::Limit;
+use crate::protocol::compression;
 use crate::protocol::ws::{self, Event, HandshakeParser, Session};
 
 /// The WebSocket subprotocol of the native FlatBuffers protocol.
 pub const NATIVE_SUBPROTOCOL: &str = "shardcast.v1";
 /// The path of the native endpoint.
 pub const NATIVE_PATH: &str = "/ws";
+/// Subprotocols the native endpoint speaks.
+const SUBPROTOCOLS: [&str; 2] = [NATIVE_SUBPROTOCOL, compression::SUBPROTOCOL];
 
 // The session lives inline: it is the state of every open connection, so
 // boxing it would only add an allocation and a pointer to each of them.
@@ -123,12 +126,14 @@ fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, byt
                     *input = Input::Draining;
                     return;
                 }
+                // The client lists subprotocols in order of preference.
                 let protocol = request
                     .subprotocols
                     .iter()
-                    .any(|p| p == NATIVE_SUBPROTOCOL)
-                    .then_some(NATIVE_SUBPROTOCOL);
-                state.accept_upgrade(id, ws::accept_response(&request.key, protocol));
+                    .find_map(|p| SUBPROTOCOLS.iter().find(|s| *s == p))
+                    .copied();
+                let zstd = protocol == Some(compression::SUBPROTOCOL);
+                state.accept_upgrade(id, ws::accept_response(&request.key, protocol), zstd);
                 *input = Input::Open(Session::new(shard.settings.frame_limits));
                 if !request.leftover.is_empty() {
                     on_bytes(shard, state, id, input, &request.leftover);
@@ -160,11 +165,17 @@ fn check_route(request: &ws::Request) -> Result<(), (u16, String)> {
         ));
     }
     if !request.subprotocols.is_empty()
-        && !request.subprotocols.iter().any(|p| p == NATIVE_SUBPROTOCOL)
+        && !request
+            .subprotocols
+            .iter()
+            .any(|p| SUBPROTOCOLS.contains(&p.as_str()))
     {
         return Err((
             400,
-            format!("unsupported subprotocol; this endpoint speaks {NATIVE_SUBPROTOCOL}"),
+            format!(
+                "unsupported subprotocol; this endpoint speaks {}",
+                SUBPROTOCOLS.join(" or ")
+            ),
         ));
     }
     Ok(())

@@ -33,6 +33,7 @@ use crate::auth::Auth;
 use crate::bus::Bus;
 use crate::config::{Config, LimitsConfig};
 use crate::metrics::Registry;
+use crate::protocol::compression::Dictionary;
 use crate::protocol::wire::DecodeLimits;
 use crate::protocol::ws::{FrameLimits, HandshakeLimits};
 use state::State;
@@ -79,12 +80,16 @@ pub struct Settings {
     pub leeway_secs: u32,
     /// Shared by all shards: one address's connections land on any shard.
     pub admission: Arc<admission::Admission>,
+    pub compression_level: i32,
+    pub compression_min_bytes: usize,
+    pub dictionary: Option<Dictionary>,
 }
 
 impl Settings {
     pub fn from_config(
         c: &Config,
         admission: Arc<admission::Admission>,
+        dictionary: Option<Dictionary>,
     ) -> Result<Self, crate::auth::KeyError> {
         Ok(Settings {
             frame_limits: FrameLimits {
@@ -116,6 +121,9 @@ impl Settings {
             auth_deadline_ms: c.auth.deadline_ms,
             leeway_secs: c.auth.leeway_secs,
             admission,
+            compression_level: c.compression.level as i32,
+            compression_min_bytes: c.compression.min_bytes as usize,
+            dictionary,
         })
     }
 
@@ -168,7 +176,11 @@ impl Server {
 
 /// Binds every shard's listener and starts the shard threads. Returns once
 /// every shard is accepting, so the caller can announce readiness.
-pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartError> {
+pub fn start(
+    config: &Config,
+    buses: Vec<Box<dyn Bus>>,
+    dictionary: Option<Dictionary>,
+) -> Result<Server, StartError> {
     let shards = buses.len();
     let addr = config.listen_addr().map_err(|e| StartError::Shard {
         shard: 0,
@@ -191,7 +203,7 @@ pub fn start(config: &Config, buses: Vec<Box<dyn Bus>>) -> Result<Server, StartE
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
     for (i, (std_listener, bus)) in listeners.into_iter().zip(buses).enumerate() {
-        let settings = Settings::from_config(config, admission.clone())?;
+        let settings = Settings::from_config(config, admission.clone(), dictionary.clone())?;
         let ready = ready_tx.clone();
         let registry = registry.clone();
         let drain = drain_rx.clone();
@@ -285,8 +297,15 @@ async fn run_shard(
         }
     };
     let settings = Rc::new(settings);
+    let state = match State::new(id, settings.clone(), bus, registry) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err((id as usize, format!("cannot set up zstd: {e}"))));
+            return;
+        }
+    };
     let shard = Rc::new(Shard {
-        state: RefCell::new(State::new(id, settings.clone(), bus, registry)),
+        state: RefCell::new(state),
         settings,
         scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
     });

@@ -26,6 +26,7 @@ use crate::auth::Identity;
 use crate::bus::{unix_us, Bus, BusEvent, History, Position, Publication, ReplyTo};
 use crate::metrics::{Counters, Latencies, Limit, Registry};
 use crate::protocol::channel;
+use crate::protocol::compression::{self, Compressor, Decompressor};
 use crate::protocol::wire::{self, ClientRequest, Encoder, ErrorCode};
 use crate::protocol::ws::{self, OpCode};
 
@@ -91,6 +92,9 @@ pub struct Conn {
     strikes: u32,
     /// Set by a Connect with a token; `None` for anonymous clients.
     identity: Option<Box<Identity>>,
+    /// Negotiated `shardcast.v1+zstd`: every binary message carries a
+    /// compression flag byte.
+    zstd: bool,
 }
 
 /// An HTTP refusal of the upgrade (limits hit at accept).
@@ -180,6 +184,8 @@ pub struct State {
     drain: Option<Drain>,
     recoveries: HashMap<u64, Recovery>,
     next_recovery: u64,
+    compressor: Compressor,
+    decompressor: Decompressor,
 }
 
 /// A graceful shutdown in progress: connections are closed a few at a
@@ -200,8 +206,17 @@ impl State {
         settings: Rc<Settings>,
         bus: Box<dyn Bus>,
         registry: Arc<Registry>,
-    ) -> Self {
-        State {
+    ) -> std::io::Result<Self> {
+        let compressor = Compressor::new(
+            settings.compression_level,
+            settings.compression_min_bytes,
+            settings.dictionary.as_ref(),
+        )?;
+        let decompressor = Decompressor::new(
+            settings.frame_limits.max_message_bytes,
+            settings.dictionary.as_ref(),
+        )?;
+        Ok(State {
             shard,
             settings,
             conns: Slab::default(),
@@ -226,7 +241,9 @@ impl State {
             drain: None,
             recoveries: HashMap::new(),
             next_recovery: 0,
-        }
+            compressor,
+            decompressor,
+        })
     }
 
     /// Starts draining: every connection gets 1012 within `window`.
@@ -366,6 +383,7 @@ impl State {
             bucket: TokenBucket::new(limits.message_burst, now),
             strikes: 0,
             identity: None,
+            zstd: false,
         });
         let deadline = now + Duration::from_millis(u64::from(limits.handshake_timeout_ms));
         self.deadlines
@@ -407,9 +425,10 @@ impl State {
     }
 
     /// The handshake succeeded: queue the 101 response.
-    pub fn accept_upgrade(&mut self, id: ConnId, response: Vec<u8>) {
+    pub fn accept_upgrade(&mut self, id: ConnId, response: Vec<u8>, zstd: bool) {
         if let Some(conn) = self.conns.get_mut(id) {
             conn.phase = Phase::Open { connected: false };
+            conn.zstd = zstd;
         }
         let deadline = self.now + Duration::from_millis(u64::from(self.settings.auth_deadline_ms));
         self.deadlines.push_back((deadline, id, Deadline::Connect));
@@ -500,14 +519,36 @@ impl State {
         }
     }
 
+    fn is_zstd(&self, id: ConnId) -> bool {
+        self.conns.get(id).is_some_and(|c| c.zstd)
+    }
+
     fn reply_error(&mut self, id: ConnId, request: u32, code: ErrorCode, message: &str) {
-        let frame = ws::frame(OpCode::Binary, self.encoder.error(request, code, message));
+        let frame = binary_frame(self.is_zstd(id), self.encoder.error(request, code, message));
         self.enqueue(id, frame);
     }
 
     /// Handles one binary message from a client. An `Err` means the
     /// connection must be closed with that reason.
     pub fn on_client_message(&mut self, id: ConnId, data: &[u8]) -> Result<(), CloseReason> {
+        let inflated;
+        let data = if self.is_zstd(id) {
+            match data.first() {
+                Some(&compression::FLAG_PLAIN) => &data[1..],
+                _ => {
+                    let open = self
+                        .decompressor
+                        .open(data)
+                        .map_err(|e| CloseReason::new(e.close_code(), e.to_string()))?;
+                    // Copied out so the requests below do not borrow the
+                    // shard's decompressor (compressed input is rare).
+                    inflated = open.to_vec();
+                    &inflated[..]
+                }
+            }
+        } else {
+            data
+        };
         let requests = wire::decode_client_frame(data, &self.settings.decode_limits)
             .map_err(|e| CloseReason::new(wire::close::INVALID_ENVELOPE, e.reason()))?;
         let limits = &self.settings.limits;
@@ -586,8 +627,8 @@ impl State {
                 conn.phase = Phase::Open { connected: true };
                 self.next_client += 1;
                 let client_id = (u64::from(self.shard) << 48) | self.next_client;
-                let frame = ws::frame(
-                    OpCode::Binary,
+                let frame = binary_frame(
+                    self.is_zstd(id),
                     self.encoder
                         .connected(request, client_id, u32::from(self.shard), unix_ms()),
                 );
@@ -602,7 +643,7 @@ impl State {
                 );
             }
             ClientRequest::Ping => {
-                let frame = ws::frame(OpCode::Binary, self.encoder.pong(request));
+                let frame = binary_frame(self.is_zstd(id), self.encoder.pong(request));
                 self.enqueue(id, frame);
             }
             ClientRequest::Subscribe { channel, recover } => {
@@ -730,8 +771,8 @@ impl State {
             epoch: at.epoch,
             offset: at.offset,
         };
-        let frame = ws::frame(
-            OpCode::Binary,
+        let frame = binary_frame(
+            self.is_zstd(id),
             self.encoder.subscribed(request, name, pos, recovered),
         );
         self.enqueue(id, frame);
@@ -769,7 +810,7 @@ impl State {
                 // History vanished halfway through a recovery we already
                 // announced: never leave a silent gap — end the
                 // subscription and let the client resubscribe.
-                let frame = ws::frame(OpCode::Binary, self.encoder.unsubscribed(0, &name));
+                let frame = binary_frame(self.is_zstd(id), self.encoder.unsubscribed(0, &name));
                 self.enqueue(id, frame);
                 self.reply_error(
                     id,
@@ -786,6 +827,7 @@ impl State {
         }
         // Send what the client lacks, up to what this shard delivers live;
         // anything newer reaches it live once it joins.
+        let zstd = self.is_zstd(id);
         let wanted: Vec<&Publication> = items
             .iter()
             .filter(|p| p.offset > rec.at.offset && p.offset <= live.offset)
@@ -798,7 +840,7 @@ impl State {
                     .iter()
                     .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
             );
-            let frame = ws::frame(OpCode::Binary, data);
+            let frame = binary_frame(zstd, data);
             self.enqueue(id, frame);
             self.counters.messages_out += chunk.len() as u64;
         }
@@ -840,7 +882,7 @@ impl State {
         };
         let key = conn.subs.swap_remove(i);
         self.leave_channel(&key, id);
-        let frame = ws::frame(OpCode::Binary, self.encoder.unsubscribed(request, name));
+        let frame = binary_frame(self.is_zstd(id), self.encoder.unsubscribed(request, name));
         self.enqueue(id, frame);
     }
 
@@ -977,8 +1019,9 @@ impl State {
                             epoch: p.epoch,
                             offset: p.offset,
                         };
+                        let zstd = self.is_zstd(id);
                         let data = self.encoder.publish_ack(reply_to.request, &channel, pos);
-                        let frame = ws::frame(OpCode::Binary, data);
+                        let frame = binary_frame(zstd, data);
                         self.enqueue(id, frame);
                     }
                     Err(e) => self.reply_error(
@@ -1025,10 +1068,22 @@ impl State {
                     .iter()
                     .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
             );
-            let frame = ws::frame(OpCode::Binary, data);
+            // One frame per form, each built at most once per shard and
+            // shared by refcount: plain (shardcast.v1), and for zstd
+            // connections either compressed or flagged-uncompressed.
+            let mut plain: Option<Bytes> = None;
+            let mut zstd: Option<Bytes> = None;
             for &id in &ch.subscribers {
                 let Some(conn) = self.conns.get_mut(id) else {
                     continue;
+                };
+                let frame = if conn.zstd {
+                    zstd.get_or_insert_with(|| match self.compressor.compress(data) {
+                        Some(z) => ws::frame(OpCode::Binary, &z),
+                        None => binary_frame(true, data),
+                    })
+                } else {
+                    plain.get_or_insert_with(|| ws::frame(OpCode::Binary, data))
                 };
                 // The budget bounds the backlog: a single frame larger than
                 // the budget still goes to a connection that keeps up.
@@ -1260,6 +1315,20 @@ impl State {
 
 /// How often the keepalive / idle / expiry scan runs.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A binary frame carrying `data`; on zstd connections with the "plain"
+/// flag byte in front. One allocation either way.
+fn binary_frame(zstd: bool, data: &[u8]) -> Bytes {
+    if !zstd {
+        return ws::frame(OpCode::Binary, data);
+    }
+    let len = data.len() + 1;
+    let mut out = Vec::with_capacity(ws::header_len(len) + len);
+    ws::write_header(&mut out, OpCode::Binary, true, len);
+    out.push(compression::FLAG_PLAIN);
+    out.extend_from_slice(data);
+    Bytes::from(out)
+}
 
 fn slow_consumer(why: &str) -> CloseReason {
     CloseReason::new(

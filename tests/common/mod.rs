@@ -128,13 +128,58 @@ pub struct Client {
     inbox: VecDeque<(u32, ServerMessage)>,
     pub client_id: u64,
     pub shard: u32,
+    /// Negotiated `shardcast.v1+zstd`.
+    pub zstd: Option<Zstd>,
+}
+
+/// Client side of the zstd framing, with counters for assertions.
+#[derive(Default)]
+pub struct Zstd {
+    pub dictionary: Option<(u32, Vec<u8>)>,
+    /// Messages received per flag byte (plain, zstd, zstd+dictionary).
+    pub received: [usize; 3],
+    /// Bytes on the wire and after decompression, for ratios.
+    pub wire_bytes: usize,
+    pub plain_bytes: usize,
+}
+
+impl Zstd {
+    fn open(&mut self, message: &[u8]) -> Vec<u8> {
+        self.wire_bytes += message.len();
+        let (flag, rest) = message.split_first().expect("flag byte");
+        let out = match flag {
+            0 => rest.to_vec(),
+            1 => zstd::bulk::Decompressor::new()
+                .unwrap()
+                .decompress(rest, 16 << 20)
+                .expect("valid zstd"),
+            2 => {
+                let id = u32::from_le_bytes(rest[..4].try_into().unwrap());
+                let (have, dict) = self.dictionary.as_ref().expect("a dictionary");
+                assert_eq!(*have, id, "dictionary id");
+                zstd::bulk::Decompressor::with_dictionary(dict)
+                    .unwrap()
+                    .decompress(&rest[4..], 16 << 20)
+                    .expect("valid zstd with dictionary")
+            }
+            other => panic!("unknown flag {other}"),
+        };
+        self.received[*flag as usize] += 1;
+        self.plain_bytes += out.len();
+        out
+    }
 }
 
 /// Opens the WebSocket (offering `shardcast.v1`) without sending Connect.
 pub async fn open_ws(addr: SocketAddr) -> Ws {
+    open_ws_with(addr, "shardcast.v1").await
+}
+
+/// Opens the WebSocket offering `protocol`.
+pub async fn open_ws_with(addr: SocketAddr, protocol: &str) -> Ws {
     let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
     req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "shardcast.v1".parse().unwrap());
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
     let (ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
         .await
         .expect("handshake timed out")
@@ -143,7 +188,7 @@ pub async fn open_ws(addr: SocketAddr) -> Ws {
         resp.headers()
             .get("Sec-WebSocket-Protocol")
             .map(|v| v.to_str().unwrap()),
-        Some("shardcast.v1")
+        Some(protocol)
     );
     ws
 }
@@ -151,7 +196,17 @@ pub async fn open_ws(addr: SocketAddr) -> Ws {
 impl Client {
     /// Opens a connection and completes Connect/Connected.
     pub async fn connect(addr: SocketAddr) -> Client {
-        let ws = open_ws(addr).await;
+        Client::connect_with(addr, None).await
+    }
+
+    /// Like `connect`; with `Some` it negotiates zstd framing.
+    pub async fn connect_with(addr: SocketAddr, zstd: Option<Zstd>) -> Client {
+        let protocol = if zstd.is_some() {
+            "shardcast.v1+zstd"
+        } else {
+            "shardcast.v1"
+        };
+        let ws = open_ws_with(addr, protocol).await;
         let mut c = Client {
             ws,
             enc: ClientEncoder::new(),
@@ -159,6 +214,7 @@ impl Client {
             inbox: VecDeque::new(),
             client_id: 0,
             shard: 0,
+            zstd,
         };
         let id = c.next_id();
         let frame = c.enc.connect(id, None);
@@ -182,10 +238,26 @@ impl Client {
     }
 
     pub async fn send_raw(&mut self, frame: Vec<u8>) {
+        let frame = match self.zstd {
+            Some(_) => [&[0u8][..], &frame].concat(),
+            None => frame,
+        };
+        self.send_wire(frame).await;
+    }
+
+    /// Sends bytes exactly as given (no zstd flag added).
+    pub async fn send_wire(&mut self, bytes: Vec<u8>) {
         self.ws
-            .send(Message::Binary(frame.into()))
+            .send(Message::Binary(bytes.into()))
             .await
             .expect("send");
+    }
+
+    fn unwrap_frame(&mut self, b: &[u8]) -> Vec<u8> {
+        match &mut self.zstd {
+            Some(z) => z.open(b),
+            None => b.to_vec(),
+        }
     }
 
     /// The next server message, in order.
@@ -201,6 +273,7 @@ impl Client {
                 .expect("websocket error");
             match msg {
                 Message::Binary(b) => {
+                    let b = self.unwrap_frame(&b);
                     let msgs = wire::decode_server_frame(&b, &DecodeLimits::default())
                         .expect("server sent an invalid frame");
                     assert!(!msgs.is_empty(), "empty frame from server");
@@ -432,6 +505,7 @@ pub async fn try_connect(addr: SocketAddr, token: Option<&str>) -> Result<Client
         inbox: VecDeque::new(),
         client_id: 0,
         shard: 0,
+        zstd: None,
     };
     let frame = c.enc.connect(1, token);
     c.send_raw(frame).await;
@@ -465,9 +539,13 @@ impl Client {
                 .expect("connection ended without a close frame")
                 .expect("websocket error");
             match msg {
-                Message::Binary(b) => self.inbox.extend(
-                    wire::decode_server_frame(&b, &DecodeLimits::default()).expect("valid frame"),
-                ),
+                Message::Binary(b) => {
+                    let b = self.unwrap_frame(&b);
+                    self.inbox.extend(
+                        wire::decode_server_frame(&b, &DecodeLimits::default())
+                            .expect("valid frame"),
+                    )
+                }
                 Message::Close(Some(f)) => return Err((f.code.into(), f.reason.to_string())),
                 Message::Close(None) => return Err((1005, String::new())),
                 _ => {}
@@ -532,4 +610,17 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or("")
         .to_string();
     (status, body)
+}
+
+/// A plain HTTP GET returning (status, body bytes).
+pub fn http_get_bytes(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let status = std::str::from_utf8(&raw[9..12]).unwrap().parse().unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    (status, raw[split..].to_vec())
 }

@@ -1,0 +1,134 @@
+//! The Lua scripts that make each channel operation atomic in Redis.
+//!
+//! Numbers in Redis Lua are doubles: offsets and microsecond timestamps
+//! stay below 2^53 and are exact; epochs (up to 63 bits) are only ever
+//! handled as 16-digit hex strings, and every number handed back to Redis
+//! goes through `string.format('%d')` (plain `..` would print `1e+15`).
+
+use std::sync::OnceLock;
+
+use fred::prelude::*;
+use fred::types::Value;
+
+/// Shared prelude: the channel's epoch, creating a new one (and dropping
+/// any stream left from an older life) when the meta hash is gone.
+/// KEYS[1] = meta, KEYS[2] = stream; `fresh` = a new epoch to use.
+const ENSURE_EPOCH: &str = r#"
+local function ensure_epoch(fresh, ttl_ms)
+  local epoch = redis.call('HGET', KEYS[1], 'epoch')
+  if not epoch then
+    epoch = fresh
+    redis.call('DEL', KEYS[2])
+    redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', '0')
+    redis.call('PEXPIRE', KEYS[1], ttl_ms)
+  end
+  return epoch
+end
+"#;
+
+/// Publish. KEYS: meta, stream, idempotency key. ARGV: payload, fresh
+/// epoch, history size, history ttl ms, idempotency ttl ms, ingress_us,
+/// Pub/Sub channel, deadline_us (0 = none).
+/// Returns `{epoch_hex, offset, published_us, duplicate(0|1)}`.
+const PUBLISH_BODY: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local deadline = tonumber(ARGV[8])
+if deadline > 0 and now > deadline then
+  return redis.error_reply('SCDEADLINE publish reached Redis after its deadline')
+end
+local prev = redis.call('GET', KEYS[3])
+if prev then
+  local sep = string.find(prev, ':', 1, true)
+  if sep then
+    return {string.sub(prev, 1, sep - 1), tonumber(string.sub(prev, sep + 1)), 0, 1}
+  end
+end
+local epoch = ensure_epoch(ARGV[2], ARGV[4])
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local id = string.format('%d-1', seq)
+local now_s = string.format('%d', now)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], id, 'p', ARGV[1], 't', now_s, 'i', ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('SET', KEYS[3], epoch .. ':' .. string.format('%d', seq), 'PX', ARGV[5])
+local bin = string.gsub(epoch, '..', function(h) return string.char(tonumber(h, 16)) end)
+redis.call('PUBLISH', ARGV[7], '\1' .. bin .. struct.pack('>I8>I8>I8', seq, now, tonumber(ARGV[6])) .. ARGV[1])
+return {epoch, seq, now, 0}
+"#;
+
+/// Open (and read position). KEYS: meta, stream. ARGV: fresh epoch,
+/// history ttl ms. Returns `{epoch_hex, seq}`.
+const OPEN_BODY: &str = r#"
+local epoch = ensure_epoch(ARGV[1], ARGV[2])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+return {epoch, seq}
+"#;
+
+/// Read history. KEYS: meta, stream. ARGV: fresh epoch, history ttl ms,
+/// the reader's epoch hex, the reader's offset, page size, and `restart`
+/// ('1': if the epoch differs, read the current epoch from offset 1;
+/// '0': return no entries). Returns `{epoch_hex, seq, entries}`, where
+/// entries start at the first ID at or after the requested offset + 1.
+const READ_BODY: &str = r#"
+local epoch = ensure_epoch(ARGV[1], ARGV[2])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local from = tonumber(ARGV[4]) + 1
+if epoch ~= ARGV[3] then
+  if ARGV[6] ~= '1' then
+    return {epoch, seq, {}}
+  end
+  from = 1
+end
+if from > seq then
+  return {epoch, seq, {}}
+end
+local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', from), '+', 'COUNT', ARGV[5])
+return {epoch, seq, entries}
+"#;
+
+/// A script with its SHA-1, run by `EVALSHA` with a fallback to `EVAL`
+/// (which also caches it) when Redis answers `NOSCRIPT` (first use, or
+/// after a restart).
+pub struct Script {
+    pub source: String,
+    pub sha: String,
+}
+
+impl Script {
+    fn new(body: &str) -> Script {
+        let source = format!("{ENSURE_EPOCH}{body}");
+        let sha = sha1_smol::Sha1::from(source.as_bytes()).digest().to_string();
+        Script { source, sha }
+    }
+
+    /// Runs the script, loading it on `NOSCRIPT`.
+    pub async fn run(&self, client: &Client, keys: Vec<String>, args: Vec<Value>) -> Result<Value, Error> {
+        match client
+            .evalsha::<Value, _, _, _>(self.sha.as_str(), keys.clone(), args.clone())
+            .await
+        {
+            Err(e) if is_noscript(&e) => client.eval(self.source.as_str(), keys, args).await,
+            other => other,
+        }
+    }
+}
+
+pub fn is_noscript(e: &Error) -> bool {
+    e.details().starts_with("NOSCRIPT")
+}
+
+pub struct Scripts {
+    pub publish: Script,
+    pub open: Script,
+    pub read: Script,
+}
+
+pub fn scripts() -> &'static Scripts {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    SCRIPTS.get_or_init(|| Scripts {
+        publish: Script::new(PUBLISH_BODY),
+        open: Script::new(OPEN_BODY),
+        read: Script::new(READ_BODY),
+    })
+}
