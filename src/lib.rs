@@ -12,3 +12,4 @@ pub mod config;
 pub mod metrics;
 pub mod protocol;
 pub mod shard;
+pub mod systemd;

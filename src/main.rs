@@ -2,13 +2,15 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use shardcast::bus::local::Retention;
 use shardcast::bus::{Bus, LocalBus};
 use shardcast::config::{Config, Origin, Override};
+use shardcast::metrics::Registry;
 use shardcast::protocol::compression::{self, Dictionary};
+use shardcast::systemd;
 
 // mimalloc keeps per-thread heaps, so shards allocating and freeing frames
 // on their own threads never contend on a global allocator lock, and its
@@ -193,9 +195,53 @@ fn zstd_train(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Pings the service manager's watchdog while every shard is alive: a
+/// wedged shard stops its heartbeat, the pings stop, and systemd restarts
+/// the service.
+fn spawn_watchdog(registry: Arc<Registry>, every: Duration) {
+    let _ = std::thread::Builder::new()
+        .name("watchdog".into())
+        .spawn(move || {
+            let mut last = registry.heartbeats();
+            loop {
+                std::thread::sleep(every);
+                let now = registry.heartbeats();
+                if now.iter().zip(&last).all(|(n, l)| n > l) {
+                    if let Err(e) = systemd::notify(systemd::WATCHDOG) {
+                        tracing::warn!(error = %e, "watchdog notification failed");
+                    }
+                } else {
+                    tracing::error!("a shard missed its heartbeat; withholding the watchdog ping");
+                }
+                last = now;
+            }
+        });
+}
+
+fn notify(state: &str) {
+    if let Err(e) = systemd::notify(state) {
+        tracing::warn!(error = %e, "cannot notify the service manager");
+    }
+}
+
 fn serve(config: Config) -> Result<(), String> {
+    // Socket activation must be read before any thread starts: it edits
+    // the environment.
+    let inherited: Vec<std::net::TcpListener> = systemd::listen_fds_with_names()
+        .map_err(|e| format!("socket activation: {e}"))?
+        .into_iter()
+        .map(|(fd, name)| {
+            systemd::tcp_listener(fd).map_err(|e| format!("socket activation ({name}): {e}"))
+        })
+        .collect::<Result<_, _>>()?;
     let signals = signal_channel(block_shutdown_signals());
     init_logging(&config.log.level);
+    if !inherited.is_empty() {
+        tracing::info!(
+            sockets = inherited.len(),
+            "using sockets passed by the service manager; server.listen is ignored"
+        );
+    }
     let shards = config.shard_count();
     let retention = Retention {
         size: config.history.size as usize,
@@ -206,8 +252,8 @@ fn serve(config: Config) -> Result<(), String> {
         .map(|b| Box::new(b) as Box<dyn Bus>)
         .collect();
     let dictionary = load_dictionary(&config)?;
-    let server =
-        shardcast::shard::start(&config, buses, dictionary.clone()).map_err(|e| e.to_string())?;
+    let server = shardcast::shard::start(&config, buses, dictionary.clone(), inherited)
+        .map_err(|e| e.to_string())?;
     let admin = match config.admin_addr().map_err(|e| e.to_string())? {
         Some(addr) => Some(
             shardcast::api::admin::spawn(addr, server.registry.clone(), dictionary)
@@ -235,6 +281,19 @@ fn serve(config: Config) -> Result<(), String> {
         bus = "local",
         "serving"
     );
+    notify(&format!(
+        "{}\n{}",
+        systemd::READY,
+        systemd::status(&format!(
+            "serving on {} with {} shards",
+            server.local_addr, server.shards
+        ))
+    ));
+    match systemd::try_watchdog_interval() {
+        Ok(Some(every)) => spawn_watchdog(server.registry.clone(), every),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "ignoring the watchdog settings"),
+    }
     let sig = signals
         .recv()
         .map_err(|_| "signal thread stopped".to_string())?;
@@ -244,6 +303,11 @@ fn serve(config: Config) -> Result<(), String> {
         window_ms = window.as_millis() as u64,
         "draining: closing connections with 1012; a second signal exits at once"
     );
+    notify(&format!(
+        "{}\n{}",
+        systemd::STOPPING,
+        systemd::status("draining connections")
+    ));
     server.drain();
     // Shards finish when their connections are gone or the window is over;
     // the margin only covers thread teardown.

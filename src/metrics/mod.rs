@@ -4,7 +4,7 @@
 
 mod prometheus;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
@@ -138,6 +138,9 @@ pub struct ShardReport {
 /// shard and on each scrape; never per message.
 pub struct Registry {
     shards: Vec<Mutex<ShardReport>>,
+    /// Bumped by each shard's periodic task; the service watchdog pings
+    /// only while every shard's counter moves.
+    heartbeats: Vec<AtomicU64>,
     ready: AtomicBool,
     draining: AtomicBool,
 }
@@ -146,6 +149,7 @@ impl Registry {
     pub fn new(shards: usize) -> Self {
         Registry {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
+            heartbeats: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         }
@@ -164,6 +168,18 @@ impl Registry {
         self.shards
             .iter()
             .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    pub fn heartbeat(&self, shard: usize) {
+        self.heartbeats[shard].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every shard's heartbeat counter, for comparing over time.
+    pub fn heartbeats(&self) -> Vec<u64> {
+        self.heartbeats
+            .iter()
+            .map(|h| h.load(Ordering::Relaxed))
             .collect()
     }
 

@@ -137,6 +137,8 @@ impl Settings {
 
 /// One shard's world, shared by its tasks (all on one thread).
 struct Shard {
+    id: usize,
+    registry: Arc<Registry>,
     settings: Rc<Settings>,
     state: RefCell<State>,
     scratch: RefCell<Box<[u8]>>,
@@ -176,18 +178,29 @@ impl Server {
 
 /// Binds every shard's listener and starts the shard threads. Returns once
 /// every shard is accepting, so the caller can announce readiness.
+///
+/// `inherited` are listening sockets handed over by the service manager
+/// (socket activation); shard `i` takes socket `i % len`, and
+/// `server.listen` is not bound.
 pub fn start(
     config: &Config,
     buses: Vec<Box<dyn Bus>>,
     dictionary: Option<Dictionary>,
+    inherited: Vec<std::net::TcpListener>,
 ) -> Result<Server, StartError> {
     let shards = buses.len();
     let addr = config.listen_addr().map_err(|e| StartError::Shard {
         shard: 0,
         message: e.to_string(),
     })?;
-    let listeners = listener::bind_all(addr, shards, config.server.backlog as i32)
-        .map_err(|source| StartError::Listen { addr, source })?;
+    let listeners = if inherited.is_empty() {
+        listener::bind_all(addr, shards, config.server.backlog as i32)
+    } else {
+        (0..shards)
+            .map(|i| inherited[i % inherited.len()].try_clone())
+            .collect()
+    }
+    .map_err(|source| StartError::Listen { addr, source })?;
     let local_addr = listeners[0]
         .local_addr()
         .map_err(|source| StartError::Listen { addr, source })?;
@@ -297,7 +310,7 @@ async fn run_shard(
         }
     };
     let settings = Rc::new(settings);
-    let state = match State::new(id, settings.clone(), bus, registry) {
+    let state = match State::new(id, settings.clone(), bus, registry.clone()) {
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err((id as usize, format!("cannot set up zstd: {e}"))));
@@ -305,6 +318,8 @@ async fn run_shard(
         }
     };
     let shard = Rc::new(Shard {
+        id: usize::from(id),
+        registry,
         state: RefCell::new(state),
         settings,
         scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
@@ -377,6 +392,8 @@ async fn sweeper(shard: Rc<Shard>) {
             state.report();
             state.sweep()
         };
+        // Proof of life for the service watchdog: this shard's loop runs.
+        shard.registry.heartbeat(shard.id);
         for (id, stream) in writers {
             monoio::spawn(conn::writer(shard.clone(), id, stream));
         }

@@ -1,0 +1,270 @@
+//! systemd integration, end to end against the real binary: READY=1 once
+//! serving, STOPPING=1 when SIGTERM starts the drain, WATCHDOG=1 at half
+//! of WATCHDOG_USEC (and none when WATCHDOG_PID is another process), and
+//! socket activation (LISTEN_FDS) instead of binding `server.listen`.
+//!
+//! The test plays systemd: it binds the notification socket, sets the
+//! variables, and for socket activation puts a listening socket at fd 3
+//! and has `sh` set LISTEN_PID to its own pid before exec'ing the server
+//! under that pid.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{self, UnixDatagram};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The notification socket systemd would listen on.
+struct NotifySocket {
+    sock: UnixDatagram,
+    /// What NOTIFY_SOCKET is set to.
+    name: String,
+    path: Option<PathBuf>,
+}
+
+impl NotifySocket {
+    fn path(tag: &str) -> NotifySocket {
+        let dir = std::env::temp_dir().join(format!("shardcast-sd-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let _ = std::fs::remove_file(&path);
+        let sock = UnixDatagram::bind(&path).unwrap();
+        NotifySocket {
+            sock,
+            name: path.to_str().unwrap().to_owned(),
+            path: Some(dir),
+        }
+    }
+
+    fn abstract_name(tag: &str) -> NotifySocket {
+        let name = format!("shardcast-sd-{}-{tag}", std::process::id());
+        let addr = net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        NotifySocket {
+            sock: UnixDatagram::bind_addr(&addr).unwrap(),
+            name: format!("@{name}"),
+            path: None,
+        }
+    }
+
+    /// Every datagram received within `limit`.
+    fn collect(&self, limit: Duration) -> Vec<String> {
+        let until = Instant::now() + limit;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return out;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            match self.sock.recv(&mut buf) {
+                Ok(n) => out.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                Err(_) => return out,
+            }
+        }
+    }
+
+    /// Datagrams up to and including the first with the line `want`.
+    fn until(&self, want: &str) -> Vec<String> {
+        let until = Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {want:?} within {WAIT:?}; got {seen:?}");
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            let Ok(n) = self.sock.recv(&mut buf) else {
+                continue;
+            };
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = msg.lines().any(|l| l == want);
+            seen.push(msg);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.path {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// A running `shardcast serve`, killed on drop.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts the server with `env`; with `passed`, that listening socket
+    /// is handed over as systemd would (fd 3, LISTEN_PID = the server).
+    fn start(args: &[&str], env: &[(&str, &str)], passed: Option<RawFd>) -> Server {
+        let bin = env!("CARGO_BIN_EXE_shardcast");
+        let mut cmd = match passed {
+            None => Command::new(bin),
+            Some(fd) => {
+                let mut cmd = Command::new("/bin/sh");
+                cmd.arg("-c")
+                    .arg("export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=shardcast; exec \"$0\" \"$@\"")
+                    .arg(bin);
+                // SAFETY: dup2/fcntl are async-signal-safe and only place the
+                // listener at fd 3 without close-on-exec.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        let rc = if fd == 3 {
+                            libc::fcntl(fd, libc::F_SETFD, 0)
+                        } else {
+                            libc::dup2(fd, 3)
+                        };
+                        if rc < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                cmd
+            }
+        };
+        cmd.arg("serve")
+            .args(["--server-listen", "127.0.0.1:0", "--server-shards", "2"])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(args)
+            .env("SHARDCAST_LOG_LEVEL", "warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn shardcast");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let addr = line
+            .split_whitespace()
+            .nth(3)
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .parse()
+            .expect("address");
+        Server { child, addr }
+    }
+
+    fn terminate(&self) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
+            0
+        );
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let until = Instant::now() + WAIT + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < until, "server did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn ready_when_serving_and_stopping_on_sigterm() {
+    let notify = NotifySocket::path("ready");
+    let mut server = Server::start(&[], &[("NOTIFY_SOCKET", &notify.name)], None);
+    let seen = notify.until("READY=1");
+    assert!(
+        !seen.iter().any(|m| m.contains("STOPPING=1")),
+        "stopping before ready: {seen:?}"
+    );
+    // Ready means accepting.
+    TcpStream::connect_timeout(&server.addr, WAIT).expect("connect after READY=1");
+
+    server.terminate();
+    notify.until("STOPPING=1");
+    assert!(server.wait_exit().success(), "drain must exit 0");
+}
+
+#[test]
+fn abstract_notify_socket() {
+    let notify = NotifySocket::abstract_name("abstract");
+    let _server = Server::start(&[], &[("NOTIFY_SOCKET", &notify.name)], None);
+    notify.until("READY=1");
+}
+
+#[test]
+fn watchdog_pings_at_half_the_period() {
+    let notify = NotifySocket::path("watchdog");
+    // 400 ms period: a ping every 200 ms.
+    let _server = Server::start(
+        &[],
+        &[("NOTIFY_SOCKET", &notify.name), ("WATCHDOG_USEC", "400000")],
+        None,
+    );
+    notify.until("READY=1");
+    let pings = notify
+        .collect(Duration::from_millis(1500))
+        .iter()
+        .filter(|m| m.lines().any(|l| l == "WATCHDOG=1"))
+        .count();
+    // ~7 expected; generous for a loaded 2-core CI machine, but more than
+    // one ping per period would not fit and none means no watchdog.
+    assert!((2..=9).contains(&pings), "{pings} pings in 1.5 s at 200 ms");
+}
+
+#[test]
+fn watchdog_meant_for_another_pid_sends_nothing() {
+    let notify = NotifySocket::path("watchdog-pid");
+    let _server = Server::start(
+        &[],
+        &[
+            ("NOTIFY_SOCKET", &notify.name),
+            ("WATCHDOG_USEC", "100000"),
+            ("WATCHDOG_PID", "1"),
+        ],
+        None,
+    );
+    notify.until("READY=1");
+    let msgs = notify.collect(Duration::from_millis(800));
+    assert!(
+        !msgs.iter().any(|m| m.contains("WATCHDOG=1")),
+        "pinged for pid 1: {msgs:?}"
+    );
+}
+
+#[test]
+fn socket_activation_serves_on_the_passed_socket() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let passed_addr = listener.local_addr().unwrap();
+    let notify = NotifySocket::path("activation");
+    // Two shards share the one passed socket; server.listen is ignored.
+    let server = Server::start(
+        &[],
+        &[("NOTIFY_SOCKET", &notify.name)],
+        Some(listener.as_fd().as_raw_fd()),
+    );
+    assert_eq!(server.addr, passed_addr, "the server bound its own socket");
+    notify.until("READY=1");
+    // Our copy is the same socket; closing it leaves the server's open.
+    drop(listener);
+    for _ in 0..4 {
+        TcpStream::connect_timeout(&passed_addr, WAIT).expect("connect to the passed socket");
+    }
+}
