@@ -268,3 +268,28 @@ fn socket_activation_serves_on_the_passed_socket() {
         TcpStream::connect_timeout(&passed_addr, WAIT).expect("connect to the passed socket");
     }
 }
+
+#[test]
+fn ready_watchdog_stopping_arrive_in_order() {
+    let notify = NotifySocket::path("order");
+    let mut server = Server::start(
+        &["--server-drain-window-ms", "500"],
+        &[
+            ("NOTIFY_SOCKET", &notify.name),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+        None,
+    );
+    let mut seen = notify.until("READY=1");
+    seen.extend(notify.until("WATCHDOG=1"));
+    server.terminate();
+    seen.extend(notify.until("STOPPING=1"));
+    let position = |state: &str| {
+        seen.iter()
+            .position(|m| m.lines().any(|l| l == state))
+            .unwrap_or_else(|| panic!("{state} missing from {seen:?}"))
+    };
+    assert!(position("READY=1") < position("WATCHDOG=1"), "{seen:?}");
+    assert!(position("WATCHDOG=1") < position("STOPPING=1"), "{seen:?}");
+    assert!(server.wait_exit().success());
+}
