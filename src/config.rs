@@ -56,6 +56,7 @@ pub struct Config {
     pub fanout: FanoutConfig,
     pub limits: LimitsConfig,
     pub history: HistoryConfig,
+    pub redis: RedisConfig,
     pub compression: CompressionConfig,
     pub auth: AuthConfig,
     pub admin: AdminConfig,
@@ -162,6 +163,40 @@ impl Default for HistoryConfig {
         HistoryConfig {
             size: 1000,
             ttl_secs: 3600,
+        }
+    }
+}
+
+/// The Redis bus: several nodes, durable history. Empty `url` keeps the
+/// embedded in-process bus.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`; empty = no Redis.
+    pub url: String,
+    /// Bound on every Redis command; a publish not stored within it fails
+    /// with `Unavailable` instead of hanging.
+    pub command_timeout_ms: u32,
+    /// How long a publisher's idempotency key is remembered.
+    pub idempotency_ttl_secs: u32,
+    /// This node's name (its ingest consumer name); empty = hostname-pid.
+    pub node_id: String,
+    /// Consume the ingest stream `sc:ingest` on this node.
+    pub ingest: bool,
+    /// Ingest entries pending this long on another (dead) node are taken
+    /// over.
+    pub ingest_claim_idle_secs: u32,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            command_timeout_ms: 1000,
+            idempotency_ttl_secs: 3600,
+            node_id: String::new(),
+            ingest: true,
+            ingest_claim_idle_secs: 30,
         }
     }
 }
@@ -489,6 +524,37 @@ impl Config {
             l.ping_interval_ms.saturating_add(1)..=7_200_000,
         )?;
         check("history.size", self.history.size, 0..=1_000_000)?;
+        check(
+            "redis.command_timeout_ms",
+            self.redis.command_timeout_ms,
+            10..=60_000,
+        )?;
+        check(
+            "redis.idempotency_ttl_secs",
+            self.redis.idempotency_ttl_secs,
+            1..=30 * 86_400,
+        )?;
+        check(
+            "redis.ingest_claim_idle_secs",
+            self.redis.ingest_claim_idle_secs,
+            1..=86_400,
+        )?;
+        if !self.redis.url.is_empty() {
+            if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
+                return Err(ConfigError::Invalid {
+                    key: "redis.url",
+                    value: format!("{:?}", self.redis.url),
+                    reason: "expected redis://host:port (or empty for the embedded bus)".into(),
+                });
+            }
+            if self.history.size == 0 {
+                return Err(ConfigError::Invalid {
+                    key: "history.size",
+                    value: "0".into(),
+                    reason: "must be between 1 and 1000000 with the Redis bus".into(),
+                });
+            }
+        }
         check("compression.level", self.compression.level, 1..=19)?;
         check(
             "compression.min_bytes",
