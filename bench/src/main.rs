@@ -1,36 +1,317 @@
-//! `shardcast-bench`: load scenarios against a running or self-started
-//! shardcast, measured from the server's side (/proc) as well as the
-//! client's.
-//!
-//! Scenarios so far: `idle` (hold N idle connections, report the server's
-//! RSS per connection).
+//! `shardcast-bench`: load scenarios against a self-started shardcast (or a
+//! peer server), measured open-loop from the clients and from the server's
+//! side (/proc). See bench/README.md.
 
+mod clock;
+mod coord;
+mod measure;
+mod net;
+mod payload;
+mod plan;
 mod proc_stats;
-mod scenario_idle;
+mod proto;
+mod report;
+mod target;
+mod worker;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use coord::RunOpts;
+use plan::Scenario;
+use target::{ServerOpts, Target};
 
 const USAGE: &str = "\
 shardcast-bench — load scenarios for shardcast
 
 USAGE:
-    shardcast-bench idle [--connections N] [--server PATH] [--subscribe]
+    shardcast-bench <scenario> [options]           run against one server
+    shardcast-bench compare <scenario> [options]   run against every available
+                                                   server, one after another
 
-idle: starts `shardcast serve` (release build next to this binary unless
---server is given) on a free loopback port, opens N native connections that
-complete Connect (and, with --subscribe, subscribe to one channel each),
-lets them sit idle, and reports the server's RSS growth per connection.
+SCENARIOS (defaults in brackets):
+    fanout   --subscribers N [10000] --publishers P [1] --rate MSG/S [10]
+             P publishers → one channel with N subscribers; rate is the total
+    rooms    --rooms R [100] --members M [10] --rate MSG/S [1]
+             every member subscribes to its room and publishes `rate` msg/s
+    direct   --users N [2000] --rate MSG/S [5] --peers K [4]
+             each user subscribes to inbox.<i> and sends `rate` msg/s to K others
+    connect  --connections N [10000]
+             connection storm: handshake + Connect + Subscribe, time to N
+    idle     --connections N [10000] [--subscribe]
+             N idle connections: server RSS and CPU per connection
+
+OPTIONS:
+    --target T          shardcast | baseline | nats   [shardcast]
+    --server PATH       shardcast binary [target/release/shardcast next to this one]
+    --shards N          server threads (shards / tokio workers / GOMAXPROCS) [2]
+    --server-arg ARG    extra argument for shardcast serve (repeatable)
+    --duration S        measured seconds (idle: hold time) [10]
+    --warmup S          warm-up seconds, not measured [2]
+    --drain S           seconds to wait for deliveries after the window [2]
+    --payload BYTES     publication payload size [64]
+    --per-worker N      connections per load-generator process [9000]
+    --source-ips N      spread connections over 127.0.0.1..N [one per 25,000]
+    --concurrency N     handshakes in flight per worker process [256]
+    --warm-connections N  idle connections opened before the base RSS sample [200]
+    --out DIR           results directory [bench/results]
+    --no-files          print only, write nothing
+
+Each run writes <out>/<scenario>-<target>-<utc time>/ with result.json,
+report.md, table.txt and latency.svg.
 ";
+
+fn num<T: std::str::FromStr>(flag: &str, v: Option<&String>) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    v.ok_or(format!("{flag} needs a value"))?
+        .parse()
+        .map_err(|e| format!("{flag}: {e}"))
+}
+
+struct Cli {
+    scenario: Scenario,
+    target: Target,
+    run: RunOpts,
+}
+
+fn parse(name: &str, args: &[String]) -> Result<Cli, String> {
+    let mut scenario = match name {
+        "fanout" => Scenario::Fanout {
+            subscribers: 10_000,
+            publishers: 1,
+            rate: 10.0,
+        },
+        "rooms" => Scenario::Rooms {
+            rooms: 100,
+            members: 10,
+            rate: 1.0,
+        },
+        "direct" => Scenario::Direct {
+            users: 2_000,
+            rate: 5.0,
+            peers: 4,
+        },
+        "connect" => Scenario::Connect {
+            connections: 10_000,
+        },
+        "idle" => Scenario::Idle {
+            connections: 10_000,
+            subscribe: false,
+        },
+        other => return Err(format!("unknown scenario {other:?}\n\n{USAGE}")),
+    };
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let default_out = {
+        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        if manifest.is_dir() {
+            manifest.join("results")
+        } else {
+            PathBuf::from("bench-results")
+        }
+    };
+    let mut target = Target::Shardcast;
+    let mut run = RunOpts {
+        server: ServerOpts {
+            shardcast: exe.with_file_name("shardcast"),
+            threads: 2,
+            extra_args: vec![],
+        },
+        warmup: Duration::from_secs(2),
+        duration: Duration::from_secs(10),
+        drain: Duration::from_secs(2),
+        payload_bytes: 64,
+        per_worker: 9_000,
+        source_ips: None,
+        concurrency: 256,
+        warm_connections: 200,
+        out_dir: default_out,
+        write_files: true,
+    };
+    let secs = |f: &str, v: Option<&String>| -> Result<Duration, String> {
+        let s: f64 = num(f, v)?;
+        if !(0.0..=3600.0).contains(&s) {
+            return Err(format!("{f}: 0–3600 seconds"));
+        }
+        Ok(Duration::from_secs_f64(s))
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let a = a.as_str();
+        match (a, &mut scenario) {
+            ("--subscribers", Scenario::Fanout { subscribers, .. }) => {
+                *subscribers = num(a, it.next())?
+            }
+            ("--publishers", Scenario::Fanout { publishers, .. }) => {
+                *publishers = num(a, it.next())?
+            }
+            (
+                "--rate",
+                Scenario::Fanout { rate, .. }
+                | Scenario::Rooms { rate, .. }
+                | Scenario::Direct { rate, .. },
+            ) => {
+                *rate = num(a, it.next())?;
+                if !(*rate > 0.0 && *rate <= 10_000_000.0) {
+                    return Err("--rate must be in (0, 10,000,000]".into());
+                }
+            }
+            ("--rooms", Scenario::Rooms { rooms, .. }) => *rooms = num(a, it.next())?,
+            ("--members", Scenario::Rooms { members, .. }) => *members = num(a, it.next())?,
+            ("--users", Scenario::Direct { users, .. }) => *users = num(a, it.next())?,
+            ("--peers", Scenario::Direct { peers, .. }) => *peers = num(a, it.next())?,
+            (
+                "--connections",
+                Scenario::Connect { connections } | Scenario::Idle { connections, .. },
+            ) => *connections = num(a, it.next())?,
+            ("--subscribe", Scenario::Idle { subscribe, .. }) => *subscribe = true,
+            ("--target", _) => target = Target::parse(it.next().ok_or("--target needs a value")?)?,
+            ("--server", _) => {
+                run.server.shardcast = PathBuf::from(it.next().ok_or("--server needs a value")?)
+            }
+            ("--shards", _) => run.server.threads = num(a, it.next())?,
+            ("--server-arg", _) => run
+                .server
+                .extra_args
+                .push(it.next().ok_or("--server-arg needs a value")?.clone()),
+            ("--duration", _) => run.duration = secs(a, it.next())?,
+            ("--warmup", _) => run.warmup = secs(a, it.next())?,
+            ("--drain", _) => run.drain = secs(a, it.next())?,
+            ("--payload", _) => run.payload_bytes = num(a, it.next())?,
+            ("--per-worker", _) => run.per_worker = num(a, it.next())?,
+            ("--source-ips", _) => run.source_ips = Some(num(a, it.next())?),
+            ("--concurrency", _) => run.concurrency = num(a, it.next())?,
+            ("--warm-connections", _) => run.warm_connections = num(a, it.next())?,
+            ("--out", _) => run.out_dir = PathBuf::from(it.next().ok_or("--out needs a value")?),
+            ("--no-files", _) => run.write_files = false,
+            (other, _) => return Err(format!("unknown option {other} for {name}\n\n{USAGE}")),
+        }
+    }
+    if scenario.connections() == 0 {
+        return Err("the scenario has no connections".into());
+    }
+    if run.duration.is_zero() {
+        return Err("--duration must be > 0".into());
+    }
+    if !(1..=1_000_000).contains(&run.payload_bytes) {
+        return Err("--payload: 1–1,000,000 bytes".into());
+    }
+    if !(1..=18_000).contains(&run.per_worker) {
+        return Err("--per-worker: 1–18,000 (a process may hold 20,000 fds)".into());
+    }
+    if run.source_ips == Some(0) || run.source_ips.is_some_and(|n| n > 65_000) {
+        return Err("--source-ips: 1–65,000".into());
+    }
+    Ok(Cli {
+        scenario,
+        target,
+        run,
+    })
+}
+
+fn run_one(name: &str, args: &[String]) -> Result<(), String> {
+    let cli = parse(name, args)?;
+    let rep = coord::run(cli.target, &cli.scenario, &cli.run)?;
+    println!("{}", report::table(&rep));
+    if cli.run.write_files {
+        let dir = report::result_dir(
+            &cli.run.out_dir,
+            &format!("{}-{}", rep.scenario.name(), rep.target),
+            &rep.started_utc,
+        );
+        report::write_files(&rep, &dir)?;
+        println!("results: {}", dir.display());
+    }
+    if rep.stopped_by.is_some() {
+        return Err("the run was stopped early (see STOPPED BY)".into());
+    }
+    Ok(())
+}
+
+fn compare(args: &[String]) -> Result<(), String> {
+    let name = args
+        .first()
+        .ok_or(format!("compare needs a scenario\n\n{USAGE}"))?;
+    if args.iter().any(|a| a == "--target") {
+        return Err("compare runs every target; drop --target".into());
+    }
+    let cli = parse(name, &args[1..])?;
+    let mut runs = Vec::new();
+    let mut skipped = Vec::new();
+    for t in target::ALL {
+        if let Err(why) = target::availability(t, &cli.run.server) {
+            eprintln!("skipping {}: {why}", t.name());
+            skipped.push((t.name().to_string(), why));
+            continue;
+        }
+        match coord::run(t, &cli.scenario, &cli.run) {
+            Ok(r) => {
+                println!("{}", report::table(&r));
+                if cli.run.write_files {
+                    let dir = report::result_dir(
+                        &cli.run.out_dir,
+                        &format!("{}-{}", r.scenario.name(), r.target),
+                        &r.started_utc,
+                    );
+                    report::write_files(&r, &dir)?;
+                }
+                runs.push(r);
+            }
+            Err(e) => {
+                eprintln!("{} failed: {e}", t.name());
+                skipped.push((t.name().to_string(), format!("run failed: {e}")));
+            }
+        }
+        // Let the kernel settle TIME_WAIT sockets and the page cache between
+        // servers.
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    if runs.is_empty() {
+        return Err("no server could be run".into());
+    }
+    let text = report::compare_table(&runs, &skipped, false);
+    println!("compare {name}\n\n{text}");
+    if cli.run.write_files {
+        let stamp = clock::utc_stamp();
+        let dir = report::result_dir(&cli.run.out_dir, &format!("compare-{name}"), &stamp);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let series: Vec<(&str, &[(f64, u64)])> = runs
+            .iter()
+            .map(|r| (r.target.as_str(), r.distribution.as_slice()))
+            .collect();
+        let svg = report::svg(&format!("{name}: latency by server"), &series);
+        let md = format!(
+            "# shardcast-bench compare {name}\n\nRun {stamp} UTC; scenario: `{}`.\n\n{}\n![latency percentiles](latency.svg)\n\nPer-server reports: the `{name}-<server>-*` directories next to this one.\n",
+            serde_json::to_string(&cli.scenario).unwrap_or_default(),
+            report::compare_table(&runs, &skipped, true)
+        );
+        let w = |f: &str, body: String| {
+            std::fs::write(dir.join(f), body).map_err(|e| format!("{f}: {e}"))
+        };
+        w("latency.svg", svg)?;
+        w("compare.md", md)?;
+        w("compare.txt", text)?;
+        w(
+            "compare.json",
+            serde_json::to_string_pretty(&runs).map_err(|e| e.to_string())?,
+        )?;
+        println!("results: {}", dir.display());
+    }
+    Ok(())
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("idle") => scenario_idle::run(&args[1..]),
+        Some("worker") => worker::main(),
+        Some("compare") => compare(&args[1..]),
         Some("--help" | "-h" | "help") | None => {
             print!("{USAGE}");
             Ok(())
         }
-        Some(other) => Err(format!("unknown scenario {other:?}\n\n{USAGE}")),
+        Some(name) => run_one(name, &args[1..]),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
