@@ -56,7 +56,10 @@ pub fn encode_announcement(epoch: u64, p: &Publication) -> Vec<u8> {
 }
 
 /// Decodes an announcement; the payload shares `bytes`' buffer.
-pub fn decode_announcement(mut bytes: Bytes, max_payload: usize) -> Result<Announcement, Malformed> {
+pub fn decode_announcement(
+    mut bytes: Bytes,
+    max_payload: usize,
+) -> Result<Announcement, Malformed> {
     if bytes.len() < ANNOUNCEMENT_HEADER {
         return Err(Malformed::Short(bytes.len()));
     }
@@ -274,11 +277,7 @@ mod tests {
 
     #[test]
     fn entries_decode_or_are_rejected() {
-        let p = parse_entry(
-            entry("5-1", &[("p", "abc"), ("t", "17"), ("i", "16")]),
-            100,
-        )
-        .unwrap();
+        let p = parse_entry(entry("5-1", &[("p", "abc"), ("t", "17"), ("i", "16")]), 100).unwrap();
         assert_eq!((p.offset, p.published_us, p.ingress_us), (5, 17, 16));
         assert_eq!(&p.payload[..], b"abc");
         for bad in [

@@ -98,12 +98,19 @@ pub struct Script {
 impl Script {
     fn new(body: &str) -> Script {
         let source = format!("{ENSURE_EPOCH}{body}");
-        let sha = sha1_smol::Sha1::from(source.as_bytes()).digest().to_string();
+        let sha = sha1_smol::Sha1::from(source.as_bytes())
+            .digest()
+            .to_string();
         Script { source, sha }
     }
 
     /// Runs the script, loading it on `NOSCRIPT`.
-    pub async fn run(&self, client: &Client, keys: Vec<String>, args: Vec<Value>) -> Result<Value, Error> {
+    pub async fn run(
+        &self,
+        client: &Client,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, Error> {
         match client
             .evalsha::<Value, _, _, _>(self.sha.as_str(), keys.clone(), args.clone())
             .await

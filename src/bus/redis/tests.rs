@@ -1,0 +1,701 @@
+//! The Redis bus against a real `redis-server` (spawned per test on a free
+//! loopback port, killed at the end). Each `Node` is one `RedisBus::cluster`
+//! — what one shardcast process would build — driven by polling.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicUsize;
+use std::task::{Context, Waker};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::bus::{Bus, BusEvent, History, Position, Publication, ReplyTo};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl RedisServer {
+    fn start(appendonly: bool) -> RedisServer {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sc-redis-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut s = RedisServer {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        s.spawn(appendonly);
+        s
+    }
+
+    fn spawn(&mut self, appendonly: bool) {
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", if appendonly { "yes" } else { "no" }])
+            .args(["--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install -y redis-server)");
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.cli(&["PING"]).trim() != "PONG" {
+            assert!(Instant::now() < until, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self, appendonly: bool) {
+        self.kill();
+        self.spawn(appendonly);
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs many commands through one redis-cli.
+    fn cli_batch(&self, commands: &str) {
+        let mut child = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-cli");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(commands.as_bytes())
+            .expect("write");
+        child.wait().expect("redis-cli");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One shardcast process' worth of bus handles.
+struct Node {
+    buses: Vec<RedisBus>,
+    events: Vec<Vec<BusEvent>>,
+}
+
+impl Node {
+    fn start(redis: &RedisServer, shards: usize, options: RedisOptions) -> Node {
+        let buses = RedisBus::cluster(&redis.url(), shards, options).expect("connect");
+        Node {
+            events: buses.iter().map(|_| Vec::new()).collect(),
+            buses,
+        }
+    }
+
+    fn pump(&mut self) {
+        let mut cx = Context::from_waker(Waker::noop());
+        for (i, b) in self.buses.iter_mut().enumerate() {
+            b.flush();
+            let mut out = Vec::new();
+            let _ = b.poll_events(&mut cx, &mut out);
+            self.events[i].extend(out);
+        }
+    }
+
+    fn take(&mut self, shard: usize) -> Vec<BusEvent> {
+        std::mem::take(&mut self.events[shard])
+    }
+}
+
+fn options(node: &str) -> RedisOptions {
+    RedisOptions {
+        node_id: node.to_string(),
+        ingest: false,
+        ..RedisOptions::default()
+    }
+}
+
+/// Pumps every node until `cond` holds (or panics after `WAIT`).
+fn until(nodes: &mut [&mut Node], what: &str, mut cond: impl FnMut(&[&mut Node]) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        for n in nodes.iter_mut() {
+            n.pump();
+        }
+        if cond(nodes) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Pumps for a while, for "nothing more arrives" checks.
+fn idle(nodes: &mut [&mut Node], d: Duration) {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        for n in nodes.iter_mut() {
+            n.pump();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn reply(request: u32) -> ReplyTo {
+    ReplyTo { conn: 1, request }
+}
+
+fn delivered(events: &[BusEvent], channel: &str) -> Vec<(u64, Publication)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            BusEvent::Publications {
+                channel: c,
+                epoch,
+                items,
+            } if &**c == channel => Some(
+                items
+                    .iter()
+                    .map(|p| (*epoch, p.clone()))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn offsets(events: &[BusEvent], channel: &str) -> Vec<u64> {
+    delivered(events, channel)
+        .into_iter()
+        .map(|(_, p)| p.offset)
+        .collect()
+}
+
+fn subscribed(events: &[BusEvent], channel: &str) -> Option<Position> {
+    events.iter().find_map(|e| match e {
+        BusEvent::Subscribed {
+            channel: c,
+            position,
+        } if &**c == channel => Some(*position),
+        _ => None,
+    })
+}
+
+fn acks(events: &[BusEvent]) -> Vec<(u32, Result<Position, BusError>)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            BusEvent::Published {
+                reply_to, result, ..
+            } => Some((reply_to.request, result.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn histories(events: &[BusEvent]) -> Vec<(u64, History)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            BusEvent::History {
+                request, result, ..
+            } => Some((*request, result.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Subscribes `node`'s shard 0 to `channel` and returns the position.
+fn subscribe(node: &mut Node, channel: &str) -> Position {
+    node.buses[0].subscribe(channel);
+    until(&mut [node], "subscribed", |n| {
+        subscribed(&n[0].events[0], channel).is_some()
+    });
+    let ev = node.take(0);
+    subscribed(&ev, channel).expect("subscribed")
+}
+
+/// Publishes `payloads` from `node`'s shard 0 and waits for every ack.
+fn publish_all(node: &mut Node, channel: &str, payloads: &[String]) -> Vec<Position> {
+    for (i, p) in payloads.iter().enumerate() {
+        node.buses[0].publish(channel, Bytes::from(p.clone()), None, reply(i as u32), 7);
+        if i % 10 == 9 {
+            node.buses[0].flush();
+        }
+    }
+    let n = payloads.len();
+    until(&mut [node], "acks", |nodes| {
+        acks(&nodes[0].events[0]).len() >= n
+    });
+    let ev = node.take(0);
+    acks(&ev)
+        .into_iter()
+        .map(|(_, r)| r.expect("publish ok"))
+        .collect()
+}
+
+fn payloads(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+#[test]
+fn publish_on_one_node_reaches_the_other_in_order() {
+    let redis = RedisServer::start(false);
+    let mut a = Node::start(&redis, 2, options("a"));
+    let mut b = Node::start(&redis, 1, options("b"));
+    let at = subscribe(&mut b, "room");
+    assert_eq!(at.offset, 0);
+    assert_ne!(at.epoch, 0);
+    let sent = payloads("m", 100);
+    let positions = publish_all(&mut a, "room", &sent);
+    assert_eq!(
+        positions.iter().map(|p| p.offset).collect::<Vec<_>>(),
+        (1..=100).collect::<Vec<_>>()
+    );
+    assert!(positions.iter().all(|p| p.epoch == at.epoch));
+    until(&mut [&mut b], "delivery", |n| {
+        offsets(&n[0].events[0], "room").len() >= 100
+    });
+    idle(&mut [&mut b], Duration::from_millis(100));
+    let got = delivered(&b.events[0], "room");
+    assert_eq!(got.len(), 100, "no duplicates");
+    for (i, (epoch, p)) in got.iter().enumerate() {
+        assert_eq!(*epoch, at.epoch);
+        assert_eq!(p.offset, i as u64 + 1);
+        assert_eq!(&p.payload[..], sent[i].as_bytes());
+        assert_eq!(p.ingress_us, 7);
+        assert!(p.published_us > 0);
+    }
+    // Shard 1 of node a never subscribed: it gets nothing.
+    a.pump();
+    assert!(offsets(&a.events[1], "room").is_empty());
+}
+
+#[test]
+fn subscribing_during_a_stream_of_publishes_leaves_no_gap_and_no_duplicate() {
+    let redis = RedisServer::start(false);
+    let mut a = Node::start(&redis, 1, options("a"));
+    let mut b = Node::start(&redis, 1, options("b"));
+    let mut sent = 0u32;
+    let mut asked = false;
+    let deadline = Instant::now() + WAIT;
+    // Publish 300 in small batches; subscribe after the first 20.
+    while sent < 300 {
+        for _ in 0..5 {
+            a.buses[0].publish("c", Bytes::from(format!("{sent}")), None, reply(sent), 0);
+            sent += 1;
+        }
+        if sent >= 20 && !asked {
+            b.buses[0].subscribe("c");
+            asked = true;
+        }
+        a.pump();
+        b.pump();
+        std::thread::sleep(Duration::from_micros(300));
+        assert!(Instant::now() < deadline);
+    }
+    until(&mut [&mut a, &mut b], "all acked and delivered", |n| {
+        let done = subscribed(&n[1].events[0], "c").is_some_and(|p| p.offset == 300)
+            || offsets(&n[1].events[0], "c").last() == Some(&300);
+        acks(&n[0].events[0]).len() == 300 && done
+    });
+    let pos = subscribed(&b.events[0], "c").unwrap();
+    let got = offsets(&b.events[0], "c");
+    let want: Vec<u64> = (pos.offset + 1..=300).collect();
+    assert_eq!(got, want, "subscribed at {pos:?}");
+}
+
+#[test]
+fn an_idempotency_key_stores_once() {
+    let redis = RedisServer::start(false);
+    let mut a = Node::start(&redis, 1, options("a"));
+    let mut b = Node::start(&redis, 1, options("b"));
+    subscribe(&mut b, "c");
+    a.buses[0].publish("c", Bytes::from_static(b"x"), Some("k1"), reply(1), 0);
+    a.buses[0].publish("c", Bytes::from_static(b"x"), Some("k1"), reply(2), 0);
+    a.buses[0].publish("c", Bytes::from_static(b"y"), Some("k2"), reply(3), 0);
+    until(&mut [&mut a], "acks", |n| acks(&n[0].events[0]).len() == 3);
+    // A retry from another node, later, is still recognised.
+    b.buses[0].publish("c", Bytes::from_static(b"x"), Some("k1"), reply(4), 0);
+    until(&mut [&mut b], "ack", |n| acks(&n[0].events[0]).len() == 1);
+    idle(&mut [&mut a, &mut b], Duration::from_millis(100));
+    let offsets_of = |ev: &[BusEvent]| -> Vec<(u32, u64)> {
+        acks(ev)
+            .into_iter()
+            .map(|(r, p)| (r, p.unwrap().offset))
+            .collect()
+    };
+    assert_eq!(offsets_of(&a.events[0]), vec![(1, 1), (2, 1), (3, 2)]);
+    assert_eq!(offsets_of(&b.events[0]), vec![(4, 1)]);
+    assert_eq!(offsets(&b.events[0], "c"), vec![1, 2]);
+    assert_eq!(redis.cli(&["XLEN", "sc:{c}:s"]).trim(), "2");
+}
+
+#[test]
+fn history_continues_a_position_or_says_it_is_lost() {
+    let redis = RedisServer::start(false);
+    let mut a = Node::start(&redis, 1, options("a"));
+    let pos = publish_all(&mut a, "h", &payloads("h", 10));
+    let epoch = pos[0].epoch;
+    let at = |offset| Position { epoch, offset };
+    a.buses[0].history("h", at(5), 1);
+    a.buses[0].history("h", at(10), 2);
+    a.buses[0].history("h", at(0), 3);
+    a.buses[0].history("h", at(11), 4);
+    a.buses[0].history(
+        "h",
+        Position {
+            epoch: epoch ^ 1,
+            offset: 5,
+        },
+        5,
+    );
+    a.buses[0].history("never-published", at(0), 6);
+    until(&mut [&mut a], "history", |n| {
+        histories(&n[0].events[0]).len() == 6
+    });
+    let mut answers = histories(&a.take(0));
+    answers.sort_by_key(|(r, _)| *r);
+    let items = |h: &History| match h {
+        History::Items { epoch: e, items } => {
+            assert_eq!(*e, epoch);
+            items.iter().map(|p| p.offset).collect::<Vec<_>>()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(items(&answers[0].1), vec![6, 7, 8, 9, 10]);
+    match &answers[0].1 {
+        History::Items { items, .. } => assert_eq!(&items[0].payload[..], b"h5"),
+        _ => unreachable!(),
+    }
+    assert_eq!(items(&answers[1].1), Vec::<u64>::new());
+    assert_eq!(items(&answers[2].1), (1..=10).collect::<Vec<_>>());
+    assert!(matches!(answers[3].1, History::Lost { current } if current == at(10)));
+    assert!(matches!(answers[4].1, History::Lost { current } if current == at(10)));
+    assert!(matches!(answers[5].1, History::Lost { current } if current.offset == 0));
+
+    // History lost in Redis: a new epoch.
+    redis.cli(&["FLUSHALL"]);
+    a.buses[0].history("h", at(10), 7);
+    until(&mut [&mut a], "history", |n| {
+        histories(&n[0].events[0]).len() == 1
+    });
+    match &histories(&a.take(0))[0].1 {
+        History::Lost { current } => {
+            assert_ne!(current.epoch, epoch);
+            assert_eq!(current.offset, 0);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn trimmed_history_is_lost_and_kept_history_is_exact() {
+    let redis = RedisServer::start(false);
+    let mut a = Node::start(
+        &redis,
+        1,
+        RedisOptions {
+            history_size: 10,
+            ..options("a")
+        },
+    );
+    let pos = publish_all(&mut a, "t", &payloads("t", 350));
+    let epoch = pos[0].epoch;
+    let len: u64 = redis.cli(&["XLEN", "sc:{t}:s"]).trim().parse().unwrap();
+    assert!((10..350).contains(&len), "XLEN {len}");
+    let first_kept = 350 - len + 1;
+    a.buses[0].history("t", Position { epoch, offset: 1 }, 1);
+    a.buses[0].history(
+        "t",
+        Position {
+            epoch,
+            offset: first_kept - 1,
+        },
+        2,
+    );
+    until(&mut [&mut a], "history", |n| {
+        histories(&n[0].events[0]).len() == 2
+    });
+    let mut answers = histories(&a.take(0));
+    answers.sort_by_key(|(r, _)| *r);
+    assert!(
+        matches!(answers[0].1, History::Lost { current } if current == Position { epoch, offset: 350 })
+    );
+    match &answers[1].1 {
+        History::Items { items, .. } => {
+            assert_eq!(items.len() as u64, len);
+            assert_eq!(items[0].offset, first_kept);
+            assert_eq!(items.last().unwrap().offset, 350);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn redis_down_fails_publishes_fast_and_a_restart_resumes_with_gap_fill() {
+    let mut redis = RedisServer::start(true);
+    let mut a = Node::start(&redis, 1, options("a"));
+    let mut b = Node::start(&redis, 1, options("b"));
+    let at = subscribe(&mut b, "d");
+    publish_all(&mut a, "d", &payloads("d", 10));
+    until(&mut [&mut b], "first ten", |n| {
+        offsets(&n[0].events[0], "d").len() == 10
+    });
+
+    redis.kill();
+    let started = Instant::now();
+    a.buses[0].publish("d", Bytes::from_static(b"lost"), None, reply(99), 0);
+    until(&mut [&mut a], "failure", |n| {
+        !acks(&n[0].events[0]).is_empty()
+    });
+    let failed_after = started.elapsed();
+    match &acks(&a.take(0))[0].1 {
+        Err(BusError::Unavailable(msg)) => assert!(!msg.is_empty()),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(
+        failed_after < Duration::from_millis(2500),
+        "failed after {failed_after:?}"
+    );
+
+    // Back with its append-only file: same epoch, history intact.
+    redis.restart(true);
+    let deadline = Instant::now() + WAIT;
+    // Publish as soon as the command connection is back; the subscriber's
+    // Pub/Sub connection may come back later and must fill the gap.
+    let mut acked = Vec::new();
+    let mut next = 0u32;
+    while acked.len() < 20 {
+        if next as usize == acked.len() {
+            a.buses[0].publish("d", Bytes::from(format!("r{next}")), None, reply(next), 0);
+            next += 1;
+        }
+        a.pump();
+        b.pump();
+        for (_, r) in acks(&a.take(0)) {
+            match r {
+                Ok(p) => acked.push(p),
+                Err(_) => next -= 1, // still reconnecting: send again
+            }
+        }
+        assert!(Instant::now() < deadline, "publishes never succeeded again");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(acked.iter().all(|p| p.epoch == at.epoch), "{acked:?}");
+    assert_eq!(acked.last().unwrap().offset, 30);
+    until(&mut [&mut b], "all thirty", |n| {
+        offsets(&n[0].events[0], "d").last() == Some(&30)
+    });
+    idle(&mut [&mut b], Duration::from_millis(100));
+    let got = delivered(&b.events[0], "d");
+    assert_eq!(
+        got.iter().map(|(_, p)| p.offset).collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
+    assert!(got.iter().all(|(e, _)| *e == at.epoch));
+    assert_eq!(&got[10].1.payload[..], b"r0");
+    b.take(0);
+
+    // Restart without persistence: the history is gone, a new epoch.
+    redis.restart(false);
+    let deadline = Instant::now() + WAIT;
+    let mut new_epoch = None;
+    while new_epoch.is_none() {
+        a.buses[0].publish("d", Bytes::from_static(b"n"), None, reply(500), 0);
+        until(&mut [&mut a], "ack", |n| !acks(&n[0].events[0]).is_empty());
+        if let Some((_, Ok(p))) = acks(&a.take(0)).pop() {
+            new_epoch = Some(p);
+        }
+        assert!(Instant::now() < deadline);
+    }
+    let p = new_epoch.unwrap();
+    assert_ne!(p.epoch, at.epoch);
+    assert_eq!(p.offset, 1);
+    until(&mut [&mut b], "new epoch delivered", |n| {
+        delivered(&n[0].events[0], "d")
+            .iter()
+            .any(|(e, q)| *e == p.epoch && q.offset == 1)
+    });
+}
+
+#[test]
+fn a_dropped_pubsub_connection_is_caught_up_from_the_stream() {
+    let redis = RedisServer::start(false);
+    let mut a = Node::start(&redis, 1, options("a"));
+    let mut b = Node::start(&redis, 1, options("b"));
+    subscribe(&mut b, "g");
+    publish_all(&mut a, "g", &payloads("g", 5));
+    until(&mut [&mut b], "five", |n| {
+        offsets(&n[0].events[0], "g").len() == 5
+    });
+    // Cut every Pub/Sub connection and publish while b reconnects.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    publish_all(&mut a, "g", &payloads("x", 20));
+    until(&mut [&mut b], "caught up", |n| {
+        offsets(&n[0].events[0], "g").last() == Some(&25)
+    });
+    idle(&mut [&mut b], Duration::from_millis(100));
+    assert_eq!(offsets(&b.events[0], "g"), (1..=25).collect::<Vec<_>>());
+    assert!(RedisStats::get(&b.buses[0].stats().reconnects) >= 1);
+}
+
+#[test]
+fn an_offset_jump_is_filled_from_the_stream_and_garbage_is_dropped() {
+    let redis = RedisServer::start(false);
+    let mut a = Node::start(&redis, 1, options("a"));
+    let mut b = Node::start(&redis, 1, options("b"));
+    subscribe(&mut b, "j");
+    publish_all(&mut a, "j", &payloads("j", 2));
+    until(&mut [&mut b], "two", |n| {
+        offsets(&n[0].events[0], "j").len() == 2
+    });
+    // Offset 3 is stored but its announcement never arrives (as if Pub/Sub
+    // dropped it); garbage arrives instead.
+    redis.cli(&["HINCRBY", "sc:{j}:m", "seq", "1"]);
+    redis.cli(&["XADD", "sc:{j}:s", "3-1", "p", "silent", "t", "1", "i", "0"]);
+    redis.cli(&["PUBLISH", "sc:{j}:p", "garbage"]);
+    redis.cli(&["PUBLISH", "sc:{j}:p", ""]);
+    publish_all(&mut a, "j", &payloads("k", 1));
+    until(&mut [&mut b], "four", |n| {
+        offsets(&n[0].events[0], "j").last() == Some(&4)
+    });
+    let got = delivered(&b.events[0], "j");
+    assert_eq!(
+        got.iter().map(|(_, p)| p.offset).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(&got[2].1.payload[..], b"silent");
+    assert!(RedisStats::get(&b.buses[0].stats().malformed) >= 2);
+}
+
+#[test]
+fn unsubscribe_stops_delivery_and_resubscribe_starts_again() {
+    let redis = RedisServer::start(false);
+    let mut a = Node::start(&redis, 1, options("a"));
+    let mut b = Node::start(&redis, 1, options("b"));
+    subscribe(&mut b, "u");
+    publish_all(&mut a, "u", &payloads("u", 3));
+    until(&mut [&mut b], "three", |n| {
+        offsets(&n[0].events[0], "u").len() == 3
+    });
+    b.buses[0].unsubscribe("u");
+    b.pump();
+    idle(&mut [&mut b], Duration::from_millis(50));
+    b.take(0);
+    publish_all(&mut a, "u", &payloads("v", 3));
+    idle(&mut [&mut b], Duration::from_millis(100));
+    assert!(offsets(&b.take(0), "u").is_empty());
+    let at = subscribe(&mut b, "u");
+    assert_eq!(at.offset, 6);
+    publish_all(&mut a, "u", &payloads("w", 1));
+    until(&mut [&mut b], "seventh", |n| {
+        offsets(&n[0].events[0], "u") == vec![7]
+    });
+}
+
+fn ingest_options(node: &str) -> RedisOptions {
+    RedisOptions {
+        node_id: node.to_string(),
+        ingest: true,
+        ingest_claim_idle: Duration::from_millis(500),
+        ..RedisOptions::default()
+    }
+}
+
+#[test]
+fn ingest_runs_each_command_once_across_nodes_and_reclaims_a_dead_consumers_entries() {
+    let redis = RedisServer::start(false);
+    let mut watcher = Node::start(&redis, 1, options("w"));
+    subscribe(&mut watcher, "ing");
+    // A publish that a dead node made for an ingest entry it never
+    // acknowledged (same idempotency key as the entry below).
+    watcher.buses[0].publish("ing", Bytes::from_static(b"dup"), Some("ik1"), reply(1), 0);
+    until(&mut [&mut watcher], "ack", |n| {
+        acks(&n[0].events[0]).len() == 1
+    });
+
+    // A consumer ("ghost") takes six entries and dies.
+    let mut cmds = String::from("XGROUP CREATE sc:ingest shardcast 0 MKSTREAM\n");
+    for i in 0..5 {
+        cmds.push_str(&format!("XADD sc:ingest * channel ing payload dead{i}\n"));
+    }
+    cmds.push_str("XADD sc:ingest * channel ing payload dup idempotency_key ik1\n");
+    cmds.push_str("XREADGROUP GROUP shardcast ghost COUNT 1000 STREAMS sc:ingest >\n");
+    for i in 0..200 {
+        cmds.push_str(&format!("XADD sc:ingest * channel ing payload p{i}\n"));
+    }
+    // Malformed entries are acknowledged and skipped.
+    cmds.push_str("XADD sc:ingest * payload nochannel\n");
+    cmds.push_str("XADD sc:ingest * channel bad%20name payload x\n");
+    redis.cli_batch(&cmds);
+    assert!(redis
+        .cli(&["XPENDING", "sc:ingest", "shardcast"])
+        .starts_with("6\n"));
+
+    let mut n1 = Node::start(&redis, 2, ingest_options("n1"));
+    let mut n2 = Node::start(&redis, 2, ingest_options("n2"));
+    until(&mut [&mut watcher, &mut n1, &mut n2], "all ingested", |n| {
+        offsets(&n[0].events[0], "ing").len() >= 206
+    });
+    idle(
+        &mut [&mut watcher, &mut n1, &mut n2],
+        Duration::from_millis(1500),
+    );
+    let got = delivered(&watcher.events[0], "ing");
+    assert_eq!(
+        got.iter().map(|(_, p)| p.offset).collect::<Vec<_>>(),
+        (1..=206).collect::<Vec<_>>()
+    );
+    let mut payloads: Vec<String> = got
+        .iter()
+        .map(|(_, p)| String::from_utf8_lossy(&p.payload).into_owned())
+        .collect();
+    payloads.sort();
+    payloads.dedup();
+    assert_eq!(payloads.len(), 206, "every command exactly once");
+    let pending = redis.cli(&["XPENDING", "sc:ingest", "shardcast"]);
+    assert!(pending.starts_with("0\n"), "pending: {pending}");
+    let malformed = RedisStats::get(&n1.buses[0].stats().malformed)
+        + RedisStats::get(&n2.buses[0].stats().malformed);
+    assert_eq!(malformed, 2);
+    let claimed = RedisStats::get(&n1.buses[0].stats().ingest_claimed)
+        + RedisStats::get(&n2.buses[0].stats().ingest_claimed);
+    assert_eq!(claimed, 6);
+}
