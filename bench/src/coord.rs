@@ -322,9 +322,16 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
         rss_at_rest_bytes: at_rest.rss_bytes,
         rss_base_bytes: base.rss_bytes,
         rss_loaded_bytes: loaded.rss_bytes,
+        rss_window_end_bytes: s_to.rss_bytes,
         rss_end_bytes: end.rss_bytes,
+        // Idle: after the hold, when transient setup allocations have been
+        // returned; otherwise right after setup, before traffic.
         rss_per_connection_bytes: if opened > 0 {
-            (loaded.rss_bytes as f64 - base.rss_bytes as f64) / opened as f64
+            let at = match scenario {
+                Scenario::Idle { .. } => s_to.rss_bytes,
+                _ => loaded.rss_bytes,
+            };
+            (at as f64 - base.rss_bytes as f64) / opened as f64
         } else {
             0.0
         },

@@ -27,6 +27,9 @@ pub struct ServerFigures {
     pub rss_base_bytes: u64,
     /// After all measured connections were set up.
     pub rss_loaded_bytes: u64,
+    /// At the end of the measured window (idle: after the hold).
+    pub rss_window_end_bytes: u64,
+    /// After the workers finished (connections closing).
     pub rss_end_bytes: u64,
     pub rss_per_connection_bytes: f64,
     /// CPU over the measured window.
@@ -429,11 +432,11 @@ fn rows(r: &Report) -> Vec<(String, String)> {
     add(
         "server RSS",
         format!(
-            "rest {:.1} MiB, base {:.1} MiB, loaded {:.1} MiB, end {:.1} MiB → {:.0} B per connection",
+            "rest {:.1} MiB, base {:.1} MiB, loaded {:.1} MiB, window end {:.1} MiB → {:.0} B per connection",
             s.rss_at_rest_bytes as f64 / 1048576.0,
             s.rss_base_bytes as f64 / 1048576.0,
             s.rss_loaded_bytes as f64 / 1048576.0,
-            s.rss_end_bytes as f64 / 1048576.0,
+            s.rss_window_end_bytes as f64 / 1048576.0,
             s.rss_per_connection_bytes
         ),
     );
