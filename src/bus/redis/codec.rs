@@ -91,6 +91,48 @@ pub fn decode_announcement(
     })
 }
 
+/// Version byte of a presence announcement: `02 | joined (0|1) | user`.
+pub const PRESENCE_V1: u8 = 2;
+/// Longest user id accepted in a presence announcement.
+pub const MAX_USER_BYTES: usize = 1024;
+
+/// What arrives on a channel's Pub/Sub.
+#[derive(Clone, Debug)]
+pub enum Announced {
+    Publication(Announcement),
+    Presence {
+        user: std::sync::Arc<str>,
+        joined: bool,
+    },
+}
+
+/// Decodes a Pub/Sub message of either kind.
+pub fn decode_announced(bytes: Bytes, max_payload: usize) -> Result<Announced, Malformed> {
+    match bytes.first() {
+        Some(&PRESENCE_V1) => {
+            if bytes.len() < 3 {
+                return Err(Malformed::Short(bytes.len()));
+            }
+            let joined = match bytes[1] {
+                0 => false,
+                1 => true,
+                _ => return Err(Malformed::Reply("presence flag")),
+            };
+            let user = &bytes[2..];
+            if user.len() > MAX_USER_BYTES {
+                return Err(Malformed::TooLarge(user.len()));
+            }
+            let user =
+                std::str::from_utf8(user).map_err(|_| Malformed::Reply("user is not UTF-8"))?;
+            Ok(Announced::Presence {
+                user: user.into(),
+                joined,
+            })
+        }
+        _ => decode_announcement(bytes, max_payload).map(Announced::Publication),
+    }
+}
+
 /// Epochs are stored as exactly 16 lowercase hex digits (so Lua, whose
 /// numbers are doubles, never does arithmetic on them).
 pub fn epoch_hex(epoch: u64) -> String {
@@ -306,10 +348,22 @@ mod tests {
         assert_eq!(ingest_id_us("junk"), None);
     }
 
+    #[test]
+    fn presence_announcements_decode() {
+        match decode_announced(Bytes::from_static(b"\x02\x01alice"), 10).unwrap() {
+            Announced::Presence { user, joined } => assert_eq!((&*user, joined), ("alice", true)),
+            other => panic!("{other:?}"),
+        }
+        for bad in [&b"\x02\x01"[..], b"\x02\x05bob", b"\x02\x00\xff"] {
+            assert!(decode_announced(Bytes::from_static(bad), 10).is_err());
+        }
+    }
+
     proptest! {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(data in proptest::collection::vec(any::<u8>(), 0..80)) {
             let _ = decode_announcement(Bytes::from(data.clone()), 16);
+            let _ = decode_announced(Bytes::from(data.clone()), 16);
             let _ = parse_epoch(&data);
             let _ = offset_of_id(&data);
         }

@@ -15,7 +15,7 @@
 //! - on the ingest shard, the ingest consumer (see `ingest.rs`).
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -73,6 +73,8 @@ pub struct Shared {
     /// Redis' clock minus ours (µs), measured at each (re)connect; publish
     /// deadlines are expressed in Redis' time.
     clock_offset_us: AtomicI64,
+    /// This companion's name in presence entries (unique per start).
+    pub instance: String,
 }
 
 impl Shared {
@@ -198,6 +200,12 @@ pub fn run(
             random: RandomState::new(),
             counter: AtomicU64::new(0),
             clock_offset_us: AtomicI64::new(0),
+            instance: format!(
+                "{}#{}#{:08x}",
+                setup.options.node_id,
+                setup.shard,
+                RandomState::new().hash_one(unix_us()) as u32
+            ),
         });
         let timeout = setup.options.command_timeout;
         let cmd = match connect(&builder(&setup.config, timeout)).await {
@@ -294,9 +302,15 @@ enum Internal {
 }
 
 /// One live announcement waiting to be placed.
-struct Live {
-    epoch: u64,
-    publication: Publication,
+enum Live {
+    Pub {
+        epoch: u64,
+        publication: Publication,
+    },
+    Presence {
+        user: Arc<str>,
+        joined: bool,
+    },
 }
 
 /// This shard's view of one channel it has subscribers for.
@@ -350,7 +364,8 @@ struct Outbox {
 
 impl Outbox {
     fn event(&mut self, ev: BusEvent) {
-        if let BusEvent::Subscribed { channel, .. } = &ev {
+        // Later publications of the channel must follow this event.
+        if let BusEvent::Subscribed { channel, .. } | BusEvent::Presence { channel, .. } = &ev {
             self.open.remove(channel);
         }
         self.items.push(Out::Event(ev));
@@ -406,7 +421,9 @@ struct Companion {
     next_gen: u64,
     internal_tx: UnboundedSender<Internal>,
     internal_rx: UnboundedReceiver<Internal>,
-    publish_tx: UnboundedSender<PublishJob>,
+    jobs: UnboundedSender<Job>,
+    /// Users this shard reported present, per presence channel.
+    present: HashMap<Arc<str>, HashSet<Arc<str>>>,
     subctl_tx: UnboundedSender<SubOp>,
     key_seed: u64,
     key_counter: u64,
@@ -420,12 +437,12 @@ impl Companion {
         events: UnboundedSender<Vec<BusEvent>>,
     ) -> Companion {
         let (internal_tx, internal_rx) = unbounded_channel();
-        let (publish_tx, publish_rx) = unbounded_channel();
+        let (jobs, jobs_rx) = unbounded_channel();
         let (subctl_tx, subctl_rx) = unbounded_channel();
-        tokio::spawn(publisher(
+        tokio::spawn(sequencer(
             shared.clone(),
             cmd.clone(),
-            publish_rx,
+            jobs_rx,
             events.clone(),
         ));
         tokio::spawn(subscription_controller(
@@ -446,7 +463,8 @@ impl Companion {
             next_gen: 0,
             internal_tx,
             internal_rx,
-            publish_tx,
+            jobs,
+            present: HashMap::new(),
             subctl_tx,
             key_seed,
             key_counter: 0,
@@ -457,8 +475,11 @@ impl Companion {
         let mut messages = self.sub.message_rx();
         let mut sub_reconnects = self.sub.reconnect_rx();
         let mut cmd_reconnects = self.cmd.reconnect_rx();
+        let mut heartbeat = tokio::time::interval(super::presence_ttl() / 3);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = heartbeat.tick() => self.on_heartbeat(),
                 batch = requests.recv() => match batch {
                     Some(batch) => self.on_requests(batch),
                     None => return,
@@ -541,21 +562,56 @@ impl Companion {
                         }
                     };
                     let deadline_us = self.shared.deadline_us();
-                    let _ = self.publish_tx.send(PublishJob {
+                    let _ = self.jobs.send(Job::Publish(PublishJob {
                         channel,
                         payload,
                         key,
                         reply_to,
                         ingress_us,
                         deadline_us,
-                    });
+                    }));
                 }
                 Request::Subscribe(channel) => self.subscribe(channel),
                 Request::Unsubscribe(channel) => {
+                    // Members the shard did not report as left leave now.
+                    if let Some(users) = self.present.remove(&channel) {
+                        let _ = self.jobs.send(Job::Presence {
+                            channel: channel.clone(),
+                            op: "leave",
+                            users: users.into_iter().collect(),
+                        });
+                    }
                     if self.subs.remove(&channel).is_some() {
                         let _ = self.subctl_tx.send(SubOp::Unsubscribe(channel));
                     }
                 }
+                Request::Presence {
+                    channel,
+                    user,
+                    joined,
+                } => {
+                    let set = self.present.entry(channel.clone()).or_default();
+                    let changed = if joined {
+                        set.insert(user.clone())
+                    } else {
+                        set.remove(&user)
+                    };
+                    if set.is_empty() {
+                        self.present.remove(&channel);
+                    }
+                    if changed {
+                        let op = if joined { "join" } else { "leave" };
+                        let _ = self.jobs.send(Job::Presence {
+                            channel,
+                            op,
+                            users: vec![user],
+                        });
+                    }
+                }
+                Request::Members { channel, request } => {
+                    let _ = self.jobs.send(Job::Members { channel, request });
+                }
+
                 Request::History {
                     channel,
                     after,
@@ -680,6 +736,34 @@ impl Companion {
         }
     }
 
+    /// Refreshes this shard's presence entries (and sweeps out expired
+    /// ones, a dead node's) on every presence channel it subscribes to.
+    fn on_heartbeat(&mut self) {
+        let mut channels: Vec<Arc<str>> = self
+            .subs
+            .keys()
+            .filter(|c| crate::bus::is_presence(c))
+            .cloned()
+            .collect();
+        for c in self.present.keys() {
+            if !self.subs.contains_key(c) {
+                channels.push(c.clone());
+            }
+        }
+        for channel in channels {
+            let users = self
+                .present
+                .get(&channel)
+                .map(|u| u.iter().cloned().collect())
+                .unwrap_or_default();
+            let _ = self.jobs.send(Job::Presence {
+                channel,
+                op: "refresh",
+                users,
+            });
+        }
+    }
+
     fn resubscribe_all(&mut self) {
         let all: Vec<Arc<str>> = self.subs.keys().cloned().collect();
         let _ = self.subctl_tx.send(SubOp::ResubscribeAll(all));
@@ -737,17 +821,20 @@ impl Companion {
         };
         let channel = channel.clone();
         let decoded = match bytes_of(m.value) {
-            Some(b) => codec::decode_announcement(b, self.shared.max_payload()),
+            Some(b) => codec::decode_announced(b, self.shared.max_payload()),
             None => Err(codec::Malformed::Reply("announcement is not a string")),
         };
         match decoded {
-            Ok(a) => self.accept(
+            Ok(codec::Announced::Publication(a)) => self.accept(
                 &channel,
-                Live {
+                Live::Pub {
                     epoch: a.epoch,
                     publication: a.publication,
                 },
             ),
+            Ok(codec::Announced::Presence { user, joined }) => {
+                self.accept(&channel, Live::Presence { user, joined })
+            }
             Err(e) => {
                 RedisStats::bump(&self.shared.stats.malformed);
                 tracing::warn!(channel = %channel, error = %e, "malformed announcement from redis dropped");
@@ -766,18 +853,29 @@ impl Companion {
             }
             return;
         }
-        if live.epoch == s.epoch {
-            let offset = live.publication.offset;
+        let (epoch, offset) = match &live {
+            Live::Presence { user, joined } => {
+                self.out.event(BusEvent::Presence {
+                    channel: channel.clone(),
+                    user: user.clone(),
+                    joined: *joined,
+                });
+                return;
+            }
+            Live::Pub { epoch, publication } => (*epoch, publication.offset),
+        };
+        if epoch == s.epoch {
             if offset <= s.last {
                 return; // already delivered (or covered by Subscribed)
             }
             if offset == s.last + 1 {
                 s.last = offset;
-                let epoch = s.epoch;
-                self.out.publication(channel, epoch, live.publication);
+                if let Live::Pub { publication, .. } = live {
+                    self.out.publication(channel, epoch, publication);
+                }
                 return;
             }
-        } else if s.dead.contains(&live.epoch) {
+        } else if s.dead.contains(&epoch) {
             return;
         }
         // A jump or an unknown epoch: read what is missing first.
@@ -806,8 +904,10 @@ impl Companion {
         s.recheck = false;
         s.pending_epochs.clear();
         for l in &s.buffer {
-            if l.epoch != s.epoch && !s.pending_epochs.contains(&l.epoch) {
-                s.pending_epochs.push(l.epoch);
+            if let Live::Pub { epoch, .. } = l {
+                if *epoch != s.epoch && !s.pending_epochs.contains(epoch) {
+                    s.pending_epochs.push(*epoch);
+                }
             }
         }
         RedisStats::bump(&self.shared.stats.catch_ups);
@@ -886,11 +986,12 @@ impl Companion {
     }
 }
 
-/// Runs queued publishes, one pipeline at a time.
-async fn publisher(
+/// Runs queued publishes and presence operations in order, one pipeline
+/// at a time (group commit: the next batch fills while one is in flight).
+async fn sequencer(
     shared: Arc<Shared>,
     cmd: Client,
-    mut jobs: UnboundedReceiver<PublishJob>,
+    mut jobs: UnboundedReceiver<Job>,
     events: UnboundedSender<Vec<BusEvent>>,
 ) {
     let mut batch = Vec::new();
@@ -902,32 +1003,113 @@ async fn publisher(
                 Err(_) => break,
             }
         }
-        let calls: Vec<(Vec<String>, Vec<Value>)> =
-            batch.iter().map(|j| publish_call(&shared, j)).collect();
-        let results = run_pipelined(&cmd, &scripts().publish, calls).await;
+        let calls: Vec<Call> = batch.iter().map(|j| job_call(&shared, j)).collect();
+        let results = run_pipelined(&cmd, calls).await;
         let mut out = Vec::with_capacity(batch.len());
         for (job, r) in batch.drain(..).zip(results) {
-            let result = r
-                .map_err(|e| e.to_string())
-                .and_then(|v| parse_published(v).map_err(|e| e.to_string()));
-            if let Err(e) = &result {
-                RedisStats::bump(&shared.stats.publish_errors);
-                tracing::debug!(channel = %job.channel, error = %e, "publish failed");
+            match job {
+                Job::Publish(job) => {
+                    let result = r
+                        .map_err(|e| e.to_string())
+                        .and_then(|v| parse_published(v).map_err(|e| e.to_string()));
+                    if let Err(e) = &result {
+                        RedisStats::bump(&shared.stats.publish_errors);
+                        tracing::debug!(channel = %job.channel, error = %e, "publish failed");
+                    }
+                    out.push(BusEvent::Published {
+                        reply_to: job.reply_to,
+                        channel: job.channel,
+                        result: result.map_err(BusError::Unavailable),
+                    });
+                }
+                Job::Presence { channel, op, .. } => {
+                    // A failed join is redone by the next heartbeat; a
+                    // failed leave expires with its entry.
+                    if let Err(e) = r {
+                        tracing::debug!(channel = %channel, op, error = %e, "presence update failed");
+                    }
+                }
+                Job::Members { channel, request } => {
+                    let result = r
+                        .map_err(|e| e.to_string())
+                        .and_then(|v| parse_members(v).map_err(|e| e.to_string()))
+                        .map_err(BusError::Unavailable);
+                    out.push(BusEvent::Members {
+                        request,
+                        channel,
+                        result,
+                    });
+                }
             }
-            out.push(BusEvent::Published {
-                reply_to: job.reply_to,
-                channel: job.channel,
-                result: result.map_err(BusError::Unavailable),
-            });
         }
-        if events.send(out).is_err() {
+        if !out.is_empty() && events.send(out).is_err() {
             return;
         }
     }
 }
 
+/// What the sequencer runs, in order.
+enum Job {
+    Publish(PublishJob),
+    Presence {
+        channel: Arc<str>,
+        op: &'static str,
+        users: Vec<Arc<str>>,
+    },
+    Members {
+        channel: Arc<str>,
+        request: u64,
+    },
+}
+
+fn job_call(shared: &Shared, job: &Job) -> Call {
+    match job {
+        Job::Publish(p) => publish_call(shared, p),
+        Job::Presence { channel, op, users } => presence_call(shared, channel, op, users),
+        Job::Members { channel, .. } => presence_call(shared, channel, "members", &[]),
+    }
+}
+
+fn presence_call(shared: &Shared, channel: &str, op: &str, users: &[Arc<str>]) -> Call {
+    let keys = vec![
+        keys::presence_entries(channel),
+        keys::presence_users(channel),
+    ];
+    let mut args = Vec::with_capacity(4 + users.len());
+    args.push(Value::from(op));
+    args.push(Value::from(
+        (super::presence_ttl().as_millis().max(1) as u64).to_string(),
+    ));
+    args.push(Value::from(keys::pubsub(channel)));
+    args.push(Value::from(shared.instance.as_str()));
+    args.extend(users.iter().map(|u| Value::from(&**u)));
+    (&scripts().presence, keys, args)
+}
+
+/// The member list of the presence script, sorted.
+fn parse_members(v: Value) -> Result<Vec<Arc<str>>, codec::Malformed> {
+    let list = match v {
+        Value::Array(a) => a,
+        Value::Null => Vec::new(),
+        _ => return Err(codec::Malformed::Reply("members reply")),
+    };
+    let mut users = Vec::with_capacity(list.len());
+    for u in list {
+        let b = bytes_of(u).ok_or(codec::Malformed::Reply("member"))?;
+        if b.len() > codec::MAX_USER_BYTES {
+            return Err(codec::Malformed::TooLarge(b.len()));
+        }
+        let u =
+            std::str::from_utf8(&b).map_err(|_| codec::Malformed::Reply("member is not UTF-8"))?;
+        users.push(Arc::from(u));
+    }
+    users.sort_unstable();
+    users.dedup();
+    Ok(users)
+}
+
 /// The keys and arguments of the publish script.
-fn publish_call(shared: &Shared, job: &PublishJob) -> (Vec<String>, Vec<Value>) {
+fn publish_call(shared: &Shared, job: &PublishJob) -> Call {
     publish_args(
         shared,
         &job.channel,
@@ -945,7 +1127,7 @@ pub fn publish_args(
     key: &IdemKey,
     ingress_us: u64,
     deadline_us: u64,
-) -> (Vec<String>, Vec<Value>) {
+) -> Call {
     let o = &shared.options;
     let key_ttl = match key {
         IdemKey::Generated(_) => o.command_timeout + GENERATED_KEY_SLACK,
@@ -966,8 +1148,11 @@ pub fn publish_args(
         Value::from(keys::pubsub(channel)),
         Value::from(deadline_us.to_string()),
     ];
-    (keys, args)
+    (&scripts().publish, keys, args)
 }
+
+/// One script call: the script, its keys, its arguments.
+pub type Call = (&'static Script, Vec<String>, Vec<Value>);
 
 /// `EVALSHA` as a custom command: fred's pipelines have no Lua interface.
 /// In a cluster it is routed by its first key (argument 2).
@@ -987,14 +1172,13 @@ fn evalsha_args(script: &Script, keys: &[String], args: &[Value]) -> Vec<Value> 
 /// Sends script calls as one pipeline and returns one result per call, in
 /// order. Calls that missed the script cache are loaded and re-sent, in
 /// order.
-pub async fn run_pipelined(
-    cmd: &Client,
-    script: &Script,
-    calls: Vec<(Vec<String>, Vec<Value>)>,
-) -> Vec<Result<Value, Error>> {
+pub async fn run_pipelined(cmd: &Client, calls: Vec<Call>) -> Vec<Result<Value, Error>> {
     let n = calls.len();
+    if n == 0 {
+        return Vec::new();
+    }
     let pipeline = cmd.pipeline();
-    for (keys, args) in &calls {
+    for (script, keys, args) in &calls {
         let queued: Result<Value, Error> = pipeline
             .custom(evalsha(), evalsha_args(script, keys, args))
             .await;
@@ -1015,15 +1199,23 @@ pub async fn run_pipelined(
         .filter(|&i| matches!(&results[i], Err(e) if is_noscript(e)))
         .collect();
     if !missed.is_empty() {
-        if let Err(e) = cmd.script_load::<Value, _>(script.source.as_str()).await {
-            for &i in &missed {
-                results[i] = Err(e.clone());
+        let mut loaded: Vec<&str> = Vec::new();
+        for &i in &missed {
+            let script = calls[i].0;
+            if loaded.contains(&script.sha.as_str()) {
+                continue;
             }
-            return results;
+            loaded.push(script.sha.as_str());
+            if let Err(e) = cmd.script_load::<Value, _>(script.source.as_str()).await {
+                for &i in &missed {
+                    results[i] = Err(e.clone());
+                }
+                return results;
+            }
         }
         let again = cmd.pipeline();
         for &i in &missed {
-            let (keys, args) = &calls[i];
+            let (script, keys, args) = &calls[i];
             let _: Result<Value, Error> = again
                 .custom(evalsha(), evalsha_args(script, keys, args))
                 .await;
@@ -1163,6 +1355,7 @@ async fn open_channels(
         .iter()
         .map(|(c, _)| {
             (
+                &scripts().open,
                 vec![keys::meta(c), keys::stream(c)],
                 vec![
                     Value::from(shared.fresh_epoch()),
@@ -1171,7 +1364,7 @@ async fn open_channels(
             )
         })
         .collect();
-    run_pipelined(cmd, &scripts().open, calls)
+    run_pipelined(cmd, calls)
         .await
         .into_iter()
         .map(|r| {

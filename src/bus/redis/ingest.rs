@@ -13,7 +13,6 @@ use fred::types::Value;
 use super::codec::{bytes_of, ingest_id_us};
 use super::companion::{parse_published, publish_args, run_pipelined, Shared};
 use super::keys::{IdemKey, INGEST_GROUP, INGEST_STREAM};
-use super::scripts::scripts;
 use super::RedisStats;
 use crate::bus::unix_us;
 
@@ -175,7 +174,7 @@ impl Consumer {
             }
         }
         let mut all_ok = true;
-        let results = run_pipelined(&self.cmd, &scripts().publish, calls).await;
+        let results = run_pipelined(&self.cmd, calls).await;
         for (id, r) in ids.into_iter().zip(results) {
             match r
                 .map_err(|e| e.to_string())

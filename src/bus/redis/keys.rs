@@ -19,6 +19,17 @@ pub fn pubsub(channel: &str) -> String {
     format!("sc:{{{channel}}}:p")
 }
 
+/// Presence entries: a sorted set of `<len(instance)>|<instance><user>`
+/// scored by expiry (Redis ms).
+pub fn presence_entries(channel: &str) -> String {
+    format!("sc:{{{channel}}}:pz")
+}
+
+/// Present users: a hash of user → live entries.
+pub fn presence_users(channel: &str) -> String {
+    format!("sc:{{{channel}}}:pu")
+}
+
 /// The channel name inside a Pub/Sub channel name, if it is one of ours.
 pub fn channel_of_pubsub(name: &str) -> Option<&str> {
     name.strip_prefix("sc:{")?.strip_suffix("}:p")

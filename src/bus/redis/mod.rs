@@ -129,6 +129,23 @@ impl Default for RedisOptions {
     }
 }
 
+/// A node's presence entries live this long without a heartbeat (they are
+/// refreshed every third of it): members of a node that died disappear
+/// within it. (To become `RedisOptions::presence_ttl`.)
+pub const PRESENCE_TTL: Duration = Duration::from_secs(15);
+
+/// Process-wide presence TTL in ms (tests shorten it).
+static PRESENCE_TTL_MS: AtomicU64 = AtomicU64::new(15_000);
+
+pub(crate) fn presence_ttl() -> Duration {
+    Duration::from_millis(PRESENCE_TTL_MS.load(Ordering::Relaxed))
+}
+
+#[cfg(test)]
+pub(crate) fn set_presence_ttl(ttl: Duration) {
+    PRESENCE_TTL_MS.store(ttl.as_millis() as u64, Ordering::Relaxed);
+}
+
 /// `hostname-pid`.
 pub fn default_node_id() -> String {
     let mut buf = [0u8; 256];
@@ -203,6 +220,15 @@ pub(crate) enum Request {
     History {
         channel: Arc<str>,
         after: Position,
+        request: u64,
+    },
+    Presence {
+        channel: Arc<str>,
+        user: Arc<str>,
+        joined: bool,
+    },
+    Members {
+        channel: Arc<str>,
         request: u64,
     },
 }
@@ -320,17 +346,18 @@ impl Bus for RedisBus {
         });
     }
 
-    fn presence(&mut self, _channel: &str, _user: &str, _joined: bool) {
-        // Not yet implemented over Redis (see members below).
+    fn presence(&mut self, channel: &str, user: &str, joined: bool) {
+        self.push(Request::Presence {
+            channel: Arc::from(channel),
+            user: Arc::from(user),
+            joined,
+        });
     }
 
     fn presence_members(&mut self, channel: &str, request: u64) {
-        self.local.push(BusEvent::Members {
-            request,
+        self.push(Request::Members {
             channel: Arc::from(channel),
-            result: Err(BusError::Unavailable(
-                "presence is not implemented on the redis bus yet".into(),
-            )),
+            request,
         });
     }
 
@@ -358,7 +385,12 @@ impl Bus for RedisBus {
                         channel,
                         result: History::Unavailable("redis bus stopped".into()),
                     }),
-                    Request::Subscribe(_) | Request::Unsubscribe(_) => {}
+                    Request::Members { channel, request } => self.local.push(BusEvent::Members {
+                        request,
+                        channel,
+                        result: Err(BusError::Unavailable("redis bus stopped".into())),
+                    }),
+                    Request::Subscribe(_) | Request::Unsubscribe(_) | Request::Presence { .. } => {}
                 }
             }
             if let Some(w) = self.waker.take() {

@@ -87,6 +87,61 @@ local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', from), '+', 
 return {epoch, seq, entries}
 "#;
 
+/// Presence. KEYS: entries zset (member `<len(instance)>|<instance><user>`,
+/// score = expiry in Redis ms), users hash (user → live entries). ARGV:
+/// op (`join`, `leave`, `refresh`, `members`), entry ttl ms, Pub/Sub
+/// channel, instance, users... Expired entries (a dead node's) are swept
+/// first. Joins and leaves that change a user's overall presence are
+/// announced on the channel's Pub/Sub as `02 | joined(0|1) | user`.
+/// Returns the sorted member list for `members`, else the number of
+/// announcements.
+const PRESENCE_BODY: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local op, ttl, pch, inst = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local announced = 0
+local function announce(user, joined)
+  redis.call('PUBLISH', pch, '\2' .. joined .. user)
+  announced = announced + 1
+end
+local function drop(user)
+  if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
+    redis.call('HDEL', KEYS[2], user)
+    announce(user, '\0')
+  end
+end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', string.format('%d', now))
+for _, m in ipairs(expired) do
+  redis.call('ZREM', KEYS[1], m)
+  local n, rest = string.match(m, '^(%d+)|(.*)$')
+  if n then drop(string.sub(rest, tonumber(n) + 1)) end
+end
+local prefix = string.format('%d|', #inst) .. inst
+local expiry = string.format('%d', now + ttl)
+for i = 5, #ARGV do
+  local user = ARGV[i]
+  if op == 'join' or op == 'refresh' then
+    if redis.call('ZADD', KEYS[1], expiry, prefix .. user) == 1 then
+      if redis.call('HINCRBY', KEYS[2], user, 1) == 1 then announce(user, '\1') end
+    end
+  elseif op == 'leave' then
+    if redis.call('ZREM', KEYS[1], prefix .. user) == 1 then drop(user) end
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ttl * 4)
+  redis.call('PEXPIRE', KEYS[2], ttl * 4)
+else
+  redis.call('DEL', KEYS[2])
+end
+if op == 'members' then
+  local users = redis.call('HKEYS', KEYS[2])
+  table.sort(users)
+  return users
+end
+return announced
+"#;
+
 /// A script with its SHA-1, run by `EVALSHA` with a fallback to `EVAL`
 /// (which also caches it) when Redis answers `NOSCRIPT` (first use, or
 /// after a restart).
@@ -129,6 +184,7 @@ pub struct Scripts {
     pub publish: Script,
     pub open: Script,
     pub read: Script,
+    pub presence: Script,
 }
 
 pub fn scripts() -> &'static Scripts {
@@ -137,5 +193,6 @@ pub fn scripts() -> &'static Scripts {
         publish: Script::new(PUBLISH_BODY),
         open: Script::new(OPEN_BODY),
         read: Script::new(READ_BODY),
+        presence: Script::new(PRESENCE_BODY),
     })
 }

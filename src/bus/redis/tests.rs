@@ -699,3 +699,100 @@ fn ingest_runs_each_command_once_across_nodes_and_reclaims_a_dead_consumers_entr
         + RedisStats::get(&n2.buses[0].stats().ingest_claimed);
     assert_eq!(claimed, 6);
 }
+
+fn presence_events(events: &[BusEvent], channel: &str) -> Vec<(String, bool)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            BusEvent::Presence {
+                channel: c,
+                user,
+                joined,
+            } if &**c == channel => Some((user.to_string(), *joined)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn members(node: &mut Node, shard: usize, channel: &str, request: u64) -> Vec<String> {
+    node.buses[shard].presence_members(channel, request);
+    until(&mut [node], "members", |n| {
+        n[0].events[shard]
+            .iter()
+            .any(|e| matches!(e, BusEvent::Members { request: r, .. } if *r == request))
+    });
+    let found = node.events[shard].iter().find_map(|e| match e {
+        BusEvent::Members {
+            request: r, result, ..
+        } if *r == request => Some(result.clone()),
+        _ => None,
+    });
+    found
+        .expect("answered")
+        .expect("members ok")
+        .iter()
+        .map(|u| u.to_string())
+        .collect()
+}
+
+#[test]
+fn presence_is_one_list_across_nodes_and_a_dead_nodes_members_expire() {
+    set_presence_ttl(Duration::from_millis(900));
+    let redis = RedisServer::start(false);
+    let ch = "presence-room";
+    let mut a = Node::start(&redis, 2, options("a"));
+    let mut b = Node::start(&redis, 1, options("b"));
+    for shard in 0..2 {
+        a.buses[shard].subscribe(ch);
+    }
+    b.buses[0].subscribe(ch);
+    until(&mut [&mut a, &mut b], "subscribed", |n| {
+        subscribed(&n[0].events[0], ch).is_some()
+            && subscribed(&n[0].events[1], ch).is_some()
+            && subscribed(&n[1].events[0], ch).is_some()
+    });
+    // u1 has connections on both shards of node a, u2 on node b.
+    a.buses[0].presence(ch, "u1", true);
+    a.buses[1].presence(ch, "u1", true);
+    b.buses[0].presence(ch, "u2", true);
+    until(&mut [&mut a, &mut b], "joins", |n| {
+        presence_events(&n[1].events[0], ch).len() == 2
+            && presence_events(&n[0].events[1], ch).len() == 2
+    });
+    assert_eq!(members(&mut a, 0, ch, 1), vec!["u1", "u2"]);
+    assert_eq!(members(&mut b, 0, ch, 2), vec!["u1", "u2"]);
+    let mut joins = presence_events(&b.events[0], ch);
+    joins.sort();
+    assert_eq!(
+        joins,
+        vec![("u1".to_string(), true), ("u2".to_string(), true)]
+    );
+
+    // u1 leaves one shard: still present; then the other: gone.
+    a.buses[1].presence(ch, "u1", false);
+    idle(&mut [&mut a, &mut b], Duration::from_millis(100));
+    assert_eq!(presence_events(&b.events[0], ch).len(), 2);
+    assert_eq!(members(&mut b, 0, ch, 3), vec!["u1", "u2"]);
+    a.buses[0].presence(ch, "u1", false);
+    until(&mut [&mut a, &mut b], "leave", |n| {
+        presence_events(&n[1].events[0], ch).last() == Some(&("u1".to_string(), false))
+    });
+    assert_eq!(members(&mut b, 0, ch, 4), vec!["u2"]);
+
+    // u1 comes back on node a, and node a dies without a word.
+    a.buses[0].presence(ch, "u1", true);
+    until(&mut [&mut a, &mut b], "rejoin", |n| {
+        presence_events(&n[1].events[0], ch).last() == Some(&("u1".to_string(), true))
+    });
+    drop(a);
+    let died = Instant::now();
+    until(&mut [&mut b], "expiry", |n| {
+        presence_events(&n[0].events[0], ch).last() == Some(&("u1".to_string(), false))
+    });
+    assert!(
+        died.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        died.elapsed()
+    );
+    assert_eq!(members(&mut b, 0, ch, 5), vec!["u2"]);
+}
