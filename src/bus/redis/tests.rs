@@ -796,3 +796,43 @@ fn presence_is_one_list_across_nodes_and_a_dead_nodes_members_expire() {
     );
     assert_eq!(members(&mut b, 0, ch, 5), vec!["u2"]);
 }
+
+/// Publish (shard call) → delivery (event at another node's shard) through
+/// Redis, one message at a time. `cargo test --lib latency -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore]
+fn latency_publish_to_deliver() {
+    let redis = RedisServer::start(false);
+    let mut a = Node::start(&redis, 1, options("a"));
+    let mut b = Node::start(&redis, 1, options("b"));
+    subscribe(&mut b, "lat");
+    let mut samples = Vec::new();
+    for i in 0..3000u32 {
+        let t0 = Instant::now();
+        a.buses[0].publish("lat", Bytes::from(vec![b'x'; 120]), None, reply(i), 0);
+        a.buses[0].flush();
+        loop {
+            b.pump();
+            if !b.events[0].is_empty() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        samples.push(t0.elapsed());
+        b.take(0);
+        a.pump();
+        a.take(0);
+    }
+    samples.drain(..200); // warm-up
+    samples.sort();
+    let q = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize];
+    println!(
+        "publish->deliver via redis: p50 {:?} p90 {:?} p99 {:?} max {:?} (n={})",
+        q(0.5),
+        q(0.9),
+        q(0.99),
+        samples[samples.len() - 1],
+        samples.len()
+    );
+}
