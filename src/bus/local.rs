@@ -8,8 +8,27 @@
 //! publication sequenced after it, which is what makes "no gap, no
 //! duplicate" hold without locks.
 //!
+//! The owner of a presence channel (`presence-*`) also keeps its member
+//! list: for each user, the shards on which it has at least one subscribed
+//! connection (shards report only their own first-joined / last-left
+//! transitions). A user is announced as joined when its first shard
+//! arrives and as left when its last shard goes, through the same hops and
+//! after the publications sequenced before the change, so every shard sees
+//! presence changes in order with the channel's publications. A channel
+//! with members is never retired.
+//!
 //! Hops are `tokio::sync::mpsc` channels (they wake monoio tasks across
-//! threads) carrying one `Vec` per destination per tick.
+//! threads) carrying one `Vec` per destination per tick. A shard's requests
+//! to the channels it owns itself take the same path, through its own
+//! inbox: the owner then sequences every request in the order it was
+//! flushed, whoever sent it. With shards flushing their requests before
+//! writing the replies those requests caused, that order respects
+//! causality across shards: a client that sees the reply to one request
+//! and then sends another, on any shard, gets them sequenced in that order
+//! (otherwise a shard's own later request could overtake an earlier one
+//! from another shard waiting in its inbox — e.g. a user's leave on one
+//! shard overtaking its join on another, announcing a leave and a join for
+//! a user who never left).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
@@ -47,6 +66,18 @@ enum Envelope {
         from: u16,
         request: u64,
     },
+    /// `from`'s first connection of `user` joined, or its last one left.
+    Presence {
+        channel: Arc<str>,
+        user: Arc<str>,
+        from: u16,
+        joined: bool,
+    },
+    MembersRead {
+        channel: Arc<str>,
+        from: u16,
+        request: u64,
+    },
     // From the owner.
     Deliver {
         channel: Arc<str>,
@@ -66,6 +97,16 @@ enum Envelope {
         request: u64,
         channel: Arc<str>,
         result: History,
+    },
+    PresenceChanged {
+        channel: Arc<str>,
+        user: Arc<str>,
+        joined: bool,
+    },
+    MembersAnswer {
+        request: u64,
+        channel: Arc<str>,
+        users: Vec<Arc<str>>,
     },
 }
 
@@ -93,6 +134,51 @@ struct Owned {
     last_publish: Instant,
     recent_keys: HashMap<Box<str>, u64>,
     recent_order: VecDeque<Box<str>>,
+    /// Presence: for each present user, the shards where it has at least
+    /// one subscribed connection (never empty; a user whose last shard
+    /// leaves is removed).
+    members: HashMap<Arc<str>, Vec<u16>>,
+}
+
+impl Owned {
+    /// Whether anything would be lost by forgetting the channel now.
+    fn in_use(&self, ttl: Duration) -> bool {
+        let history_live = !self.history.is_empty() && self.last_publish.elapsed() < ttl;
+        !self.interested.is_empty()
+            || !self.pending.is_empty()
+            || !self.members.is_empty()
+            || history_live
+    }
+
+    /// Applies one shard's report; true when the user's overall presence
+    /// changed (first shard joined, or last shard left).
+    fn apply_presence(&mut self, user: &Arc<str>, from: u16, joined: bool) -> bool {
+        if joined {
+            let shards = self.members.entry(user.clone()).or_default();
+            if shards.contains(&from) {
+                return false; // a repeated report changes nothing
+            }
+            shards.push(from);
+            shards.len() == 1
+        } else {
+            let Some(shards) = self.members.get_mut(user) else {
+                return false;
+            };
+            shards.retain(|&s| s != from);
+            if shards.is_empty() {
+                self.members.remove(user);
+                return true;
+            }
+            false
+        }
+    }
+
+    /// Present users, sorted, so every shard gets the same list.
+    fn member_list(&self) -> Vec<Arc<str>> {
+        let mut users: Vec<Arc<str>> = self.members.keys().cloned().collect();
+        users.sort_unstable();
+        users
+    }
 }
 
 /// One shard's handle on the in-process bus.
@@ -101,8 +187,6 @@ pub struct LocalBus {
     peers: Vec<UnboundedSender<Vec<Envelope>>>,
     inbox: UnboundedReceiver<Vec<Envelope>>,
     outgoing: Vec<Vec<Envelope>>,
-    /// Requests this shard sent to itself; handled in `poll_events`.
-    local: VecDeque<Envelope>,
     owned: HashMap<Arc<str>, Owned>,
     /// Owned channels with publications pending this tick.
     dirty: Vec<Arc<str>>,
@@ -132,7 +216,6 @@ impl LocalBus {
                 peers: senders.clone(),
                 inbox,
                 outgoing: (0..shards).map(|_| Vec::new()).collect(),
-                local: VecDeque::new(),
                 owned: HashMap::new(),
                 dirty: Vec::new(),
                 epoch_seed: seed ^ ((i as u64) << 48),
@@ -150,12 +233,10 @@ impl LocalBus {
         (h.finish() % self.peers.len() as u64) as u16
     }
 
+    /// Queues a request for `to` (possibly this shard: see the module
+    /// docs) until the next flush.
     fn send(&mut self, to: u16, env: Envelope) {
-        if to == self.me {
-            self.local.push_back(env);
-        } else {
-            self.outgoing[to as usize].push(env);
-        }
+        self.outgoing[to as usize].push(env);
     }
 
     /// Sends to a shard from inside `poll_events`: messages for this shard
@@ -192,6 +273,7 @@ impl LocalBus {
                     last_publish: Instant::now(),
                     recent_keys: HashMap::new(),
                     recent_order: VecDeque::new(),
+                    members: HashMap::new(),
                 },
             );
         }
@@ -267,6 +349,25 @@ impl LocalBus {
                     self.route(from, Envelope::Subscribed { channel, position }, out);
                 } else {
                     ch.interested.retain(|&s| s != from);
+                    // A shard without subscribers has no members either:
+                    // whatever it did not report as left is gone now.
+                    let stale: Vec<Arc<str>> = ch
+                        .members
+                        .iter()
+                        .filter(|(_, shards)| shards.contains(&from))
+                        .map(|(user, _)| user.clone())
+                        .collect();
+                    for user in stale {
+                        self.handle(
+                            Envelope::Presence {
+                                channel: channel.clone(),
+                                user,
+                                from,
+                                joined: false,
+                            },
+                            out,
+                        );
+                    }
                     self.retire_if_unused(&channel);
                 }
             }
@@ -299,6 +400,75 @@ impl LocalBus {
                     out,
                 );
             }
+            Envelope::Presence {
+                channel,
+                user,
+                from,
+                joined,
+            } => {
+                if !joined && !self.owned.contains_key(&channel) {
+                    return; // nothing known: nobody to announce a leave to
+                }
+                // Publications sequenced before this change go out first,
+                // so the event keeps its place in the channel's order.
+                self.forward(&channel, out);
+                let ch = self.owned_mut(&channel);
+                if ch.apply_presence(&user, from, joined) {
+                    let targets = ch.interested.clone();
+                    for to in targets {
+                        self.route(
+                            to,
+                            Envelope::PresenceChanged {
+                                channel: channel.clone(),
+                                user: user.clone(),
+                                joined,
+                            },
+                            out,
+                        );
+                    }
+                }
+                if !joined {
+                    self.retire_if_unused(&channel);
+                }
+            }
+            Envelope::MembersRead {
+                channel,
+                from,
+                request,
+            } => {
+                let users = self
+                    .owned
+                    .get(&channel)
+                    .map(Owned::member_list)
+                    .unwrap_or_default();
+                self.route(
+                    from,
+                    Envelope::MembersAnswer {
+                        request,
+                        channel,
+                        users,
+                    },
+                    out,
+                );
+            }
+            Envelope::PresenceChanged {
+                channel,
+                user,
+                joined,
+            } => out.push(BusEvent::Presence {
+                channel,
+                user,
+                joined,
+            }),
+            Envelope::MembersAnswer {
+                request,
+                channel,
+                users,
+            } => out.push(BusEvent::Members {
+                request,
+                channel,
+                result: Ok(users),
+            }),
             Envelope::HistoryAnswer {
                 request,
                 channel,
@@ -369,11 +539,8 @@ impl LocalBus {
     /// clients honestly that what came before is gone.
     fn retire_if_unused(&mut self, channel: &Arc<str>) {
         let ttl = self.retention.ttl;
-        if let Some(ch) = self.owned.get(channel) {
-            let history_live = !ch.history.is_empty() && ch.last_publish.elapsed() < ttl;
-            if ch.interested.is_empty() && ch.pending.is_empty() && !history_live {
-                self.owned.remove(channel);
-            }
+        if self.owned.get(channel).is_some_and(|ch| !ch.in_use(ttl)) {
+            self.owned.remove(channel);
         }
     }
 
@@ -386,7 +553,10 @@ impl LocalBus {
         self.last_expiry = Instant::now();
         let ttl = self.retention.ttl;
         self.owned.retain(|_, ch| {
-            !ch.interested.is_empty() || !ch.pending.is_empty() || ch.last_publish.elapsed() < ttl
+            !ch.interested.is_empty()
+                || !ch.pending.is_empty()
+                || !ch.members.is_empty()
+                || ch.last_publish.elapsed() < ttl
         });
     }
 }
@@ -443,6 +613,27 @@ impl Bus for LocalBus {
         self.send(owner, env);
     }
 
+    fn presence(&mut self, channel: &str, user: &str, joined: bool) {
+        let owner = self.owner_of(channel);
+        let env = Envelope::Presence {
+            channel: Arc::from(channel),
+            user: Arc::from(user),
+            from: self.me,
+            joined,
+        };
+        self.send(owner, env);
+    }
+
+    fn presence_members(&mut self, channel: &str, request: u64) {
+        let owner = self.owner_of(channel);
+        let env = Envelope::MembersRead {
+            channel: Arc::from(channel),
+            from: self.me,
+            request,
+        };
+        self.send(owner, env);
+    }
+
     fn flush(&mut self) {
         for to in 0..self.outgoing.len() {
             if self.outgoing[to].is_empty() {
@@ -457,17 +648,9 @@ impl Bus for LocalBus {
 
     fn poll_events(&mut self, cx: &mut Context<'_>, out: &mut Vec<BusEvent>) -> Poll<()> {
         let mut progressed = false;
-        while let Some(env) = self.local.pop_front() {
-            progressed = true;
-            self.handle(env, out);
-        }
         while let Poll::Ready(Some(batch)) = self.inbox.poll_recv(cx) {
             progressed = true;
             for env in batch {
-                self.handle(env, out);
-            }
-            // Requests to ourselves created while handling the batch.
-            while let Some(env) = self.local.pop_front() {
                 self.handle(env, out);
             }
         }
@@ -719,6 +902,226 @@ mod tests {
         assert!(got.iter().all(|&o| o > pos), "pos {pos} got {got:?}");
         assert_eq!(got.len() as u64, 3 - pos);
         assert_eq!(delivered(&ev[0], "c"), vec![1, 2, 3]);
+    }
+
+    /// (user, joined) presence events of `channel`, in arrival order.
+    fn presence_of(events: &[BusEvent], channel: &str) -> Vec<(String, bool)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                BusEvent::Presence {
+                    channel: c,
+                    user,
+                    joined,
+                } if &**c == channel => Some((user.to_string(), *joined)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn members_of(events: &[BusEvent], request: u64) -> Vec<String> {
+        let found: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                BusEvent::Members {
+                    request: r, result, ..
+                } if *r == request => Some(result.clone().expect("local members never fail")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "one answer to request {request}");
+        found[0].iter().map(|u| u.to_string()).collect()
+    }
+
+    fn joined(user: &str) -> (String, bool) {
+        (user.to_string(), true)
+    }
+
+    fn left(user: &str) -> (String, bool) {
+        (user.to_string(), false)
+    }
+
+    #[test]
+    fn a_user_on_several_shards_is_one_member() {
+        const P: &str = "presence-room";
+        let mut buses = LocalBus::cluster(3, NO_HISTORY);
+        for b in buses.iter_mut() {
+            b.subscribe(P);
+        }
+        settle(&mut buses);
+        // alice on shards 0 and 2, bob on shard 1.
+        buses[0].presence(P, "alice", true);
+        buses[1].presence(P, "bob", true);
+        buses[2].presence(P, "alice", true);
+        let ev = settle(&mut buses);
+        for (shard, events) in ev.iter().enumerate() {
+            let mut got = presence_of(events, P);
+            got.sort();
+            assert_eq!(got, vec![joined("alice"), joined("bob")], "shard {shard}");
+        }
+        for (i, b) in buses.iter_mut().enumerate() {
+            b.presence_members(P, 10 + i as u64);
+        }
+        let ev = settle(&mut buses);
+        for (i, events) in ev.iter().enumerate() {
+            assert_eq!(members_of(events, 10 + i as u64), vec!["alice", "bob"]);
+        }
+        // alice leaves shard 0: still present on shard 2, nothing announced.
+        buses[0].presence(P, "alice", false);
+        buses[1].presence_members(P, 20);
+        let ev = settle(&mut buses);
+        assert!(ev.iter().all(|e| presence_of(e, P).is_empty()), "{ev:?}");
+        assert_eq!(members_of(&ev[1], 20), vec!["alice", "bob"]);
+        // Her last shard leaves: announced once, everywhere.
+        buses[2].presence(P, "alice", false);
+        let ev = settle(&mut buses);
+        for events in &ev {
+            assert_eq!(presence_of(events, P), vec![left("alice")]);
+        }
+        buses[0].presence_members(P, 21);
+        let ev = settle(&mut buses);
+        assert_eq!(members_of(&ev[0], 21), vec!["bob"]);
+    }
+
+    #[test]
+    fn repeated_reports_change_nothing() {
+        const P: &str = "presence-x";
+        let mut buses = LocalBus::cluster(2, NO_HISTORY);
+        buses[0].subscribe(P);
+        buses[0].presence(P, "u", true);
+        buses[0].presence(P, "u", true);
+        let ev = settle(&mut buses);
+        assert_eq!(presence_of(&ev[0], P), vec![joined("u")]);
+        // A leave from a shard that never joined is ignored.
+        buses[1].presence(P, "u", false);
+        buses[1].presence(P, "nobody", false);
+        buses[0].presence_members(P, 1);
+        let ev = settle(&mut buses);
+        assert!(presence_of(&ev[0], P).is_empty());
+        assert_eq!(members_of(&ev[0], 1), vec!["u"]);
+    }
+
+    #[test]
+    fn presence_keeps_its_place_among_publications() {
+        const P: &str = "presence-order";
+        let mut buses = LocalBus::cluster(2, NO_HISTORY);
+        buses[0].subscribe(P);
+        buses[1].subscribe(P);
+        settle(&mut buses);
+        // One tick of shard 1: publish, join, publish, leave, publish.
+        buses[1].publish(P, Bytes::from_static(b"1"), None, reply(1), 0);
+        buses[1].presence(P, "u", true);
+        buses[1].publish(P, Bytes::from_static(b"2"), None, reply(2), 0);
+        buses[1].presence(P, "u", false);
+        buses[1].publish(P, Bytes::from_static(b"3"), None, reply(3), 0);
+        let ev = settle(&mut buses);
+        for (shard, events) in ev.iter().enumerate() {
+            let seq: Vec<String> = events
+                .iter()
+                .filter_map(|e| match e {
+                    BusEvent::Publications { items, .. } => Some(
+                        items
+                            .iter()
+                            .map(|p| format!("p{}", p.offset))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
+                    BusEvent::Presence { user, joined, .. } => {
+                        Some(format!("{}{user}", if *joined { "+" } else { "-" }))
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(seq, vec!["p1", "+u", "p2", "-u", "p3"], "shard {shard}");
+        }
+    }
+
+    #[test]
+    fn members_keep_a_channel_from_retirement() {
+        const P: &str = "presence-keep";
+        let mut buses = LocalBus::cluster(1, NO_HISTORY);
+        let epoch = |ev: &[BusEvent]| {
+            ev.iter()
+                .find_map(|e| match e {
+                    BusEvent::Subscribed { position, .. } => Some(position.epoch),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        // A member without any listener (the bus does not require one):
+        // neither retirement nor the expiry sweep may forget it.
+        buses[0].presence(P, "u", true);
+        buses[0].publish(P, Bytes::from_static(b"x"), None, reply(1), 0);
+        settle(&mut buses);
+        buses[0].retention.ttl = Duration::ZERO;
+        buses[0].last_expiry = Instant::now() - Duration::from_secs(5);
+        buses[0].presence_members(P, 1);
+        let ev = settle(&mut buses);
+        assert_eq!(members_of(&ev[0], 1), vec!["u"]);
+        buses[0].subscribe(P);
+        let first = settle(&mut buses);
+        let kept = first[0]
+            .iter()
+            .any(|e| matches!(e, BusEvent::Subscribed { position, .. } if position.offset == 1));
+        assert!(kept, "channel state (offset 1) survived: {first:?}");
+        // Once nobody listens and the last member is gone, it is retired.
+        buses[0].presence(P, "u", false);
+        buses[0].unsubscribe(P);
+        buses[0].subscribe(P);
+        let again = settle(&mut buses);
+        assert_ne!(epoch(&first[0]), epoch(&again[0]));
+    }
+
+    #[test]
+    fn a_shard_that_stops_listening_takes_its_members_with_it() {
+        const P: &str = "presence-gone";
+        let mut buses = LocalBus::cluster(2, NO_HISTORY);
+        buses[0].subscribe(P);
+        buses[1].subscribe(P);
+        buses[0].presence(P, "a", true);
+        buses[1].presence(P, "a", true);
+        buses[1].presence(P, "b", true);
+        settle(&mut buses);
+        // Shard 1 unsubscribes without reporting its users as left.
+        buses[1].unsubscribe(P);
+        let ev = settle(&mut buses);
+        assert_eq!(presence_of(&ev[0], P), vec![left("b")]);
+        buses[0].presence_members(P, 1);
+        let ev = settle(&mut buses);
+        assert_eq!(members_of(&ev[0], 1), vec!["a"]);
+    }
+
+    #[test]
+    fn an_owner_sequences_its_own_requests_after_earlier_ones_of_others() {
+        let mut buses = LocalBus::cluster(2, NO_HISTORY);
+        let p: String = (0..)
+            .map(|i| format!("presence-{i}"))
+            .find(|c| buses[0].owner_of(c) == 0)
+            .unwrap();
+        let p = p.as_str();
+        buses[0].subscribe(p);
+        buses[1].subscribe(p);
+        buses[0].presence(p, "u", true);
+        settle(&mut buses);
+        // Shard 1's join is flushed (its client may have seen the answer)
+        // before the owner's own shard reports its leave: the join must be
+        // sequenced first, so the user never appears to leave.
+        buses[1].presence(p, "u", true);
+        buses[1].flush();
+        buses[0].presence(p, "u", false);
+        let ev = settle(&mut buses);
+        assert!(ev.iter().all(|e| presence_of(e, p).is_empty()), "{ev:?}");
+        buses[0].presence_members(p, 1);
+        let ev = settle(&mut buses);
+        assert_eq!(members_of(&ev[0], 1), vec!["u"]);
+    }
+
+    #[test]
+    fn members_of_an_unknown_channel_is_empty() {
+        let mut buses = LocalBus::cluster(2, NO_HISTORY);
+        buses[1].presence_members("presence-none", 5);
+        let ev = settle(&mut buses);
+        assert!(members_of(&ev[1], 5).is_empty());
     }
 
     #[test]

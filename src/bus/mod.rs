@@ -19,6 +19,15 @@ use thiserror::Error;
 
 pub use local::LocalBus;
 
+/// Channels with this prefix are presence channels: every authenticated
+/// connection subscribed to one makes its user a member.
+pub const PRESENCE_PREFIX: &str = "presence-";
+
+/// Whether `channel` is a presence channel.
+pub fn is_presence(channel: &str) -> bool {
+    channel.starts_with(PRESENCE_PREFIX)
+}
+
 /// Now, as microseconds since the Unix epoch (the unit of publication
 /// timestamps, comparable across threads and, with synced clocks, nodes).
 pub fn unix_us() -> u64 {
@@ -92,6 +101,22 @@ pub enum BusEvent {
         channel: Arc<str>,
         result: History,
     },
+    /// `user` became present on the presence channel `channel` (its first
+    /// connection anywhere joined: `joined`) or stopped being present (its
+    /// last one left). Sent to every shard with subscribers, in order with
+    /// the channel's publications.
+    Presence {
+        channel: Arc<str>,
+        user: Arc<str>,
+        joined: bool,
+    },
+    /// The answer to [`Bus::presence_members`]: every user present on
+    /// `channel`, sorted, each once.
+    Members {
+        request: u64,
+        channel: Arc<str>,
+        result: Result<Vec<Arc<str>>, BusError>,
+    },
 }
 
 /// What a history read found.
@@ -129,6 +154,17 @@ pub trait Bus: Send {
     /// Reads what was published on `channel` after `after`. Answered by
     /// [`BusEvent::History`] carrying `request`.
     fn history(&mut self, channel: &str, after: Position, request: u64);
+    /// This shard's first connection of `user` subscribed to the presence
+    /// channel `channel` (`joined`), or its last one left. Shards report
+    /// only these transitions; the bus merges them across shards (and
+    /// nodes) and emits [`BusEvent::Presence`] when the user's overall
+    /// presence changes. Call it after [`Bus::subscribe`] and before
+    /// [`Bus::unsubscribe`] of the same channel.
+    fn presence(&mut self, channel: &str, user: &str, joined: bool);
+    /// Asks who is present on `channel`. Answered by [`BusEvent::Members`]
+    /// carrying `request`, after every presence change this shard reported
+    /// before asking.
+    fn presence_members(&mut self, channel: &str, request: u64);
     /// Sends everything queued since the last flush, one batch per
     /// destination.
     fn flush(&mut self);

@@ -4,7 +4,12 @@
 //!
 //! Fan-out lives here: a tick's publications for a channel are encoded once
 //! into a WebSocket frame, and every subscriber's queue gets a refcount of
-//! that frame.
+//! that frame. Presence events travel the same way.
+//!
+//! Presence: for each presence channel the shard counts its subscribed
+//! connections per user and tells the bus only when a user's first
+//! connection on this shard joins or its last one leaves; the bus merges
+//! shards (and nodes) into one member list.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -23,7 +28,7 @@ use super::rate::TokenBucket;
 use super::slab::{ConnId, Slab};
 use super::Settings;
 use crate::auth::Identity;
-use crate::bus::{unix_us, Bus, BusEvent, History, Position, Publication, ReplyTo};
+use crate::bus::{self, unix_us, Bus, BusEvent, History, Position, Publication, ReplyTo};
 use crate::metrics::{Counters, Latencies, Limit, Registry};
 use crate::protocol::channel;
 use crate::protocol::compression::{self, Compressor, Decompressor};
@@ -128,6 +133,9 @@ struct LocalChannel {
     /// Connections catching up from history; they join `subscribers` once
     /// they reach the live position.
     recovering: Vec<ConnId>,
+    /// Presence channels only: subscribed connections per user on this
+    /// shard (a user is listed while it has at least one).
+    members: HashMap<Arc<str>, u32>,
 }
 
 impl LocalChannel {
@@ -184,6 +192,9 @@ pub struct State {
     drain: Option<Drain>,
     recoveries: HashMap<u64, Recovery>,
     next_recovery: u64,
+    /// Presence queries waiting for the bus: token → (connection, request).
+    presence_queries: HashMap<u64, (ConnId, u32)>,
+    next_presence_query: u64,
     compressor: Compressor,
     decompressor: Decompressor,
 }
@@ -241,6 +252,8 @@ impl State {
             drain: None,
             recoveries: HashMap::new(),
             next_recovery: 0,
+            presence_queries: HashMap::new(),
+            next_presence_query: 0,
             compressor,
             decompressor,
         })
@@ -496,6 +509,18 @@ impl State {
         if let ChannelState::Pending { waiters } = &mut ch.state {
             waiters.retain(|w| w.0 != id);
         }
+        // Before any unsubscribe below: the bus expects a shard's members
+        // to leave before its interest does.
+        if let Some(user) = presence_user(&self.conns, id, name) {
+            if let Some(n) = ch.members.get_mut(user) {
+                *n -= 1;
+                if *n == 0 {
+                    ch.members.remove(user);
+                    self.bus.presence(name, user, false);
+                    self.bus_pending = true;
+                }
+            }
+        }
         if ch.is_unused() {
             self.channels.remove(name);
             self.bus.unsubscribe(name);
@@ -659,8 +684,44 @@ impl State {
                 payload,
                 idempotency_key,
             } => self.publish(id, request, channel, payload, idempotency_key),
+            ClientRequest::PresenceQuery { channel } => self.presence_query(id, request, channel),
         }
         Ok(())
+    }
+
+    /// Asks the bus who is present on a presence channel the connection is
+    /// subscribed to.
+    fn presence_query(&mut self, id: ConnId, request: u32, name: &str) {
+        if let Err(e) = channel::validate(name) {
+            return self.reply_error(id, request, ErrorCode::InvalidChannel, &e.to_string());
+        }
+        if !bus::is_presence(name) {
+            let msg = format!(
+                "{name} is not a presence channel ({}*)",
+                bus::PRESENCE_PREFIX
+            );
+            return self.reply_error(id, request, ErrorCode::InvalidChannel, &msg);
+        }
+        let Some(conn) = self.conns.get(id) else {
+            return;
+        };
+        if !self
+            .settings
+            .auth
+            .may_subscribe(conn.identity.as_deref(), name)
+        {
+            let msg = format!("not allowed on {name}");
+            return self.reply_error(id, request, ErrorCode::Unauthorized, &msg);
+        }
+        if !conn.subs.iter().any(|s| &**s == name) {
+            let msg = format!("subscribe to {name} before asking who is present");
+            return self.reply_error(id, request, ErrorCode::NotSubscribed, &msg);
+        }
+        self.next_presence_query += 1;
+        let token = self.next_presence_query;
+        self.presence_queries.insert(token, (id, request));
+        self.bus.presence_members(name, token);
+        self.bus_pending = true;
     }
 
     fn subscribe(&mut self, id: ConnId, request: u32, name: &str, recover: Option<Position>) {
@@ -701,6 +762,7 @@ impl State {
                 },
                 subscribers: Vec::new(),
                 recovering: Vec::new(),
+                members: HashMap::new(),
             });
         match &mut ch.state {
             ChannelState::Pending { waiters } => {
@@ -713,6 +775,20 @@ impl State {
             ChannelState::Active { last } => {
                 let last = *last;
                 self.start_subscription(id, request, &key, last, recover);
+            }
+        }
+        // After the bus subscribe above: a shard's members join after its
+        // interest.
+        if let Some(user) = presence_user(&self.conns, id, &key) {
+            if let Some(ch) = self.channels.get_mut(&key) {
+                match ch.members.get_mut(user) {
+                    Some(n) => *n += 1,
+                    None => {
+                        ch.members.insert(Arc::from(user), 1);
+                        self.bus.presence(&key, user, true);
+                        self.bus_pending = true;
+                    }
+                }
             }
         }
     }
@@ -1007,6 +1083,33 @@ impl State {
             BusEvent::History {
                 request, result, ..
             } => self.on_history(request, result),
+            BusEvent::Presence {
+                channel,
+                user,
+                joined,
+            } => self.deliver_presence(&channel, &user, joined),
+            BusEvent::Members {
+                request,
+                channel,
+                result,
+            } => {
+                let Some((id, request)) = self.presence_queries.remove(&request) else {
+                    return;
+                };
+                match result {
+                    Ok(users) => {
+                        let zstd = self.is_zstd(id);
+                        let data = self.encoder.presence_members(
+                            request,
+                            &channel,
+                            users.iter().map(|u| &**u),
+                        );
+                        let frame = binary_frame(zstd, data);
+                        self.enqueue(id, frame);
+                    }
+                    Err(e) => self.reply_error(id, request, ErrorCode::Unavailable, &e.to_string()),
+                }
+            }
             BusEvent::Published {
                 reply_to,
                 channel,
@@ -1059,7 +1162,6 @@ impl State {
             epoch,
             offset: newest.offset,
         };
-        let budget = self.settings.outbound_budget;
         for chunk in fresh.chunks(self.settings.max_batch) {
             let data = self.encoder.publications(
                 name,
@@ -1068,37 +1170,14 @@ impl State {
                     .iter()
                     .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
             );
-            // One frame per form, each built at most once per shard and
-            // shared by refcount: plain (shardcast.v1), and for zstd
-            // connections either compressed or flagged-uncompressed.
-            let mut plain: Option<Bytes> = None;
-            let mut zstd: Option<Bytes> = None;
-            for &id in &ch.subscribers {
-                let Some(conn) = self.conns.get_mut(id) else {
-                    continue;
-                };
-                let frame = if conn.zstd {
-                    zstd.get_or_insert_with(|| match self.compressor.compress(data) {
-                        Some(z) => ws::frame(OpCode::Binary, &z),
-                        None => binary_frame(true, data),
-                    })
-                } else {
-                    plain.get_or_insert_with(|| ws::frame(OpCode::Binary, data))
-                };
-                // The budget bounds the backlog: a single frame larger than
-                // the budget still goes to a connection that keeps up.
-                let queued = conn.out.queued_bytes();
-                if queued > 0 && queued + frame.len() > budget {
-                    self.to_close
-                        .push((id, slow_consumer("outbound budget exceeded")));
-                    continue;
-                }
-                conn.out.push(frame.clone());
-                if !conn.dirty {
-                    conn.dirty = true;
-                    self.dirty.push(id);
-                }
+            Fanout {
+                conns: &mut self.conns,
+                compressor: &mut self.compressor,
+                dirty: &mut self.dirty,
+                to_close: &mut self.to_close,
+                budget: self.settings.outbound_budget,
             }
+            .send(&ch.subscribers, data);
             let recipients = ch.subscribers.len() as u64;
             self.counters.messages_out += recipients * chunk.len() as u64;
             for p in chunk {
@@ -1106,6 +1185,31 @@ impl State {
                     .push((p.published_us, p.ingress_us, recipients));
             }
         }
+    }
+
+    /// Encodes a presence change once and queues it for every live
+    /// subscriber of the channel. Connections still catching up from
+    /// history do not get it: presence is not part of history, and a client
+    /// learns the current members with `PresenceQuery`.
+    fn deliver_presence(&mut self, name: &Arc<str>, user: &str, joined: bool) {
+        let Some(ch) = self.channels.get(name) else {
+            return;
+        };
+        if !matches!(ch.state, ChannelState::Active { .. }) {
+            // From an earlier interest of this shard: the Subscribed answer
+            // still to come starts the new one.
+            return;
+        }
+        let data = self.encoder.presence_event(name, user, joined);
+        Fanout {
+            conns: &mut self.conns,
+            compressor: &mut self.compressor,
+            dirty: &mut self.dirty,
+            to_close: &mut self.to_close,
+            budget: self.settings.outbound_budget,
+        }
+        .send(&ch.subscribers, data);
+        self.counters.messages_out += ch.subscribers.len() as u64;
     }
 
     fn flush_dirty(&mut self) {
@@ -1127,6 +1231,13 @@ impl State {
     /// Writes what the connection has queued; called by the tick and by the
     /// connection's writer task once the socket is writable again.
     pub fn flush_conn(&mut self, id: ConnId) -> Option<Flushed> {
+        // Bus requests go out before the replies they caused: once a client
+        // has seen a reply, whatever it does next (on any shard) reaches the
+        // bus after the request behind that reply (see `bus::local`).
+        if self.bus_pending {
+            self.bus_pending = false;
+            self.bus.flush();
+        }
         let now = self.now;
         let conn = self.conns.get_mut(id)?;
         conn.dirty = false;
@@ -1315,6 +1426,66 @@ impl State {
 
 /// How often the keepalive / idle / expiry scan runs.
 const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a broadcast touches, borrowed field by field from [`State`] so
+/// that the encoded bytes (borrowed from the encoder) and the recipients
+/// (borrowed from a channel) can be used at the same time.
+struct Fanout<'a> {
+    conns: &'a mut Slab<Conn>,
+    compressor: &'a mut Compressor,
+    dirty: &'a mut Vec<ConnId>,
+    to_close: &'a mut Vec<(ConnId, CloseReason)>,
+    budget: usize,
+}
+
+impl Fanout<'_> {
+    /// Queues the encoded `Frame` `data` for every connection in `to`. One
+    /// WebSocket frame per form, each built at most once and shared by
+    /// refcount: plain (shardcast.v1), and for zstd connections either
+    /// compressed or flagged-uncompressed. A connection over its outbound
+    /// budget is closed as a slow consumer instead.
+    fn send(&mut self, to: &[ConnId], data: &[u8]) {
+        let mut plain: Option<Bytes> = None;
+        let mut zstd: Option<Bytes> = None;
+        for &id in to {
+            let Some(conn) = self.conns.get_mut(id) else {
+                continue;
+            };
+            let frame = if conn.zstd {
+                zstd.get_or_insert_with(|| match self.compressor.compress(data) {
+                    Some(z) => ws::frame(OpCode::Binary, &z),
+                    None => binary_frame(true, data),
+                })
+            } else {
+                plain.get_or_insert_with(|| ws::frame(OpCode::Binary, data))
+            };
+            // The budget bounds the backlog: a single frame larger than the
+            // budget still goes to a connection that keeps up.
+            let queued = conn.out.queued_bytes();
+            if queued > 0 && queued + frame.len() > self.budget {
+                self.to_close
+                    .push((id, slow_consumer("outbound budget exceeded")));
+                continue;
+            }
+            conn.out.push(frame.clone());
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+}
+
+/// The user whose membership a subscription of connection `id` to
+/// `channel` counts for: authenticated connections on presence channels
+/// only (anonymous ones cannot subscribe to those anyway).
+fn presence_user<'a>(conns: &'a Slab<Conn>, id: ConnId, channel: &str) -> Option<&'a str> {
+    if !bus::is_presence(channel) {
+        return None;
+    }
+    let user = conns.get(id)?.identity.as_deref()?.user.as_str();
+    (!user.is_empty()).then_some(user)
+}
 
 /// A binary frame carrying `data`; on zstd connections with the "plain"
 /// flag byte in front. One allocation either way.

@@ -113,6 +113,12 @@ pub fn decode_client_frame<'a>(
                 msg.body_as_ping().ok_or(WireError::MissingBody)?;
                 ClientRequest::Ping
             }
+            fb::Body::PresenceQuery => {
+                let b = msg.body_as_presence_query().ok_or(WireError::MissingBody)?;
+                ClientRequest::PresenceQuery {
+                    channel: b.channel(),
+                }
+            }
             other => return Err(unexpected(other)),
         };
         out.push((msg.id(), req));
@@ -212,6 +218,26 @@ pub fn decode_server_frame(
             fb::Body::Pong => {
                 msg.body_as_pong().ok_or(WireError::MissingBody)?;
                 ServerMessage::Pong
+            }
+            fb::Body::PresenceEvent => {
+                let b = msg.body_as_presence_event().ok_or(WireError::MissingBody)?;
+                ServerMessage::PresenceEvent {
+                    channel: b.channel().to_owned(),
+                    user: b.user().to_owned(),
+                    joined: b.joined(),
+                }
+            }
+            fb::Body::PresenceMembers => {
+                let b = msg
+                    .body_as_presence_members()
+                    .ok_or(WireError::MissingBody)?;
+                ServerMessage::PresenceMembers {
+                    channel: b.channel().to_owned(),
+                    users: b
+                        .users()
+                        .map(|v| v.iter().map(str::to_owned).collect())
+                        .unwrap_or_default(),
+                }
             }
             other => return Err(unexpected(other)),
         };

@@ -26,6 +26,8 @@ pub struct Encoder {
     fbb: FlatBufferBuilder<'static>,
     /// Offsets of the `BatchItem` tables of the batch being built.
     items: Vec<WIPOffset<fb::BatchItem<'static>>>,
+    /// Offsets of the strings of the member list being built.
+    names: Vec<WIPOffset<&'static str>>,
 }
 
 impl Default for Encoder {
@@ -39,6 +41,7 @@ impl Encoder {
         Self {
             fbb: FlatBufferBuilder::with_capacity(INITIAL_CAPACITY),
             items: Vec::with_capacity(64),
+            names: Vec::new(),
         }
     }
 
@@ -92,6 +95,34 @@ impl Encoder {
         self.finish_one(id, body)
     }
 
+    /// A presence change on `channel` (message id 0): `user`'s first
+    /// connection joined (`joined`), or its last one left.
+    pub fn presence_event(&mut self, channel: &str, user: &str, joined: bool) -> &[u8] {
+        self.begin();
+        let body = body_presence_event(&mut self.fbb, channel, user, joined);
+        self.finish_one(0, body)
+    }
+
+    /// Reply to `PresenceQuery`: the users present on `channel`, in the
+    /// order given.
+    pub fn presence_members<'u>(
+        &mut self,
+        id: u32,
+        channel: &str,
+        users: impl IntoIterator<Item = &'u str>,
+    ) -> &[u8] {
+        self.begin();
+        let Self { fbb, names, .. } = self;
+        names.clear();
+        for user in users {
+            names.push(fbb.create_string(user));
+        }
+        let users = fbb.create_vector(names.as_slice());
+        names.clear();
+        let body = body_presence_members(fbb, channel, users);
+        self.finish_one(id, body)
+    }
+
     /// Publications of one channel (message id 0): a `Publication` when
     /// `items` yields exactly one item, otherwise a `PublicationBatch`
     /// holding the items in the order given. Items are
@@ -113,7 +144,9 @@ impl Encoder {
                 return self.finish_one(0, body);
             }
         }
-        let Self { fbb, items: offs } = self;
+        let Self {
+            fbb, items: offs, ..
+        } = self;
         offs.clear();
         for (offset, timestamp_ms, payload) in items {
             let payload = fbb.create_vector(payload);
@@ -238,6 +271,10 @@ impl ClientEncoder {
         self.frame(&[(id, ClientRequest::Ping)])
     }
 
+    pub fn presence_query(&mut self, id: u32, channel: &str) -> Vec<u8> {
+        self.frame(&[(id, ClientRequest::PresenceQuery { channel })])
+    }
+
     /// Several requests in one frame, in order.
     pub fn frame(&mut self, reqs: &[(u32, ClientRequest<'_>)]) -> Vec<u8> {
         let fbb = &mut self.fbb;
@@ -333,6 +370,16 @@ fn client_body(fbb: &mut FlatBufferBuilder<'_>, req: &ClientRequest<'_>) -> Body
             let t = fb::Ping::create(fbb, &fb::PingArgs {});
             (fb::Body::Ping, t.as_union_value())
         }
+        ClientRequest::PresenceQuery { channel } => {
+            let channel = fbb.create_string(channel);
+            let t = fb::PresenceQuery::create(
+                fbb,
+                &fb::PresenceQueryArgs {
+                    channel: Some(channel),
+                },
+            );
+            (fb::Body::PresenceQuery, t.as_union_value())
+        }
     }
 }
 
@@ -361,6 +408,16 @@ fn server_body(fbb: &mut FlatBufferBuilder<'_>, msg: &ServerMessage) -> Body {
         }
         ServerMessage::Error { code, message } => body_error(fbb, *code, message),
         ServerMessage::Pong => body_pong(fbb),
+        ServerMessage::PresenceEvent {
+            channel,
+            user,
+            joined,
+        } => body_presence_event(fbb, channel, user, *joined),
+        ServerMessage::PresenceMembers { channel, users } => {
+            let names: Vec<_> = users.iter().map(|u| fbb.create_string(u)).collect();
+            let users = fbb.create_vector(&names);
+            body_presence_members(fbb, channel, users)
+        }
     }
 }
 
@@ -462,4 +519,39 @@ fn body_error(fbb: &mut FlatBufferBuilder<'_>, code: u16, message: &str) -> Body
 fn body_pong(fbb: &mut FlatBufferBuilder<'_>) -> Body {
     let t = fb::Pong::create(fbb, &fb::PongArgs {});
     (fb::Body::Pong, t.as_union_value())
+}
+
+fn body_presence_event(
+    fbb: &mut FlatBufferBuilder<'_>,
+    channel: &str,
+    user: &str,
+    joined: bool,
+) -> Body {
+    let channel = fbb.create_string(channel);
+    let user = fbb.create_string(user);
+    let t = fb::PresenceEvent::create(
+        fbb,
+        &fb::PresenceEventArgs {
+            channel: Some(channel),
+            user: Some(user),
+            joined,
+        },
+    );
+    (fb::Body::PresenceEvent, t.as_union_value())
+}
+
+fn body_presence_members<'a>(
+    fbb: &mut FlatBufferBuilder<'a>,
+    channel: &str,
+    users: WIPOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<&'a str>>>,
+) -> Body {
+    let channel = fbb.create_string(channel);
+    let t = fb::PresenceMembers::create(
+        fbb,
+        &fb::PresenceMembersArgs {
+            channel: Some(channel),
+            users: Some(users),
+        },
+    );
+    (fb::Body::PresenceMembers, t.as_union_value())
 }

@@ -269,6 +269,10 @@ pub enum ClientRequest<'a> {
         idempotency_key: Option<&'a str>,
     },
     Ping,
+    /// Who is present on a presence channel.
+    PresenceQuery {
+        channel: &'a str,
+    },
 }
 
 /// A decoded server → client message, owned (client side; not a hot path).
@@ -307,4 +311,16 @@ pub enum ServerMessage {
         message: String,
     },
     Pong,
+    /// A user's first connection joined (`joined`) or its last one left a
+    /// presence channel.
+    PresenceEvent {
+        channel: String,
+        user: String,
+        joined: bool,
+    },
+    /// Reply to `PresenceQuery`; an absent `users` decodes as empty.
+    PresenceMembers {
+        channel: String,
+        users: Vec<String>,
+    },
 }

@@ -167,10 +167,10 @@ impl flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 13;
+pub const ENUM_MAX_BODY: u8 = 16;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 14] = [
+pub const ENUM_VALUES_BODY: [Body; 17] = [
   Body::NONE,
   Body::Connect,
   Body::Subscribe,
@@ -185,6 +185,9 @@ pub const ENUM_VALUES_BODY: [Body; 14] = [
   Body::PublishAck,
   Body::Error,
   Body::Pong,
+  Body::PresenceQuery,
+  Body::PresenceEvent,
+  Body::PresenceMembers,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -206,9 +209,12 @@ impl Body {
   pub const PublishAck: Self = Self(11);
   pub const Error: Self = Self(12);
   pub const Pong: Self = Self(13);
+  pub const PresenceQuery: Self = Self(14);
+  pub const PresenceEvent: Self = Self(15);
+  pub const PresenceMembers: Self = Self(16);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 13;
+  pub const ENUM_MAX: u8 = 16;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Connect,
@@ -224,6 +230,9 @@ impl Body {
     Self::PublishAck,
     Self::Error,
     Self::Pong,
+    Self::PresenceQuery,
+    Self::PresenceEvent,
+    Self::PresenceMembers,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -242,6 +251,9 @@ impl Body {
       Self::PublishAck => Some("PublishAck"),
       Self::Error => Some("Error"),
       Self::Pong => Some("Pong"),
+      Self::PresenceQuery => Some("PresenceQuery"),
+      Self::PresenceEvent => Some("PresenceEvent"),
+      Self::PresenceMembers => Some("PresenceMembers"),
       _ => None,
     }
   }
@@ -956,6 +968,106 @@ impl<'a: 'b, 'b> PingBuilder<'a, 'b> {
 impl core::fmt::Debug for Ping<'_> {
   fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
     let mut ds = f.debug_struct("Ping");
+      ds.finish()
+  }
+}
+pub enum PresenceQueryOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Who is present on a presence channel (`presence-*`) this connection is
+/// subscribed to. Answered by `PresenceMembers`, or `Error`.
+pub struct PresenceQuery<'a> {
+  pub _tab: flatbuffers::Table<'a>,
+}
+
+impl<'a> flatbuffers::Follow<'a> for PresenceQuery<'a> {
+  type Inner = PresenceQuery<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: flatbuffers::Table::new(buf, loc) }
+  }
+}
+
+impl<'a> PresenceQuery<'a> {
+  pub const VT_CHANNEL: flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: flatbuffers::Table<'a>) -> Self {
+    PresenceQuery { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr>(
+    _fbb: &'mut_bldr mut flatbuffers::FlatBufferBuilder<'bldr>,
+    args: &'args PresenceQueryArgs<'args>
+  ) -> flatbuffers::WIPOffset<PresenceQuery<'bldr>> {
+    let mut builder = PresenceQueryBuilder::new(_fbb);
+    if let Some(x) = args.channel { builder.add_channel(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn channel(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<flatbuffers::ForwardsUOffset<&str>>(PresenceQuery::VT_CHANNEL, None).unwrap()}
+  }
+}
+
+impl flatbuffers::Verifiable for PresenceQuery<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut flatbuffers::Verifier, pos: usize
+  ) -> Result<(), flatbuffers::InvalidFlatbuffer> {
+    use self::flatbuffers::Verifiable;
+    v.visit_table(pos)?
+     .visit_field::<flatbuffers::ForwardsUOffset<&str>>("channel", Self::VT_CHANNEL, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PresenceQueryArgs<'a> {
+    pub channel: Option<flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for PresenceQueryArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PresenceQueryArgs {
+      channel: None, // required field
+    }
+  }
+}
+
+pub struct PresenceQueryBuilder<'a: 'b, 'b> {
+  fbb_: &'b mut flatbuffers::FlatBufferBuilder<'a>,
+  start_: flatbuffers::WIPOffset<flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b> PresenceQueryBuilder<'a, 'b> {
+  #[inline]
+  pub fn add_channel(&mut self, channel: flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<flatbuffers::WIPOffset<_>>(PresenceQuery::VT_CHANNEL, channel);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut flatbuffers::FlatBufferBuilder<'a>) -> PresenceQueryBuilder<'a, 'b> {
+    let start = _fbb.start_table();
+    PresenceQueryBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> flatbuffers::WIPOffset<PresenceQuery<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, PresenceQuery::VT_CHANNEL,"channel");
+    flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl core::fmt::Debug for PresenceQuery<'_> {
+  fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+    let mut ds = f.debug_struct("PresenceQuery");
+      ds.field("channel", &self.channel());
       ds.finish()
   }
 }
@@ -2082,6 +2194,260 @@ impl core::fmt::Debug for Pong<'_> {
       ds.finish()
   }
 }
+pub enum PresenceEventOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A user became present on (`joined` = true: its first connection
+/// subscribed) or left (`joined` = false: its last connection went away) a
+/// presence channel; id 0. In order with the channel's publications.
+pub struct PresenceEvent<'a> {
+  pub _tab: flatbuffers::Table<'a>,
+}
+
+impl<'a> flatbuffers::Follow<'a> for PresenceEvent<'a> {
+  type Inner = PresenceEvent<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: flatbuffers::Table::new(buf, loc) }
+  }
+}
+
+impl<'a> PresenceEvent<'a> {
+  pub const VT_CHANNEL: flatbuffers::VOffsetT = 4;
+  pub const VT_USER: flatbuffers::VOffsetT = 6;
+  pub const VT_JOINED: flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: flatbuffers::Table<'a>) -> Self {
+    PresenceEvent { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr>(
+    _fbb: &'mut_bldr mut flatbuffers::FlatBufferBuilder<'bldr>,
+    args: &'args PresenceEventArgs<'args>
+  ) -> flatbuffers::WIPOffset<PresenceEvent<'bldr>> {
+    let mut builder = PresenceEventBuilder::new(_fbb);
+    if let Some(x) = args.user { builder.add_user(x); }
+    if let Some(x) = args.channel { builder.add_channel(x); }
+    builder.add_joined(args.joined);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn channel(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<flatbuffers::ForwardsUOffset<&str>>(PresenceEvent::VT_CHANNEL, None).unwrap()}
+  }
+  /// The user's id (the `sub` of its token).
+  #[inline]
+  pub fn user(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<flatbuffers::ForwardsUOffset<&str>>(PresenceEvent::VT_USER, None).unwrap()}
+  }
+  #[inline]
+  pub fn joined(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(PresenceEvent::VT_JOINED, Some(false)).unwrap()}
+  }
+}
+
+impl flatbuffers::Verifiable for PresenceEvent<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut flatbuffers::Verifier, pos: usize
+  ) -> Result<(), flatbuffers::InvalidFlatbuffer> {
+    use self::flatbuffers::Verifiable;
+    v.visit_table(pos)?
+     .visit_field::<flatbuffers::ForwardsUOffset<&str>>("channel", Self::VT_CHANNEL, true)?
+     .visit_field::<flatbuffers::ForwardsUOffset<&str>>("user", Self::VT_USER, true)?
+     .visit_field::<bool>("joined", Self::VT_JOINED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PresenceEventArgs<'a> {
+    pub channel: Option<flatbuffers::WIPOffset<&'a str>>,
+    pub user: Option<flatbuffers::WIPOffset<&'a str>>,
+    pub joined: bool,
+}
+impl<'a> Default for PresenceEventArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PresenceEventArgs {
+      channel: None, // required field
+      user: None, // required field
+      joined: false,
+    }
+  }
+}
+
+pub struct PresenceEventBuilder<'a: 'b, 'b> {
+  fbb_: &'b mut flatbuffers::FlatBufferBuilder<'a>,
+  start_: flatbuffers::WIPOffset<flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b> PresenceEventBuilder<'a, 'b> {
+  #[inline]
+  pub fn add_channel(&mut self, channel: flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<flatbuffers::WIPOffset<_>>(PresenceEvent::VT_CHANNEL, channel);
+  }
+  #[inline]
+  pub fn add_user(&mut self, user: flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<flatbuffers::WIPOffset<_>>(PresenceEvent::VT_USER, user);
+  }
+  #[inline]
+  pub fn add_joined(&mut self, joined: bool) {
+    self.fbb_.push_slot::<bool>(PresenceEvent::VT_JOINED, joined, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut flatbuffers::FlatBufferBuilder<'a>) -> PresenceEventBuilder<'a, 'b> {
+    let start = _fbb.start_table();
+    PresenceEventBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> flatbuffers::WIPOffset<PresenceEvent<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, PresenceEvent::VT_CHANNEL,"channel");
+    self.fbb_.required(o, PresenceEvent::VT_USER,"user");
+    flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl core::fmt::Debug for PresenceEvent<'_> {
+  fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+    let mut ds = f.debug_struct("PresenceEvent");
+      ds.field("channel", &self.channel());
+      ds.field("user", &self.user());
+      ds.field("joined", &self.joined());
+      ds.finish()
+  }
+}
+pub enum PresenceMembersOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Reply to `PresenceQuery`: every user present on the channel, sorted,
+/// each once however many connections it has.
+pub struct PresenceMembers<'a> {
+  pub _tab: flatbuffers::Table<'a>,
+}
+
+impl<'a> flatbuffers::Follow<'a> for PresenceMembers<'a> {
+  type Inner = PresenceMembers<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: flatbuffers::Table::new(buf, loc) }
+  }
+}
+
+impl<'a> PresenceMembers<'a> {
+  pub const VT_CHANNEL: flatbuffers::VOffsetT = 4;
+  pub const VT_USERS: flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: flatbuffers::Table<'a>) -> Self {
+    PresenceMembers { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr>(
+    _fbb: &'mut_bldr mut flatbuffers::FlatBufferBuilder<'bldr>,
+    args: &'args PresenceMembersArgs<'args>
+  ) -> flatbuffers::WIPOffset<PresenceMembers<'bldr>> {
+    let mut builder = PresenceMembersBuilder::new(_fbb);
+    if let Some(x) = args.users { builder.add_users(x); }
+    if let Some(x) = args.channel { builder.add_channel(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn channel(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<flatbuffers::ForwardsUOffset<&str>>(PresenceMembers::VT_CHANNEL, None).unwrap()}
+  }
+  #[inline]
+  pub fn users(&self) -> Option<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<flatbuffers::ForwardsUOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<&'a str>>>>(PresenceMembers::VT_USERS, None)}
+  }
+}
+
+impl flatbuffers::Verifiable for PresenceMembers<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut flatbuffers::Verifier, pos: usize
+  ) -> Result<(), flatbuffers::InvalidFlatbuffer> {
+    use self::flatbuffers::Verifiable;
+    v.visit_table(pos)?
+     .visit_field::<flatbuffers::ForwardsUOffset<&str>>("channel", Self::VT_CHANNEL, true)?
+     .visit_field::<flatbuffers::ForwardsUOffset<flatbuffers::Vector<'_, flatbuffers::ForwardsUOffset<&'_ str>>>>("users", Self::VT_USERS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PresenceMembersArgs<'a> {
+    pub channel: Option<flatbuffers::WIPOffset<&'a str>>,
+    pub users: Option<flatbuffers::WIPOffset<flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<&'a str>>>>,
+}
+impl<'a> Default for PresenceMembersArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PresenceMembersArgs {
+      channel: None, // required field
+      users: None,
+    }
+  }
+}
+
+pub struct PresenceMembersBuilder<'a: 'b, 'b> {
+  fbb_: &'b mut flatbuffers::FlatBufferBuilder<'a>,
+  start_: flatbuffers::WIPOffset<flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b> PresenceMembersBuilder<'a, 'b> {
+  #[inline]
+  pub fn add_channel(&mut self, channel: flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<flatbuffers::WIPOffset<_>>(PresenceMembers::VT_CHANNEL, channel);
+  }
+  #[inline]
+  pub fn add_users(&mut self, users: flatbuffers::WIPOffset<flatbuffers::Vector<'b , flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<flatbuffers::WIPOffset<_>>(PresenceMembers::VT_USERS, users);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut flatbuffers::FlatBufferBuilder<'a>) -> PresenceMembersBuilder<'a, 'b> {
+    let start = _fbb.start_table();
+    PresenceMembersBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> flatbuffers::WIPOffset<PresenceMembers<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, PresenceMembers::VT_CHANNEL,"channel");
+    flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl core::fmt::Debug for PresenceMembers<'_> {
+  fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+    let mut ds = f.debug_struct("PresenceMembers");
+      ds.field("channel", &self.channel());
+      ds.field("users", &self.users());
+      ds.finish()
+  }
+}
 pub enum MessageOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2337,6 +2703,51 @@ impl<'a> Message<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_presence_query(&self) -> Option<PresenceQuery<'a>> {
+    if self.body_type() == Body::PresenceQuery {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { PresenceQuery::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_presence_event(&self) -> Option<PresenceEvent<'a>> {
+    if self.body_type() == Body::PresenceEvent {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { PresenceEvent::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_presence_members(&self) -> Option<PresenceMembers<'a>> {
+    if self.body_type() == Body::PresenceMembers {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { PresenceMembers::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl flatbuffers::Verifiable for Message<'_> {
@@ -2362,6 +2773,9 @@ impl flatbuffers::Verifiable for Message<'_> {
           Body::PublishAck => v.verify_union_variant::<flatbuffers::ForwardsUOffset<PublishAck>>("Body::PublishAck", pos),
           Body::Error => v.verify_union_variant::<flatbuffers::ForwardsUOffset<Error>>("Body::Error", pos),
           Body::Pong => v.verify_union_variant::<flatbuffers::ForwardsUOffset<Pong>>("Body::Pong", pos),
+          Body::PresenceQuery => v.verify_union_variant::<flatbuffers::ForwardsUOffset<PresenceQuery>>("Body::PresenceQuery", pos),
+          Body::PresenceEvent => v.verify_union_variant::<flatbuffers::ForwardsUOffset<PresenceEvent>>("Body::PresenceEvent", pos),
+          Body::PresenceMembers => v.verify_union_variant::<flatbuffers::ForwardsUOffset<PresenceMembers>>("Body::PresenceMembers", pos),
           _ => Ok(()),
         }
      })?
@@ -2509,6 +2923,27 @@ impl core::fmt::Debug for Message<'_> {
         },
         Body::Pong => {
           if let Some(x) = self.body_as_pong() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::PresenceQuery => {
+          if let Some(x) = self.body_as_presence_query() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::PresenceEvent => {
+          if let Some(x) = self.body_as_presence_event() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::PresenceMembers => {
+          if let Some(x) = self.body_as_presence_members() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
