@@ -624,3 +624,58 @@ pub fn http_get_bytes(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
     (status, raw[split..].to_vec())
 }
+
+/// Like [`try_connect`], optionally negotiating zstd framing (`Some`).
+pub async fn try_connect_with(
+    addr: SocketAddr,
+    token: Option<&str>,
+    zstd: Option<Zstd>,
+) -> Result<Client, (u16, String)> {
+    let protocol = if zstd.is_some() {
+        "shardcast.v1+zstd"
+    } else {
+        "shardcast.v1"
+    };
+    let ws = open_ws_with(addr, protocol).await;
+    let mut c = Client {
+        ws,
+        enc: ClientEncoder::new(),
+        next_id: 2,
+        inbox: VecDeque::new(),
+        client_id: 0,
+        shard: 0,
+        zstd,
+    };
+    let frame = c.enc.connect(1, token);
+    c.send_raw(frame).await;
+    match c.next_or_close().await {
+        Ok((
+            1,
+            ServerMessage::Connected {
+                client_id, shard, ..
+            },
+        )) => {
+            c.client_id = client_id;
+            c.shard = shard;
+            Ok(c)
+        }
+        Ok(other) => panic!("expected Connected, got {other:?}"),
+        Err(close) => Err(close),
+    }
+}
+
+/// Connects with `token` until a connection lands on `shard` (the kernel
+/// picks a shard per connection); the connections that landed elsewhere
+/// are closed again. `zstd` as in [`try_connect_with`].
+pub async fn connect_on_shard(addr: SocketAddr, token: &str, shard: u32, zstd: bool) -> Client {
+    for _ in 0..200 {
+        let z = zstd.then(Zstd::default);
+        let c = try_connect_with(addr, Some(token), z)
+            .await
+            .unwrap_or_else(|close| panic!("token refused: {close:?}"));
+        if c.shard == shard {
+            return c;
+        }
+    }
+    panic!("200 connections never reached shard {shard}");
+}
