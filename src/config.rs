@@ -540,11 +540,13 @@ impl Config {
             1..=86_400,
         )?;
         if !self.redis.url.is_empty() {
-            if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
+            // TLS (rediss://) is not built in: refuse it rather than fail
+            // to connect later.
+            if !self.redis.url.starts_with("redis://") {
                 return Err(ConfigError::Invalid {
                     key: "redis.url",
-                    value: format!("{:?}", self.redis.url),
-                    reason: "expected redis://host:port (or empty for the embedded bus)".into(),
+                    value: "(redacted)".into(),
+                    reason: "expected redis://[user:password@]host:port[/db] (TLS is not supported), or empty for the embedded bus".into(),
                 });
             }
             if self.history.size == 0 {

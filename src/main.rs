@@ -6,6 +6,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use shardcast::bus::local::Retention;
+use shardcast::bus::redis::{RedisBus, RedisOptions};
 use shardcast::bus::{Bus, LocalBus};
 use shardcast::config::{Config, Origin, Override};
 use shardcast::metrics::Registry;
@@ -127,6 +128,55 @@ fn signal_channel(set: libc::sigset_t) -> mpsc::Receiver<i32> {
     rx
 }
 
+/// One bus handle per shard, and which bus it is.
+type Buses = (Vec<Box<dyn Bus>>, &'static str);
+
+/// The embedded bus, or the Redis bus when `redis.url` is set.
+fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
+    let secs = |s: u32| Duration::from_secs(u64::from(s));
+    if config.redis.url.is_empty() {
+        let retention = Retention {
+            size: config.history.size as usize,
+            ttl: secs(config.history.ttl_secs),
+        };
+        let buses = LocalBus::cluster(shards, retention)
+            .into_iter()
+            .map(|b| Box::new(b) as Box<dyn Bus>)
+            .collect();
+        return Ok((buses, "local"));
+    }
+    let options = RedisOptions {
+        history_size: u64::from(config.history.size),
+        history_ttl: secs(config.history.ttl_secs),
+        idempotency_ttl: secs(config.redis.idempotency_ttl_secs),
+        command_timeout: Duration::from_millis(u64::from(config.redis.command_timeout_ms)),
+        node_id: if config.redis.node_id.is_empty() {
+            shardcast::bus::redis::default_node_id()
+        } else {
+            config.redis.node_id.clone()
+        },
+        ingest: config.redis.ingest,
+        ingest_claim_idle: secs(config.redis.ingest_claim_idle_secs),
+        max_payload_bytes: config.websocket.max_message_bytes as usize,
+    };
+    let buses = RedisBus::cluster(&config.redis.url, shards, options)
+        .map_err(|e| format!("redis.url {}: {e}", redact(&config.redis.url)))?
+        .into_iter()
+        .map(|b| Box::new(b) as Box<dyn Bus>)
+        .collect();
+    Ok((buses, "redis"))
+}
+
+/// A Redis URL without its password, for messages and logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 fn load_dictionary(config: &Config) -> Result<Option<Dictionary>, String> {
     let path = &config.compression.dictionary;
     if path.is_empty() {
@@ -243,14 +293,7 @@ fn serve(config: Config) -> Result<(), String> {
         );
     }
     let shards = config.shard_count();
-    let retention = Retention {
-        size: config.history.size as usize,
-        ttl: Duration::from_secs(u64::from(config.history.ttl_secs)),
-    };
-    let buses: Vec<Box<dyn Bus>> = LocalBus::cluster(shards, retention)
-        .into_iter()
-        .map(|b| Box::new(b) as Box<dyn Bus>)
-        .collect();
+    let (buses, bus_kind) = build_buses(&config, shards)?;
     let dictionary = load_dictionary(&config)?;
     let server = shardcast::shard::start(&config, buses, dictionary.clone(), inherited)
         .map_err(|e| e.to_string())?;
@@ -278,7 +321,7 @@ fn serve(config: Config) -> Result<(), String> {
         addr = %server.local_addr,
         shards = server.shards,
         driver = server.driver,
-        bus = "local",
+        bus = bus_kind,
         "serving"
     );
     notify(&format!(

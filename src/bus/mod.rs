@@ -10,6 +10,7 @@
 //! and lets a shard never wait on another shard.
 
 pub mod local;
+pub mod redis;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
