@@ -298,27 +298,43 @@ async fn run_conn(
         .collect();
     let mut tracker = StreamTracker::default();
     let mut buf = Vec::with_capacity(payload_bytes + 64);
-    let stop = instant_at(go.stop_ns);
+    // Timers are created once and re-armed: registering a fresh timer per
+    // received frame costs more than the frame itself.
+    let stop = tokio::time::sleep_until(instant_at(go.stop_ns));
+    tokio::pin!(stop);
+    let pub_timer = tokio::time::sleep_until(instant_at(go.stop_ns));
+    tokio::pin!(pub_timer);
+    let mut armed_for = u64::MAX;
     let mut publishing = !scheds.is_empty();
     let mut replies: Vec<Message> = Vec::new();
     loop {
         // Next intended send among streams still inside the window.
-        let next_due = scheds
-            .iter()
-            .map(|s| s.due(s.next_seq))
-            .filter(|&t| t < go.window.to_ns)
-            .min();
-        if next_due.is_none() {
-            publishing = false;
+        let mut next_due = None;
+        if publishing {
+            next_due = scheds
+                .iter()
+                .map(|s| s.due(s.next_seq))
+                .filter(|&t| t < go.window.to_ns)
+                .min();
+            match next_due {
+                None => publishing = false,
+                Some(t) => {
+                    let wake = if precise {
+                        t.saturating_sub(EARLY_NS)
+                    } else {
+                        t
+                    };
+                    if wake != armed_for {
+                        pub_timer.as_mut().reset(instant_at(wake));
+                        armed_for = wake;
+                    }
+                }
+            }
         }
-        let wake = match next_due {
-            Some(t) if precise => instant_at(t.saturating_sub(EARLY_NS)),
-            Some(t) => instant_at(t),
-            None => instant_at(go.stop_ns),
-        };
         tokio::select! {
             biased;
-            _ = tokio::time::sleep_until(wake), if publishing => {
+            _ = &mut pub_timer, if publishing => {
+                armed_for = u64::MAX; // fired: re-arm next time round
                 // tokio's timer has 1 ms granularity and rounds up; a worker
                 // without receivers wakes early and spins the rest.
                 if precise {
@@ -404,7 +420,7 @@ async fn run_conn(
                     let _ = c.ws.flush().await;
                 }
             }
-            _ = tokio::time::sleep_until(stop) => break,
+            _ = &mut stop => break,
         }
     }
     // Publications due in the window that were never sent.
