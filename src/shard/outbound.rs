@@ -38,6 +38,8 @@ pub struct Outbound {
     queued: usize,
     /// When the oldest unsent byte started waiting on a full socket.
     blocked_since: Option<Instant>,
+    /// Something was queued since the last `release_if_idle`.
+    recently_used: bool,
 }
 
 impl Outbound {
@@ -50,8 +52,19 @@ impl Outbound {
     }
 
     pub fn push(&mut self, frame: Bytes) {
+        self.recently_used = true;
         self.queued += frame.len();
         self.frames.push_back(frame);
+    }
+
+    /// Frees the queue's buffer if nothing was queued since the previous
+    /// call and nothing is waiting; called periodically, so only idle
+    /// connections lose (and later reallocate) it.
+    pub fn release_if_idle(&mut self) {
+        if !self.recently_used && self.frames.is_empty() && self.frames.capacity() > 0 {
+            self.frames = VecDeque::new();
+        }
+        self.recently_used = false;
     }
 
     /// Drops everything not yet started, keeping the rest of a frame that is
@@ -196,6 +209,18 @@ mod tests {
         assert!(left > 100 && left < (4 << 20) + 100);
         out.discard_unstarted();
         assert_eq!(out.queued_bytes(), left - 100);
+    }
+
+    #[test]
+    fn idle_queues_give_their_buffer_back() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut out = Outbound::default();
+        out.push(Bytes::from_static(b"connected"));
+        out.flush(a.as_raw_fd(), Instant::now()).unwrap();
+        out.release_if_idle();
+        assert!(out.frames.capacity() > 0, "used since the last check: kept");
+        out.release_if_idle();
+        assert_eq!(out.frames.capacity(), 0, "idle for a whole interval: freed");
     }
 
     #[test]

@@ -1343,6 +1343,10 @@ impl State {
 impl State {
     /// Handshakes and Connects that did not arrive in time.
     fn expire_deadlines(&mut self, now: Instant) {
+        if self.deadlines.is_empty() && self.deadlines.capacity() > 64 {
+            // A connection storm grew it; give the memory back once drained.
+            self.deadlines = VecDeque::new();
+        }
         while let Some(&(at, id, kind)) = self.deadlines.front() {
             if at > now {
                 break;
@@ -1386,6 +1390,11 @@ impl State {
             if !matches!(conn.phase, Phase::Open { .. }) {
                 continue;
             }
+            // A connection that received nothing for a whole scan interval
+            // gives its queue's buffer back: idle connections should cost
+            // almost nothing, busy ones keep theirs (no allocation per
+            // delivery).
+            conn.out.release_if_idle();
             let silent = now.duration_since(conn.last_seen);
             if silent >= idle_after {
                 self.counters.limit(Limit::Idle);
