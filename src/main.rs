@@ -6,10 +6,10 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use shardcast::bus::local::Retention;
-use shardcast::bus::redis::{RedisBus, RedisOptions};
+use shardcast::bus::redis::{RedisBus, RedisOptions, RedisStats};
 use shardcast::bus::{Bus, LocalBus};
 use shardcast::config::{Config, Origin, Override};
-use shardcast::metrics::Registry;
+use shardcast::metrics::{Collector, Registry};
 use shardcast::protocol::compression::{self, Dictionary};
 use shardcast::systemd;
 
@@ -128,8 +128,8 @@ fn signal_channel(set: libc::sigset_t) -> mpsc::Receiver<i32> {
     rx
 }
 
-/// One bus handle per shard, and which bus it is.
-type Buses = (Vec<Box<dyn Bus>>, &'static str);
+/// One bus handle per shard, which bus it is, and its metrics (if any).
+type Buses = (Vec<Box<dyn Bus>>, &'static str, Option<Collector>);
 
 /// The embedded bus, or the Redis bus when `redis.url` is set.
 fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
@@ -143,7 +143,7 @@ fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
             .into_iter()
             .map(|b| Box::new(b) as Box<dyn Bus>)
             .collect();
-        return Ok((buses, "local"));
+        return Ok((buses, "local", None));
     }
     let options = RedisOptions {
         history_size: u64::from(config.history.size),
@@ -159,12 +159,61 @@ fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
         ingest_claim_idle: secs(config.redis.ingest_claim_idle_secs),
         max_payload_bytes: config.websocket.max_message_bytes as usize,
     };
-    let buses = RedisBus::cluster(&config.redis.url, shards, options)
-        .map_err(|e| format!("redis.url {}: {e}", redact(&config.redis.url)))?
+    let handles = RedisBus::cluster(&config.redis.url, shards, options)
+        .map_err(|e| format!("redis.url {}: {e}", redact(&config.redis.url)))?;
+    let stats = handles.first().map(RedisBus::stats);
+    let collector: Option<Collector> = stats.map(|s| -> Collector {
+        Box::new(move || {
+            let get = RedisStats::get;
+            vec![
+                (
+                    "shardcast_redis_malformed_total",
+                    "Entries read from Redis rejected as malformed.",
+                    get(&s.malformed),
+                ),
+                (
+                    "shardcast_redis_catch_ups_total",
+                    "Catch-up reads from a stream after a gap, reconnect or lag.",
+                    get(&s.catch_ups),
+                ),
+                (
+                    "shardcast_redis_caught_up_total",
+                    "Publications delivered by catch-up reads.",
+                    get(&s.caught_up),
+                ),
+                (
+                    "shardcast_redis_unfillable_gaps_total",
+                    "Gaps that history could no longer fill.",
+                    get(&s.unfillable_gaps),
+                ),
+                (
+                    "shardcast_redis_reconnects_total",
+                    "Reconnects of the Pub/Sub connection.",
+                    get(&s.reconnects),
+                ),
+                (
+                    "shardcast_redis_publish_errors_total",
+                    "Publishes that failed (unreachable, timeout, script error).",
+                    get(&s.publish_errors),
+                ),
+                (
+                    "shardcast_redis_ingest_executed_total",
+                    "Ingest entries published.",
+                    get(&s.ingest_executed),
+                ),
+                (
+                    "shardcast_redis_ingest_claimed_total",
+                    "Ingest entries taken over from another node.",
+                    get(&s.ingest_claimed),
+                ),
+            ]
+        })
+    });
+    let buses = handles
         .into_iter()
         .map(|b| Box::new(b) as Box<dyn Bus>)
         .collect();
-    Ok((buses, "redis"))
+    Ok((buses, "redis", collector))
 }
 
 /// A Redis URL without its password, for messages and logs.
@@ -293,10 +342,13 @@ fn serve(config: Config) -> Result<(), String> {
         );
     }
     let shards = config.shard_count();
-    let (buses, bus_kind) = build_buses(&config, shards)?;
+    let (buses, bus_kind, bus_metrics) = build_buses(&config, shards)?;
     let dictionary = load_dictionary(&config)?;
     let server = shardcast::shard::start(&config, buses, dictionary.clone(), inherited)
         .map_err(|e| e.to_string())?;
+    if let Some(c) = bus_metrics {
+        server.registry.add_collector(c);
+    }
     let admin = match config.admin_addr().map_err(|e| e.to_string())? {
         Some(addr) => Some(
             shardcast::api::admin::spawn(addr, server.registry.clone(), dictionary)

@@ -78,6 +78,7 @@ fn serve(mut s: TcpStream, registry: &Registry, dictionary: Option<&Dictionary>)
                 &registry.snapshot(),
                 registry.is_ready(),
                 registry.is_draining(),
+                &registry.collected(),
             );
             respond(&mut s, 200, "text/plain; version=0.0.4", &body)
         }

@@ -136,8 +136,13 @@ pub struct ShardReport {
 /// Shared between the shards (writers, one slot each) and the admin
 /// endpoint (reader). Each slot's lock is taken a few times a second by its
 /// shard and on each scrape; never per message.
+/// Reads counters kept elsewhere (e.g. by the Redis bus) at scrape time:
+/// (metric name, help, value).
+pub type Collector = Box<dyn Fn() -> Vec<(&'static str, &'static str, u64)> + Send + Sync>;
+
 pub struct Registry {
     shards: Vec<Mutex<ShardReport>>,
+    collectors: Mutex<Vec<Collector>>,
     /// Bumped by each shard's periodic task; the service watchdog pings
     /// only while every shard's counter moves.
     heartbeats: Vec<AtomicU64>,
@@ -149,6 +154,7 @@ impl Registry {
     pub fn new(shards: usize) -> Self {
         Registry {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
+            collectors: Mutex::new(Vec::new()),
             heartbeats: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -180,6 +186,24 @@ impl Registry {
         self.heartbeats
             .iter()
             .map(|h| h.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Adds counters read at every scrape.
+    pub fn add_collector(&self, c: Collector) {
+        self.collectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(c);
+    }
+
+    /// Every collector's counters, now.
+    pub fn collected(&self) -> Vec<(&'static str, &'static str, u64)> {
+        self.collectors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .flat_map(|c| c())
             .collect()
     }
 

@@ -12,7 +12,13 @@ const BUCKETS: [f64; 16] = [
     5.0, 10.0,
 ];
 
-pub fn render(shards: &[ShardReport], ready: bool, draining: bool) -> String {
+/// `extra`: counters from collectors, as (name, help, value).
+pub fn render(
+    shards: &[ShardReport],
+    ready: bool,
+    draining: bool,
+    extra: &[(&str, &str, u64)],
+) -> String {
     let mut out = String::with_capacity(8192);
     let per_shard =
         |out: &mut String, name: &str, kind: &str, help: &str, f: &dyn Fn(&ShardReport) -> u64| {
@@ -129,6 +135,11 @@ pub fn render(shards: &[ShardReport], ready: bool, draining: bool) -> String {
             &merged(&|s| &s.latencies.ingress_to_write),
         );
     }
+    for (name, help, value) in extra {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {value}");
+    }
     let _ = writeln!(
         out,
         "# HELP shardcast_ready Whether the server accepts new connections."
@@ -179,7 +190,13 @@ mod tests {
         };
         b.latencies.record(200, 300, 4); // 0.2 ms
         b.latencies.record(20_000, 30_000, 1); // 20 ms
-        let text = render(&[a, b], true, false);
+        let text = render(
+            &[a, b],
+            true,
+            false,
+            &[("shardcast_x_total", "An extra.", 7)],
+        );
+        assert!(text.contains("# TYPE shardcast_x_total counter\nshardcast_x_total 7\n"));
         assert!(text.contains("shardcast_messages_out_total{shard=\"0\"} 3\n"));
         assert!(text.contains("shardcast_limit_hits_total{shard=\"0\",limit=\"message_rate\"} 1\n"));
         assert!(text.contains("shardcast_publish_to_write_seconds_bucket{le=\"0.0001\"} 0\n"));

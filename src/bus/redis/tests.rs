@@ -796,4 +796,3 @@ fn presence_is_one_list_across_nodes_and_a_dead_nodes_members_expire() {
     );
     assert_eq!(members(&mut b, 0, ch, 5), vec!["u2"]);
 }
-
