@@ -497,33 +497,7 @@ pub async fn assert_serving(addr: SocketAddr) {
 /// Connects with an optional token. `Err((code, reason))` when the server
 /// closes the connection instead of answering Connected.
 pub async fn try_connect(addr: SocketAddr, token: Option<&str>) -> Result<Client, (u16, String)> {
-    let ws = open_ws(addr).await;
-    let mut c = Client {
-        ws,
-        enc: ClientEncoder::new(),
-        next_id: 1,
-        inbox: VecDeque::new(),
-        client_id: 0,
-        shard: 0,
-        zstd: None,
-    };
-    let frame = c.enc.connect(1, token);
-    c.send_raw(frame).await;
-    c.next_id = 2;
-    match c.next_or_close().await {
-        Ok((
-            _,
-            ServerMessage::Connected {
-                client_id, shard, ..
-            },
-        )) => {
-            c.client_id = client_id;
-            c.shard = shard;
-            Ok(c)
-        }
-        Ok(other) => panic!("expected Connected, got {other:?}"),
-        Err(close) => Err(close),
-    }
+    try_connect_with(addr, token, None).await
 }
 
 impl Client {
