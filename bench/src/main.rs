@@ -10,6 +10,7 @@ mod payload;
 mod plan;
 mod proc_stats;
 mod proto;
+mod pusher;
 mod report;
 mod target;
 mod worker;
@@ -43,7 +44,7 @@ SCENARIOS (defaults in brackets):
              N idle connections: server RSS and CPU per connection
 
 OPTIONS:
-    --target T          shardcast | baseline | nats   [shardcast]
+    --target T          shardcast | baseline | nats | sockudo   [shardcast]
     --server PATH       shardcast binary [target/release/shardcast next to this one]
     --shards N          server threads (shards / tokio workers / GOMAXPROCS) [2]
     --server-arg ARG    extra argument for shardcast serve (repeatable)

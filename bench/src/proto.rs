@@ -18,6 +18,9 @@ pub enum Proto {
     Baseline,
     /// NATS client protocol over WebSocket.
     Nats,
+    /// Pusher Channels protocol 7 (Sockudo); publishes go over the HTTP
+    /// API, see `pusher.rs`.
+    Pusher,
 }
 
 impl Proto {
@@ -25,6 +28,7 @@ impl Proto {
         match self {
             Proto::Native => "/ws",
             Proto::Baseline | Proto::Nats => "/",
+            Proto::Pusher => crate::pusher::WS_PATH,
         }
     }
 
@@ -133,6 +137,7 @@ impl Conn {
                 s.push_str("PING\r\n");
                 (vec![Message::Binary(s.into_bytes().into())], 1)
             }
+            Proto::Pusher => crate::pusher::setup(channels),
         }
     }
 
@@ -164,6 +169,7 @@ impl Conn {
                 v.extend_from_slice(b"\r\n");
                 Message::Binary(v.into())
             }
+            Proto::Pusher => unreachable!("Pusher publishes over HTTP (pusher::HttpPublisher)"),
         }
     }
 
@@ -211,6 +217,10 @@ impl Conn {
             }
             (Proto::Nats, Message::Text(t)) => {
                 self.nats_bytes(t.as_bytes(), on);
+                true
+            }
+            (Proto::Pusher, Message::Text(t)) => {
+                crate::pusher::handle(t.as_str(), on);
                 true
             }
             (_, Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_)) => {

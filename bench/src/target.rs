@@ -122,14 +122,7 @@ pub fn availability(t: Target, o: &ServerOpts) -> Result<PathBuf, String> {
         Target::Nats => on_path("nats-server").ok_or_else(|| {
             "nats-server not installed: `apt-get install nats-server` (Debian/Ubuntu), or a release from the NATS project".into()
         }),
-        Target::Sockudo => match on_path("sockudo") {
-            Some(_) => Err(
-                "sockudo is installed but this bench has no Pusher-protocol adapter yet (tracked in bench/README.md)".into(),
-            ),
-            None => Err(
-                "sockudo not installed: `apt-get install protobuf-compiler && cargo install sockudo --locked` (a long build); the bench also needs its Pusher adapter (not written yet)".into(),
-            ),
-        },
+        Target::Sockudo => on_path("sockudo").ok_or_else(|| crate::pusher::INSTALL_HINT.into()),
     }
 }
 
@@ -281,7 +274,21 @@ pub fn start(t: Target, o: &ServerOpts) -> Result<Server, String> {
                 _tmp: Some(tmp),
             })
         }
-        Target::Sockudo => unreachable!("availability() refuses sockudo"),
+        Target::Sockudo => {
+            let dir = std::env::temp_dir()
+                .join(format!("shardcast-bench-sockudo-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let tmp = TempDir(dir.clone());
+            let (child, addr, banner) = crate::pusher::spawn_server(&bin, &dir, o.threads)?;
+            Ok(Server {
+                proto: Proto::Pusher,
+                addr,
+                pid: child.id(),
+                banner,
+                child,
+                _tmp: Some(tmp),
+            })
+        }
     }
 }
 

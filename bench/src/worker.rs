@@ -20,6 +20,7 @@ use crate::net::{self, Ws};
 use crate::payload::{self, Stamp};
 use crate::plan::{Role, Scenario};
 use crate::proto::{Conn, Event, Proto};
+use crate::pusher;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Job {
@@ -89,6 +90,8 @@ struct Live {
     ws: Ws,
     conn: Conn,
     role: Role,
+    /// Pusher publishers trigger events over the HTTP API instead.
+    http: Option<pusher::HttpPublisher>,
 }
 
 struct Shared {
@@ -251,7 +254,17 @@ async fn setup_one(job: &Job, i: u64, timeout: Duration) -> Result<Live, String>
             ws.send(r).await.map_err(|e| format!("send: {e}"))?;
         }
     }
-    Ok(Live { ws, conn, role })
+    let http = if job.proto == Proto::Pusher && role.streams.iter().any(|s| s.rate > 0.0) {
+        Some(pusher::HttpPublisher::connect(job.addr, src, timeout).await?)
+    } else {
+        None
+    };
+    Ok(Live {
+        ws,
+        conn,
+        role,
+        http,
+    })
 }
 
 struct Sched {
@@ -357,14 +370,35 @@ async fn run_conn(
                             break;
                         }
                         payload::encode(Stamp { stream: s.stream, seq: s.next_seq, intended_ns: due }, payload_bytes, &mut buf);
-                        let m = c.conn.publish(&s.channel, &buf);
-                        if c.ws.feed(m).await.is_err() {
+                        let sent = match c.http.as_mut() {
+                            Some(h) => {
+                                h.queue(&s.channel, &buf);
+                                true
+                            }
+                            None => c.ws.feed(c.conn.publish(&s.channel, &buf)).await.is_ok(),
+                        };
+                        if !sent {
                             failed = true;
                             break;
                         }
                         shared.borrow_mut().rec.on_sent(due, now_ns(), s.subscribers);
                         s.next_seq += 1;
                         n += 1;
+                    }
+                }
+                if let Some(h) = c.http.as_mut() {
+                    match h.flush().await {
+                        Ok(o) => {
+                            let mut sh = shared.borrow_mut();
+                            sh.rec.counts.acks += o.acks;
+                            for e in o.errors {
+                                sh.error(e);
+                            }
+                        }
+                        Err(e) => {
+                            shared.borrow_mut().first_error.get_or_insert(e);
+                            failed = true;
+                        }
                     }
                 }
                 if failed || c.ws.flush().await.is_err() {

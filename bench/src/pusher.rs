@@ -1,0 +1,748 @@
+//! The Sockudo peer: a Pusher Channels (protocol 7) adapter.
+//!
+//! * **Server**: `sockudo --config <generated JSON>` on a free loopback port
+//!   with everything in process (local adapter, memory cache and app
+//!   manager, no queue, no Redis), rate limiters and metrics off, one app
+//!   whose credentials are the constants below, and `TOKIO_WORKER_THREADS`
+//!   set to the bench's thread count. The environment is cleared so none of
+//!   Sockudo's many environment overrides (PORT, ADAPTER_DRIVER, …) leaks in.
+//! * **Subscribers** speak Pusher protocol 7 over WebSocket at
+//!   [`WS_PATH`]: the server opens with `pusher:connection_established`, the
+//!   client sends `pusher:subscribe` per channel and waits for
+//!   `pusher_internal:subscription_succeeded`; publications arrive as
+//!   `{"event":"bench","channel":…,"data":"<string>"}`; `pusher:ping` is
+//!   answered with `pusher:pong`.
+//! * **Publishers** use the Pusher HTTP API (`POST /apps/<id>/events`,
+//!   signed with HMAC-SHA256 as Pusher documents) over one keep-alive
+//!   HTTP/1.1 connection each. Requests are pipelined — written on the
+//!   publisher's open-loop schedule without waiting for the previous
+//!   response — so a slow response delays nothing but itself, as with the
+//!   other protocols. Responses are read whenever the publisher writes.
+//!
+//! The bench payload (`<stream>:<seq>:<intended ns>:` padded with `.`, see
+//! `payload.rs`) is ASCII without quotes or backslashes, so it travels as
+//! the event's `data` string unchanged and comes back byte for byte.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream as StdTcpStream};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Deserializer, Serialize};
+use sha2::Sha256;
+use tokio::io::Interest;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::net::io_error;
+use crate::proto::Event;
+
+/// The app the bench configures and uses.
+pub const APP_ID: &str = "shardcast-bench";
+pub const APP_KEY: &str = "shardcast-bench-key";
+pub const APP_SECRET: &str = "shardcast-bench-secret";
+
+/// WebSocket path (with the app key and protocol version) for subscribers.
+pub const WS_PATH: &str = "/app/shardcast-bench-key?protocol=7&client=shardcast-bench&version=1";
+
+/// Event name of bench publications.
+pub const EVENT: &str = "bench";
+
+/// What `compare` says when `sockudo` is not on PATH.
+pub const INSTALL_HINT: &str = "sockudo not installed: `apt-get install protobuf-compiler && cargo install sockudo --locked` (a long build), then make sure `sockudo` is on PATH";
+
+// ---------------------------------------------------------------------------
+// Server
+
+/// Sockudo's configuration for a bench run (JSON; Sockudo 5 reads JSON or
+/// TOML by file extension, every section defaulted when absent).
+pub fn server_config(port: u16) -> String {
+    let cfg = serde_json::json!({
+        "debug": false,
+        "host": "127.0.0.1",
+        "port": port,
+        "mode": "production",
+        "max_connections": 0,
+        "adapter": { "driver": "local" },
+        "cache": { "driver": "memory" },
+        "queue": { "driver": "none" },
+        "app_manager": {
+            "driver": "memory",
+            "array": { "apps": [{
+                "id": APP_ID,
+                "key": APP_KEY,
+                "secret": APP_SECRET,
+                "enabled": true,
+                "policy": {
+                    "limits": { "max_connections": 0, "max_client_events_per_second": 0 },
+                    "features": { "enable_client_messages": false }
+                }
+            }]}
+        },
+        // Defaults are 100 API requests and 20 WebSocket connects per
+        // minute per IP: a bench would measure the limiter.
+        "rate_limiter": { "enabled": false },
+        "metrics": { "enabled": false },
+    });
+    serde_json::to_string_pretty(&cfg).expect("serialisable")
+}
+
+/// Starts `bin` with a generated config in `dir` on a free loopback port
+/// and waits until the port accepts. Returns the child, the address and a
+/// banner. Server output goes to `dir/sockudo.log` (quoted on failure).
+pub fn spawn_server(
+    bin: &Path,
+    dir: &Path,
+    threads: u32,
+) -> Result<(Child, SocketAddr, String), String> {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        l.local_addr().map_err(|e| e.to_string())?.port()
+    };
+    let conf = dir.join("sockudo.json");
+    std::fs::write(&conf, server_config(port)).map_err(|e| format!("{}: {e}", conf.display()))?;
+    let log_path = dir.join("sockudo.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    let log2 = log.try_clone().map_err(|e| e.to_string())?;
+    let version = Command::new(bin)
+        .arg("--version")
+        .env_clear()
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(&conf)
+        // Sockudo also loads config/config.{toml,json} from its working
+        // directory; the run's own directory has none.
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TOKIO_WORKER_THREADS", threads.to_string())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let t0 = Instant::now();
+    loop {
+        if StdTcpStream::connect(addr).is_ok() {
+            break;
+        }
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(8).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(format!(
+                "sockudo did not open {addr} ({}); its last output:\n{}",
+                match exited {
+                    Some(s) => format!("exited: {s}"),
+                    None => "timed out".into(),
+                },
+                tail.join("\n")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let version = if version.is_empty() {
+        "sockudo".to_owned()
+    } else {
+        version
+    };
+    Ok((
+        child,
+        addr,
+        format!("{version} pusher-v7 on {addr} TOKIO_WORKER_THREADS={threads}"),
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// Subscriber side (WebSocket)
+
+#[derive(Serialize)]
+struct Subscribe<'a> {
+    event: &'a str,
+    data: SubscribeData<'a>,
+}
+
+#[derive(Serialize)]
+struct SubscribeData<'a> {
+    channel: &'a str,
+}
+
+/// The frames that subscribe to `channels`, and how many
+/// [`Event::Ready`] confirm the session: `connection_established` plus one
+/// `subscription_succeeded` per channel. Subscribes are sent right after the
+/// handshake; Sockudo sends `connection_established` before it reads any
+/// client message, so the order on the wire is the protocol's.
+pub fn setup(channels: &[String]) -> (Vec<Message>, usize) {
+    let frames = channels
+        .iter()
+        .map(|ch| {
+            let j = serde_json::to_string(&Subscribe {
+                event: "pusher:subscribe",
+                data: SubscribeData { channel: ch },
+            })
+            .expect("serialisable");
+            Message::Text(j.into())
+        })
+        .collect();
+    (frames, 1 + channels.len())
+}
+
+/// `data` of a Pusher message: a string for events, an object for some
+/// `pusher:` messages (errors); only strings are kept.
+enum Data<'a> {
+    Str(Cow<'a, str>),
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Data<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Data<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Data::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Data::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Data::Str(Cow::Owned(v)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                while m
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Data::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<Self::Value, A::Error> {
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Data::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Data::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Data::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Data::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Data::Other)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Data::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow, default)]
+    data: Option<Data<'a>>,
+}
+
+/// The reply to a server `pusher:ping`.
+pub const PONG: &str = r#"{"event":"pusher:pong","data":{}}"#;
+
+/// Interprets one text frame from a Pusher server.
+pub fn handle(text: &str, on: &mut dyn FnMut(Event<'_>)) {
+    let m: Incoming<'_> = match serde_json::from_str(text) {
+        Ok(m) => m,
+        Err(e) => {
+            return on(Event::Error(format!(
+                "bad JSON from the server: {e}: {text}"
+            )))
+        }
+    };
+    match m.event.as_ref() {
+        "pusher:connection_established" | "pusher_internal:subscription_succeeded" => {
+            on(Event::Ready)
+        }
+        "pusher:ping" => on(Event::Reply(Message::Text(PONG.into()))),
+        "pusher:pong" => {}
+        "pusher:error" | "pusher:subscription_error" | "pusher_internal:subscription_error" => {
+            on(Event::Error(text.to_owned()))
+        }
+        e if e.starts_with("pusher:") || e.starts_with("pusher_internal:") => {}
+        _ => match m.data {
+            Some(Data::Str(d)) => on(Event::Delivery(d.as_bytes())),
+            _ => on(Event::Error(format!("event without string data: {text}"))),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Publisher side (HTTP API)
+
+#[derive(Serialize)]
+struct TriggerBody<'a> {
+    name: &'a str,
+    channel: &'a str,
+    data: &'a str,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// Pusher's `auth_signature`: hex HMAC-SHA256 with the app secret over
+/// `METHOD\nPATH\nQUERY`, where QUERY is every parameter except
+/// `auth_signature`, keys lowercase, sorted by key, `k=v` joined by `&`,
+/// not URL-escaped.
+pub fn signature(secret: &str, method: &str, path: &str, params: &[(&str, &str)]) -> String {
+    let mut sorted: Vec<(String, &str)> = params
+        .iter()
+        .map(|(k, v)| (k.to_lowercase(), *v))
+        .filter(|(k, _)| k != "auth_signature")
+        .collect();
+    sorted.sort();
+    let query: Vec<String> = sorted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let to_sign = format!("{}\n{path}\n{}", method.to_uppercase(), query.join("&"));
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(to_sign.as_bytes());
+    hex(&mac.finalize().into_bytes())
+}
+
+/// The signed query string (auth parameters and `body_md5`) for a POST of
+/// `body` to `path` at `timestamp` (Unix seconds; the server accepts
+/// ±600 s).
+pub fn signed_query(key: &str, secret: &str, path: &str, body: &[u8], timestamp: u64) -> String {
+    let md5 = format!("{:x}", md5::compute(body));
+    let ts = timestamp.to_string();
+    let params = [
+        ("auth_key", key),
+        ("auth_timestamp", ts.as_str()),
+        ("auth_version", "1.0"),
+        ("body_md5", md5.as_str()),
+    ];
+    let sig = signature(secret, "POST", path, &params);
+    format!(
+        "auth_key={key}&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}&auth_signature={sig}"
+    )
+}
+
+/// The JSON body that triggers `EVENT` on `channel` with `payload` as the
+/// event's `data` string.
+pub fn trigger_body(channel: &str, payload: &[u8]) -> String {
+    // The bench payload is ASCII; anything else is carried lossily (and
+    // then fails payload::decode, i.e. shows up as an error, not silently).
+    let data = String::from_utf8_lossy(payload);
+    serde_json::to_string(&TriggerBody {
+        name: EVENT,
+        channel,
+        data: &data,
+    })
+    .expect("serialisable")
+}
+
+/// Status and body of complete HTTP responses at the start of `buf`;
+/// returns how many bytes they used. Handles `Content-Length` and chunked
+/// bodies; stops at the first incomplete response.
+pub fn parse_responses(buf: &[u8], out: &mut Vec<(u16, String)>) -> Result<usize, String> {
+    let mut at = 0;
+    loop {
+        let rest = &buf[at..];
+        let Some(hend) = rest.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return Ok(at);
+        };
+        let head = std::str::from_utf8(&rest[..hend]).map_err(|_| "non-UTF-8 HTTP head")?;
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or("");
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad HTTP status line {status_line:?}"))?;
+        let mut len = None;
+        let mut chunked = false;
+        for l in lines {
+            let Some((k, v)) = l.split_once(':') else {
+                continue;
+            };
+            let (k, v) = (k.trim(), v.trim());
+            if k.eq_ignore_ascii_case("content-length") {
+                len = Some(v.parse::<usize>().map_err(|_| "bad Content-Length")?);
+            } else if k.eq_ignore_ascii_case("transfer-encoding")
+                && v.to_ascii_lowercase().contains("chunked")
+            {
+                chunked = true;
+            }
+        }
+        let body_start = hend + 4;
+        let (body, used) = if chunked {
+            let mut p = body_start;
+            let mut body = Vec::new();
+            loop {
+                let Some(nl) = rest[p..].windows(2).position(|w| w == b"\r\n") else {
+                    return Ok(at);
+                };
+                let size_s = std::str::from_utf8(&rest[p..p + nl]).map_err(|_| "bad chunk size")?;
+                let size = usize::from_str_radix(size_s.split(';').next().unwrap_or("").trim(), 16)
+                    .map_err(|_| format!("bad chunk size {size_s:?}"))?;
+                p += nl + 2;
+                if size == 0 {
+                    // Trailers (none expected), then the final CRLF.
+                    let Some(end) = rest[p..].windows(2).position(|w| w == b"\r\n") else {
+                        return Ok(at);
+                    };
+                    p += end + 2;
+                    break;
+                }
+                if rest.len() < p + size + 2 {
+                    return Ok(at);
+                }
+                body.extend_from_slice(&rest[p..p + size]);
+                p += size + 2;
+            }
+            (body, p)
+        } else {
+            let len = len.unwrap_or(0);
+            if rest.len() < body_start + len {
+                return Ok(at);
+            }
+            (
+                rest[body_start..body_start + len].to_vec(),
+                body_start + len,
+            )
+        };
+        out.push((status, String::from_utf8_lossy(&body).into_owned()));
+        at += used;
+    }
+}
+
+/// What the responses read so far said.
+#[derive(Debug, Default, PartialEq)]
+pub struct Outcome {
+    pub acks: u64,
+    pub errors: Vec<String>,
+}
+
+/// One keep-alive HTTP/1.1 connection that triggers events, pipelined.
+pub struct HttpPublisher {
+    stream: TcpStream,
+    host: String,
+    path: String,
+    out: Vec<u8>,
+    inbuf: Vec<u8>,
+    statuses: Vec<(u16, String)>,
+}
+
+impl HttpPublisher {
+    /// Connects to the server's HTTP API from source address `src`.
+    pub async fn connect(
+        addr: SocketAddr,
+        src: Ipv4Addr,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let fut = async {
+            let sock = TcpSocket::new_v4().map_err(|e| io_error("socket", &e))?;
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt on a socket we own, with a correctly sized int.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    &one as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+            sock.bind(SocketAddr::new(src.into(), 0))
+                .map_err(|e| io_error("bind", &e))?;
+            let stream = sock
+                .connect(addr)
+                .await
+                .map_err(|e| io_error("HTTP API connect", &e))?;
+            stream
+                .set_nodelay(true)
+                .map_err(|e| io_error("nodelay", &e))?;
+            Ok::<_, String>(stream)
+        };
+        let stream = tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| format!("HTTP API connect timed out after {timeout:?}"))??;
+        Ok(Self {
+            stream,
+            host: addr.to_string(),
+            path: format!("/apps/{APP_ID}/events"),
+            out: Vec::with_capacity(16 * 1024),
+            inbuf: Vec::with_capacity(4 * 1024),
+            statuses: Vec::new(),
+        })
+    }
+
+    /// Queues one signed trigger of `payload` on `channel`; [`Self::flush`]
+    /// sends it.
+    pub fn queue(&mut self, channel: &str, payload: &[u8]) {
+        let body = trigger_body(channel, payload);
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let query = signed_query(APP_KEY, APP_SECRET, &self.path, body.as_bytes(), ts);
+        let _ = write!(
+            VecWriter(&mut self.out),
+            "POST {}?{query} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.path,
+            self.host,
+            body.len()
+        );
+    }
+
+    /// Reads whatever responses have arrived, without waiting.
+    fn read_available(&mut self) -> Result<(), String> {
+        let mut tmp = [0u8; 8192];
+        loop {
+            match self.stream.try_read(&mut tmp) {
+                Ok(0) => return Err("the server closed the HTTP API connection".into()),
+                Ok(n) => self.inbuf.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(io_error("HTTP API read", &e)),
+            }
+        }
+        let used = parse_responses(&self.inbuf, &mut self.statuses)?;
+        self.inbuf.drain(..used);
+        Ok(())
+    }
+
+    /// Writes the queued requests (reading responses meanwhile, so neither
+    /// side can block on a full socket buffer) and returns what the
+    /// responses read so far said. `Err` means the connection is unusable.
+    pub async fn flush(&mut self) -> Result<Outcome, String> {
+        let mut written = 0;
+        while written < self.out.len() {
+            self.read_available()?;
+            match self.stream.try_write(&self.out[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.stream
+                        .ready(Interest::READABLE | Interest::WRITABLE)
+                        .await
+                        .map_err(|e| io_error("HTTP API", &e))?;
+                }
+                Err(e) => return Err(io_error("HTTP API write", &e)),
+            }
+        }
+        self.out.clear();
+        self.read_available()?;
+        let mut o = Outcome::default();
+        for (status, body) in self.statuses.drain(..) {
+            if (200..300).contains(&status) {
+                o.acks += 1;
+            } else {
+                o.errors
+                    .push(format!("HTTP API answered {status}: {}", body.trim()));
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// `fmt::Write` into a byte vector.
+struct VecWriter<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for VecWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::{self, Stamp};
+
+    fn events(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        handle(text, &mut |e| {
+            out.push(match e {
+                Event::Delivery(d) => format!("D:{}", String::from_utf8_lossy(d)),
+                Event::Reply(Message::Text(t)) => format!("R:{}", t.as_str()),
+                other => format!("{other:?}"),
+            })
+        });
+        out
+    }
+
+    /// The worked example of Pusher's HTTP API reference ("Worked
+    /// authentication example"): app 3, key 278d425bdf160c739803, secret
+    /// 7ad3773142a6692b25b8, timestamp 1353088179.
+    #[test]
+    fn signature_matches_pushers_worked_example() {
+        let body = br#"{"name":"foo","channels":["project-3"],"data":"{\"some\":\"data\"}"}"#;
+        let q = signed_query(
+            "278d425bdf160c739803",
+            "7ad3773142a6692b25b8",
+            "/apps/3/events",
+            body,
+            1353088179,
+        );
+        assert_eq!(
+            q,
+            "auth_key=278d425bdf160c739803&auth_timestamp=1353088179&auth_version=1.0\
+             &body_md5=ec365a775a4cd0599faeb73354201b6f\
+             &auth_signature=da454824c97ba181a32ccc17a72625ba02771f50b50e1e7430e47a1f3f457e6c"
+        );
+    }
+
+    #[test]
+    fn signature_sorts_and_lowercases_keys_and_skips_itself() {
+        let a = signature("s", "post", "/p", &[("b", "2"), ("A", "1")]);
+        let b = signature(
+            "s",
+            "POST",
+            "/p",
+            &[("a", "1"), ("b", "2"), ("auth_signature", "x")],
+        );
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn session_messages() {
+        let (frames, want) = setup(&["room.1".into(), "room.2".into()]);
+        assert_eq!(want, 3);
+        assert_eq!(
+            frames[0].to_text().unwrap(),
+            r#"{"event":"pusher:subscribe","data":{"channel":"room.1"}}"#
+        );
+        assert_eq!(
+            events(
+                r#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"123.456\",\"activity_timeout\":120}"}"#
+            ),
+            ["Ready"]
+        );
+        assert_eq!(
+            events(
+                r#"{"event":"pusher_internal:subscription_succeeded","channel":"room.1","data":"{}"}"#
+            ),
+            ["Ready"]
+        );
+        assert_eq!(
+            events(r#"{"event":"pusher:ping","data":{}}"#),
+            [format!("R:{PONG}")]
+        );
+        assert!(events(r#"{"event":"pusher:pong","data":"{}"}"#).is_empty());
+        let e = events(
+            r#"{"event":"pusher:error","data":{"code":4001,"message":"App key not in use"}}"#,
+        );
+        assert!(e[0].starts_with("Error(") && e[0].contains("4001"), "{e:?}");
+        assert!(events("not json")[0].starts_with("Error("));
+        assert!(
+            events(r#"{"event":"bench","channel":"c","data":{"x":1}}"#)[0].starts_with("Error(")
+        );
+    }
+
+    #[test]
+    fn data_events_are_deliveries() {
+        assert_eq!(
+            events(r#"{"event":"bench","channel":"fanout","data":"1:2:3:...."}"#),
+            ["D:1:2:3:...."]
+        );
+        // Escaped strings are unescaped.
+        assert_eq!(
+            events(r#"{"channel":"c","event":"bench","data":"a\"b"}"#),
+            ["D:a\"b"]
+        );
+    }
+
+    #[test]
+    fn payload_round_trips_through_the_data_string() {
+        let stamp = Stamp {
+            stream: 0xabc_0001,
+            seq: 41,
+            intended_ns: 1_700_000_000_123_456_789,
+        };
+        let mut buf = Vec::new();
+        payload::encode(stamp, 64, &mut buf);
+        let body = trigger_body("room.7", &buf);
+        // What the server relays: the body's `data` string as the event's.
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["name"].as_str(), v["channel"].as_str()),
+            (Some(EVENT), Some("room.7"))
+        );
+        let relayed =
+            serde_json::json!({"event": EVENT, "channel": "room.7", "data": v["data"]}).to_string();
+        let mut got = None;
+        handle(&relayed, &mut |e| {
+            if let Event::Delivery(d) = e {
+                got = payload::decode(d);
+            }
+        });
+        assert_eq!(got, Some(stamp));
+    }
+
+    #[test]
+    fn http_responses_pipelined_and_split() {
+        let one = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
+        let chunked = b"HTTP/1.1 401 Unauthorized\r\ntransfer-encoding: chunked\r\n\r\n5\r\nbad s\r\n3\r\nig.\r\n0\r\n\r\n";
+        let mut all = Vec::new();
+        all.extend_from_slice(one);
+        all.extend_from_slice(chunked);
+        all.extend_from_slice(&one[..20]);
+        let mut out = Vec::new();
+        let used = parse_responses(&all, &mut out).unwrap();
+        assert_eq!(used, one.len() + chunked.len());
+        assert_eq!(
+            out,
+            [
+                (200, "{\"ok\":true}".to_string()),
+                (401, "bad sig.".to_string())
+            ]
+        );
+        // An incomplete chunked response is left for later.
+        let mut out = Vec::new();
+        assert_eq!(parse_responses(&chunked[..60], &mut out).unwrap(), 0);
+        assert!(out.is_empty());
+        assert!(parse_responses(b"garbage\r\n\r\n", &mut out).is_err());
+    }
+
+    #[test]
+    fn config_is_in_process_and_unthrottled() {
+        let v: serde_json::Value = serde_json::from_str(&server_config(4321)).unwrap();
+        assert_eq!(v["port"], 4321);
+        assert_eq!(v["host"], "127.0.0.1");
+        assert_eq!(v["adapter"]["driver"], "local");
+        assert_eq!(v["queue"]["driver"], "none");
+        assert_eq!(v["rate_limiter"]["enabled"], false);
+        let app = &v["app_manager"]["array"]["apps"][0];
+        assert_eq!(
+            (app["id"].as_str(), app["key"].as_str()),
+            (Some(APP_ID), Some(APP_KEY))
+        );
+        assert!(WS_PATH.starts_with(&format!("/app/{APP_KEY}?protocol=7")));
+    }
+}
