@@ -1032,3 +1032,283 @@ async fn a_publish_retried_with_the_same_key_on_another_node_is_stored_once() {
         ]
     );
 }
+
+// ---------------------------------------------------------------------------
+// More Redis trouble: a dropped Pub/Sub connection, requests while Redis is
+// down, trimmed and expired history, everything lost.
+
+/// Waits until at least `want` connections are subscribed (the nodes
+/// reconnected after an earlier kill), then kills every subscribed
+/// connection; returns how many.
+fn kill_pubsub_connections(redis: &RedisServer, want: usize) -> usize {
+    let until = Instant::now() + WAIT;
+    loop {
+        let list = redis.cli(&["CLIENT", "LIST"]);
+        let ids: Vec<String> = list
+            .lines()
+            .filter(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("sub="))
+                    .is_some_and(|n| n != "0")
+            })
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("id="))
+                    .map(str::to_string)
+            })
+            .collect();
+        if ids.len() >= want || Instant::now() >= until {
+            for id in &ids {
+                redis.cli(&["CLIENT", "KILL", "ID", id]);
+            }
+            return ids.len();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_pubsub_connection_is_caught_up_from_the_stream() {
+    const CH: &str = "pubsub-drop";
+    let redis = RedisServer::start(false);
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let mut subs = common::clients_on_both_shards(b.addr, 1).await;
+    subs.push(Client::connect(a.addr).await);
+    for s in subs.iter_mut() {
+        s.subscribe(CH).await;
+    }
+    let mut publisher = Client::connect(a.addr).await;
+    let mut sent = Vec::new();
+    let mut acks = Vec::new();
+    for round in 0..10 {
+        let batch = payloads(&format!("r{round}"), 50);
+        acks.extend(publish_all(&mut publisher, CH, &batch).await);
+        sent.extend(batch);
+        if round % 3 == 1 {
+            // Every node's Pub/Sub connections go (B's two shards and
+            // A's one); publications go on.
+            let killed = kill_pubsub_connections(&redis, 3);
+            assert!(killed >= 3, "{killed} Pub/Sub connections killed");
+        }
+    }
+    for s in subs.iter_mut() {
+        let got = receive(s, CH, sent.len()).await;
+        assert_exactly(
+            &got,
+            &acks,
+            &sent,
+            &format!("subscriber {:#x}", s.client_id),
+        );
+    }
+    assert_nothing_more(&mut publisher, &mut subs.iter_mut().collect::<Vec<_>>(), CH).await;
+    let catch_ups = metric(&b, "shardcast_redis_catch_ups_total");
+    let reconnects = metric(&b, "shardcast_redis_reconnects_total");
+    println!("node B: {reconnects} Pub/Sub reconnects, {catch_ups} catch-up reads");
+    assert!(
+        reconnects >= 3 && catch_ups >= 3,
+        "the gap-fill path was taken"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_requests_fail_fast_clients_stay_and_a_keyed_retry_is_stored_once() {
+    const CH: &str = "outage";
+    let mut redis = RedisServer::start(true);
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let mut watcher = Client::connect(b.addr).await;
+    let (p0, _) = watcher.subscribe_from(CH, None).await;
+    let mut publisher = Client::connect(a.addr).await;
+    let before = publisher.publish(CH, b"before").await;
+
+    redis.kill();
+    // A keyed publish fails fast (it may or may not have been stored).
+    let bound = Duration::from_secs(5);
+    let out = publish_within(&mut publisher, CH, b"keyed", Some("retry-me"), bound).await;
+    assert!(
+        matches!(&out, Outcome::Error(code, _) if *code == ErrorCode::Unavailable as u16),
+        "{out:?}"
+    );
+    // A subscribe (plain, and with a recovery position) while Redis is
+    // down: answered with Unavailable, or held until Redis is back (then
+    // Subscribed); printed, not asserted, while Redis is down.
+    let mut newcomer = Client::connect(b.addr).await;
+    let plain = newcomer
+        .request(|e, id| e.subscribe(id, "elsewhere", None))
+        .await;
+    let recovering = newcomer
+        .request(|e, id| e.subscribe(id, CH, Some(before)))
+        .await;
+    let mut answers: BTreeMap<u32, ServerMessage> = BTreeMap::new();
+    let asked = Instant::now();
+    while answers.len() < 2 && asked.elapsed() < bound {
+        if let Ok((id, m)) = tokio::time::timeout(Duration::from_millis(200), newcomer.next()).await
+        {
+            if id == plain || id == recovering {
+                answers.insert(id, m);
+            }
+        }
+    }
+    println!(
+        "with Redis down, after {:?}: plain subscribe -> {:?}; subscribe with position -> {:?}",
+        asked.elapsed(),
+        answers.get(&plain),
+        answers.get(&recovering)
+    );
+    for m in answers.values() {
+        match m {
+            ServerMessage::Subscribed { .. } => {}
+            ServerMessage::Error { code, .. } => {
+                assert_eq!(*code, ErrorCode::Unavailable as u16)
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // Connected clients stay connected.
+    for c in [&mut watcher, &mut publisher] {
+        let id = c.request(|e, id| e.ping(id)).await;
+        assert!(matches!(c.reply(id).await, ServerMessage::Pong));
+    }
+
+    redis.restart();
+    // The retry (same key) until Redis is back: stored once.
+    let until = Instant::now() + WAIT;
+    let keyed = loop {
+        match publish_within(&mut publisher, CH, b"keyed", Some("retry-me"), bound).await {
+            Outcome::Ack(pos) => break pos,
+            Outcome::Error(code, _) => assert_eq!(code, ErrorCode::Unavailable as u16),
+        }
+        assert!(Instant::now() < until, "Redis never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(keyed.epoch, p0.epoch);
+    assert_eq!(keyed.offset, before.offset + 1, "stored once, right after");
+    let again = publish_within(&mut publisher, CH, b"keyed", Some("retry-me"), bound).await;
+    assert_eq!(again, Outcome::Ack(keyed));
+    let got = receive(&mut watcher, CH, 2).await;
+    assert_exactly(
+        &got,
+        &[before, keyed],
+        &[b"before".to_vec(), b"keyed".to_vec()],
+        "watcher",
+    );
+    // The held subscribes are answered now, and work.
+    for id in [plain, recovering] {
+        if let std::collections::btree_map::Entry::Vacant(slot) = answers.entry(id) {
+            let m = newcomer.reply(id).await;
+            println!("after the restart: request {id} -> {m:?}");
+            slot.insert(m);
+        }
+    }
+    let marker = {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        publisher.publish(CH, b"marker").await
+    };
+    let got = receive(&mut watcher, CH, 1).await;
+    assert_exactly(&got, &[marker], &[b"marker".to_vec()], "watcher");
+    // The newcomer gets what it subscribed to: on CH everything after
+    // `before` (if that subscribe succeeded), on the other channel a
+    // publication made now (if that one did).
+    let mut want: Vec<(String, u64, Vec<u8>)> = Vec::new();
+    if let Some(ServerMessage::Subscribed { recovered, .. }) = answers.get(&recovering) {
+        assert!(recovered, "nothing after `before` was lost");
+        want.push((CH.into(), keyed.offset, b"keyed".to_vec()));
+        want.push((CH.into(), marker.offset, b"marker".to_vec()));
+    }
+    if let Some(ServerMessage::Subscribed { .. }) = answers.get(&plain) {
+        let pos = publisher.publish("elsewhere", b"hello").await;
+        want.push(("elsewhere".into(), pos.offset, b"hello".to_vec()));
+    }
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        let (ch, _, offset, payload) = newcomer.publication().await;
+        got.push((ch, offset, payload));
+    }
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "what the newcomer received");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_or_expired_history_is_not_recovered() {
+    let redis = RedisServer::start(false);
+    let a = node(&redis, &["--history-size", "10", "--history-ttl-secs", "1"]);
+    let b = node(&redis, &["--history-size", "10", "--history-ttl-secs", "1"]);
+    let mut publisher = Client::connect(a.addr).await;
+
+    // Trimmed: 500 publications, 10 kept (about: Redis trims whole nodes).
+    let sent = payloads("trim", 500);
+    let acks = publish_all(&mut publisher, "trimmed", &sent).await;
+    let mut c = Client::connect(b.addr).await;
+    let (pos, recovered) = c.subscribe_from("trimmed", Some(acks[0])).await;
+    assert!(!recovered, "offset {} was trimmed away", acks[0].offset);
+    assert_eq!(pos.epoch, acks[0].epoch, "same epoch, later position");
+    assert!(pos.offset >= acks[499].offset, "{pos:?}");
+    // The newest ones are still there.
+    let mut c = Client::connect(b.addr).await;
+    let (_, recovered) = c.subscribe_from("trimmed", Some(acks[494])).await;
+    assert!(recovered);
+    let got = receive(&mut c, "trimmed", 5).await;
+    assert_exactly(&got, &acks[495..], &sent[495..], "recent history");
+
+    // Expired: a second without publications and the history is gone.
+    let old = publisher.publish("expiring", b"soon gone").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut c = Client::connect(b.addr).await;
+    let (pos, recovered) = c.subscribe_from("expiring", Some(old)).await;
+    assert!(!recovered, "expired history cannot be recovered");
+    assert_ne!(
+        pos.epoch, old.epoch,
+        "a new epoch after the history expired"
+    );
+    let next = publisher.publish("expiring", b"new").await;
+    assert_eq!(next.epoch, pos.epoch);
+    let got = receive(&mut c, "expiring", 1).await;
+    assert_exactly(&got, &[next], &[b"new".to_vec()], "after expiry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_lost_everything_presence_comes_back_and_ingest_resumes() {
+    let mut redis = RedisServer::start(false);
+    let a = auth_node(&redis, &[]);
+    let b = auth_node(&redis, &[]);
+    let alice = token(json!({"sub": "alice", "channels": ["presence-*", "feed"]}));
+    let bob = token(json!({"sub": "bob", "channels": [ROOM]}));
+    let mut alice_a = connect_token(&a, &alice).await;
+    let mut bob_b = connect_token(&b, &bob).await;
+    alice_a.subscribe(ROOM).await;
+    expect_events(&mut alice_a, &["+alice"]).await;
+    bob_b.subscribe(ROOM).await;
+    expect_events(&mut alice_a, &["+bob"]).await;
+    let mut feed = connect_token(&a, &alice).await;
+    feed.subscribe("feed").await;
+
+    redis.restart_empty();
+    let restarted = Instant::now();
+    for c in [&mut alice_a, &mut bob_b] {
+        loop {
+            let id = c.request(|e, id| e.presence_query(id, ROOM)).await;
+            match c.reply(id).await {
+                ServerMessage::PresenceMembers { users, .. } if users == ["alice", "bob"] => break,
+                ServerMessage::PresenceMembers { .. } | ServerMessage::Error { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+            assert!(
+                restarted.elapsed() < Duration::from_secs(22),
+                "presence did not come back after Redis lost it"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    println!(
+        "presence back {:?} after Redis restarted empty",
+        restarted.elapsed()
+    );
+
+    // Ingest: the group is gone with everything else; new entries are
+    // still executed, once.
+    redis.cli_batch(&ingest_lines("feed", 0..20));
+    let want: HashSet<Vec<u8>> = payloads("e", 20).into_iter().collect();
+    receive_set(&mut feed, "feed", &want).await;
+}
