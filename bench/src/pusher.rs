@@ -13,29 +13,32 @@
 //!   `{"event":"bench","channel":…,"data":"<string>"}`; `pusher:ping` is
 //!   answered with `pusher:pong`.
 //! * **Publishers** use the Pusher HTTP API (`POST /apps/<id>/events`,
-//!   signed with HMAC-SHA256 as Pusher documents) over one keep-alive
-//!   HTTP/1.1 connection each. Requests are pipelined — written on the
-//!   publisher's open-loop schedule without waiting for the previous
-//!   response — so a slow response delays nothing but itself, as with the
-//!   other protocols. Responses are read whenever the publisher writes.
+//!   signed with HMAC-SHA256 as Pusher documents), one HTTP/1.1 request per
+//!   TCP connection because Sockudo closes every API connection after its
+//!   response (see [`HttpPublisher`]). Requests are started on the
+//!   publisher's open-loop schedule without waiting for earlier responses,
+//!   so a slow request delays nothing but its own publication.
 //!
 //! The bench payload (`<stream>:<seq>:<intended ns>:` padded with `.`, see
 //! `payload.rs`) is ASCII without quotes or backslashes, so it travels as
 //! the event's `data` string unchanged and comes back byte for byte.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream as StdTcpStream};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Deserializer, Serialize};
 use sha2::Sha256;
-use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::net::io_error;
@@ -448,57 +451,101 @@ pub struct Outcome {
     pub errors: Vec<String>,
 }
 
-/// One keep-alive HTTP/1.1 connection that triggers events, pipelined.
+/// Requests in flight per worker process, over all its publishers (each
+/// holds a socket).
+const MAX_IN_FLIGHT: usize = 512;
+
+thread_local! {
+    static IN_FLIGHT: Rc<Semaphore> = Rc::new(Semaphore::new(MAX_IN_FLIGHT));
+}
+
+/// Triggers events through the HTTP API, one request per TCP connection.
+///
+/// Sockudo 5 answers every HTTP API request with `Connection: close` (a
+/// layer on its API routes, "prevent idle HTTP connection buildup"), so
+/// keep-alive and pipelining are not available: each publication is its
+/// own connection, request and response, run as a task of its own so the
+/// publisher keeps its open-loop schedule (a slow request delays only its
+/// own publication, and that delay is measured from the intended send
+/// time in the payload). At most [`MAX_IN_FLIGHT`] requests per worker
+/// process are in flight; beyond that, requests wait for a slot. Must be
+/// used inside a tokio `LocalSet` (the worker's runtime).
 pub struct HttpPublisher {
-    stream: TcpStream,
-    host: String,
-    path: String,
-    out: Vec<u8>,
-    inbuf: Vec<u8>,
-    statuses: Vec<(u16, String)>,
+    addr: SocketAddr,
+    src: Ipv4Addr,
+    timeout: Duration,
+    path: Rc<str>,
+    pending: Vec<Vec<u8>>,
+    outcome: Rc<RefCell<Outcome>>,
+}
+
+async fn open_tcp(addr: SocketAddr, src: Ipv4Addr) -> Result<TcpStream, String> {
+    let sock = TcpSocket::new_v4().map_err(|e| io_error("socket", &e))?;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a correctly sized int.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    sock.bind(SocketAddr::new(src.into(), 0))
+        .map_err(|e| io_error("bind", &e))?;
+    let stream = sock
+        .connect(addr)
+        .await
+        .map_err(|e| io_error("HTTP API connect", &e))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| io_error("nodelay", &e))?;
+    Ok(stream)
+}
+
+/// One request on a fresh connection; the response's status and body.
+async fn request(addr: SocketAddr, src: Ipv4Addr, req: &[u8]) -> Result<(u16, String), String> {
+    let mut stream = open_tcp(addr, src).await?;
+    stream
+        .write_all(req)
+        .await
+        .map_err(|e| io_error("HTTP API write", &e))?;
+    let mut buf = Vec::with_capacity(512);
+    let mut got = Vec::new();
+    loop {
+        let n = stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| io_error("HTTP API read", &e))?;
+        parse_responses(&buf, &mut got)?;
+        if let Some(r) = got.pop() {
+            return Ok(r);
+        }
+        if n == 0 {
+            return Err("the server closed the HTTP API connection without a response".into());
+        }
+    }
 }
 
 impl HttpPublisher {
-    /// Connects to the server's HTTP API from source address `src`.
+    /// A publisher to the server's HTTP API at `addr`, from source address
+    /// `src`; checks once that the API port accepts connections.
     pub async fn connect(
         addr: SocketAddr,
         src: Ipv4Addr,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let fut = async {
-            let sock = TcpSocket::new_v4().map_err(|e| io_error("socket", &e))?;
-            let one: libc::c_int = 1;
-            // SAFETY: setsockopt on a socket we own, with a correctly sized int.
-            unsafe {
-                libc::setsockopt(
-                    sock.as_raw_fd(),
-                    libc::IPPROTO_IP,
-                    libc::IP_BIND_ADDRESS_NO_PORT,
-                    &one as *const _ as *const libc::c_void,
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-            }
-            sock.bind(SocketAddr::new(src.into(), 0))
-                .map_err(|e| io_error("bind", &e))?;
-            let stream = sock
-                .connect(addr)
-                .await
-                .map_err(|e| io_error("HTTP API connect", &e))?;
-            stream
-                .set_nodelay(true)
-                .map_err(|e| io_error("nodelay", &e))?;
-            Ok::<_, String>(stream)
-        };
-        let stream = tokio::time::timeout(timeout, fut)
+        tokio::time::timeout(timeout, open_tcp(addr, src))
             .await
             .map_err(|_| format!("HTTP API connect timed out after {timeout:?}"))??;
         Ok(Self {
-            stream,
-            host: addr.to_string(),
-            path: format!("/apps/{APP_ID}/events"),
-            out: Vec::with_capacity(16 * 1024),
-            inbuf: Vec::with_capacity(4 * 1024),
-            statuses: Vec::new(),
+            addr,
+            src,
+            timeout,
+            path: format!("/apps/{APP_ID}/events").into(),
+            pending: Vec::new(),
+            outcome: Rc::new(RefCell::new(Outcome::default())),
         })
     }
 
@@ -511,61 +558,45 @@ impl HttpPublisher {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let query = signed_query(APP_KEY, APP_SECRET, &self.path, body.as_bytes(), ts);
+        let mut req = Vec::with_capacity(body.len() + query.len() + 160);
         let _ = write!(
-            VecWriter(&mut self.out),
+            VecWriter(&mut req),
             "POST {}?{query} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.path,
-            self.host,
+            self.addr,
             body.len()
         );
+        self.pending.push(req);
     }
 
-    /// Reads whatever responses have arrived, without waiting.
-    fn read_available(&mut self) -> Result<(), String> {
-        let mut tmp = [0u8; 8192];
-        loop {
-            match self.stream.try_read(&mut tmp) {
-                Ok(0) => return Err("the server closed the HTTP API connection".into()),
-                Ok(n) => self.inbuf.extend_from_slice(&tmp[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(io_error("HTTP API read", &e)),
-            }
-        }
-        let used = parse_responses(&self.inbuf, &mut self.statuses)?;
-        self.inbuf.drain(..used);
-        Ok(())
-    }
-
-    /// Writes the queued requests (reading responses meanwhile, so neither
-    /// side can block on a full socket buffer) and returns what the
-    /// responses read so far said. `Err` means the connection is unusable.
+    /// Starts the queued requests (each on its own connection, as a local
+    /// task) and returns what the responses that arrived since the last
+    /// call said. Never blocks on the server.
     pub async fn flush(&mut self) -> Result<Outcome, String> {
-        let mut written = 0;
-        while written < self.out.len() {
-            self.read_available()?;
-            match self.stream.try_write(&self.out[written..]) {
-                Ok(n) => written += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.stream
-                        .ready(Interest::READABLE | Interest::WRITABLE)
-                        .await
-                        .map_err(|e| io_error("HTTP API", &e))?;
+        for req in self.pending.drain(..) {
+            let (addr, src, timeout) = (self.addr, self.src, self.timeout);
+            let outcome = self.outcome.clone();
+            let slots = IN_FLIGHT.with(Rc::clone);
+            tokio::task::spawn_local(async move {
+                let Ok(_slot) = slots.acquire().await else {
+                    return;
+                };
+                let r = tokio::time::timeout(timeout, request(addr, src, &req))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!("HTTP API request timed out after {timeout:?}"))
+                    });
+                let mut o = outcome.borrow_mut();
+                match r {
+                    Ok((status, _)) if (200..300).contains(&status) => o.acks += 1,
+                    Ok((status, body)) => o
+                        .errors
+                        .push(format!("HTTP API answered {status}: {}", body.trim())),
+                    Err(e) => o.errors.push(e),
                 }
-                Err(e) => return Err(io_error("HTTP API write", &e)),
-            }
+            });
         }
-        self.out.clear();
-        self.read_available()?;
-        let mut o = Outcome::default();
-        for (status, body) in self.statuses.drain(..) {
-            if (200..300).contains(&status) {
-                o.acks += 1;
-            } else {
-                o.errors
-                    .push(format!("HTTP API answered {status}: {}", body.trim()));
-            }
-        }
-        Ok(o)
+        Ok(std::mem::take(&mut *self.outcome.borrow_mut()))
     }
 }
 
