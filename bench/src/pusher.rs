@@ -15,16 +15,16 @@
 //! * **Publishers** use the Pusher HTTP API (`POST /apps/<id>/events`,
 //!   signed with HMAC-SHA256 as Pusher documents), one HTTP/1.1 request per
 //!   TCP connection because Sockudo closes every API connection after its
-//!   response (see [`HttpPublisher`]). Requests are started on the
-//!   publisher's open-loop schedule without waiting for earlier responses,
-//!   so a slow request delays nothing but its own publication.
+//!   response; one sender task per publisher sends its queue in order,
+//!   batching what queued up meanwhile (see [`HttpPublisher`]).
 //!
 //! The bench payload (`<stream>:<seq>:<intended ns>:` padded with `.`, see
 //! `payload.rs`) is ASCII without quotes or backslashes, so it travels as
 //! the event's `data` string unchanged and comes back byte for byte.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream as StdTcpStream};
 use std::os::fd::AsRawFd;
@@ -38,7 +38,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::net::io_error;
@@ -451,32 +451,64 @@ pub struct Outcome {
     pub errors: Vec<String>,
 }
 
-/// Requests in flight per worker process, over all its publishers (each
-/// holds a socket).
-const MAX_IN_FLIGHT: usize = 512;
+/// Most events per HTTP request (Sockudo's default `max_batch_size`).
+pub const MAX_BATCH: usize = 10;
 
-thread_local! {
-    static IN_FLIGHT: Rc<Semaphore> = Rc::new(Semaphore::new(MAX_IN_FLIGHT));
+#[derive(Serialize)]
+struct Batch<'a> {
+    batch: Vec<TriggerBody<'a>>,
 }
 
-/// Triggers events through the HTTP API, one request per TCP connection.
+/// The body and API path that trigger `events` (channel, payload) in
+/// order: `/events` for one, `/batch_events` for several.
+pub fn trigger_request(events: &[(String, Vec<u8>)]) -> (String, String) {
+    if let [(channel, payload)] = events {
+        return (
+            format!("/apps/{APP_ID}/events"),
+            trigger_body(channel, payload),
+        );
+    }
+    let data: Vec<Cow<'_, str>> = events
+        .iter()
+        .map(|(_, p)| String::from_utf8_lossy(p))
+        .collect();
+    let batch = events
+        .iter()
+        .zip(&data)
+        .map(|((channel, _), data)| TriggerBody {
+            name: EVENT,
+            channel,
+            data,
+        })
+        .collect();
+    (
+        format!("/apps/{APP_ID}/batch_events"),
+        serde_json::to_string(&Batch { batch }).expect("serialisable"),
+    )
+}
+
+/// Triggers events through the HTTP API, in order.
 ///
 /// Sockudo 5 answers every HTTP API request with `Connection: close` (a
 /// layer on its API routes, "prevent idle HTTP connection buildup"), so
-/// keep-alive and pipelining are not available: each publication is its
-/// own connection, request and response, run as a task of its own so the
-/// publisher keeps its open-loop schedule (a slow request delays only its
-/// own publication, and that delay is measured from the intended send
-/// time in the payload). At most [`MAX_IN_FLIGHT`] requests per worker
-/// process are in flight; beyond that, requests wait for a slot. Must be
+/// keep-alive and pipelining are not available: every request is its own
+/// TCP connection. Requests on separate connections may be handled out of
+/// order, so each publisher has one sender task that sends its queue one
+/// request at a time; whatever queued up meanwhile goes in the next
+/// request as a batch (`/batch_events`, up to [`MAX_BATCH`] events, kept
+/// in order). The publisher's schedule stays open-loop: [`Self::queue`]
+/// never waits, and time spent queued shows up as latency because it is
+/// measured from the intended send time carried in the payload. Must be
 /// used inside a tokio `LocalSet` (the worker's runtime).
 pub struct HttpPublisher {
-    addr: SocketAddr,
-    src: Ipv4Addr,
-    timeout: Duration,
-    path: Rc<str>,
-    pending: Vec<Vec<u8>>,
-    outcome: Rc<RefCell<Outcome>>,
+    shared: Rc<SenderState>,
+}
+
+struct SenderState {
+    queue: RefCell<VecDeque<(String, Vec<u8>)>>,
+    outcome: RefCell<Outcome>,
+    wake: Notify,
+    closed: Cell<bool>,
 }
 
 async fn open_tcp(addr: SocketAddr, src: Ipv4Addr) -> Result<TcpStream, String> {
@@ -528,9 +560,56 @@ async fn request(addr: SocketAddr, src: Ipv4Addr, req: &[u8]) -> Result<(u16, St
     }
 }
 
+/// The signed HTTP request that triggers `events`.
+fn signed_request(host: SocketAddr, events: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let (path, body) = trigger_request(events);
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let query = signed_query(APP_KEY, APP_SECRET, &path, body.as_bytes(), ts);
+    let mut req = Vec::with_capacity(body.len() + query.len() + 160);
+    let _ = write!(
+        VecWriter(&mut req),
+        "POST {path}?{query} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    req
+}
+
+async fn sender(st: Rc<SenderState>, addr: SocketAddr, src: Ipv4Addr, timeout: Duration) {
+    loop {
+        let events: Vec<(String, Vec<u8>)> = {
+            let mut q = st.queue.borrow_mut();
+            let n = q.len().min(MAX_BATCH);
+            q.drain(..n).collect()
+        };
+        if events.is_empty() {
+            if st.closed.get() {
+                return;
+            }
+            st.wake.notified().await;
+            continue;
+        }
+        let req = signed_request(addr, &events);
+        let r = tokio::time::timeout(timeout, request(addr, src, &req))
+            .await
+            .unwrap_or_else(|_| Err(format!("HTTP API request timed out after {timeout:?}")));
+        let mut o = st.outcome.borrow_mut();
+        match r {
+            Ok((status, _)) if (200..300).contains(&status) => o.acks += events.len() as u64,
+            Ok((status, body)) => o
+                .errors
+                .push(format!("HTTP API answered {status}: {}", body.trim())),
+            Err(e) => o.errors.push(e),
+        }
+    }
+}
+
 impl HttpPublisher {
     /// A publisher to the server's HTTP API at `addr`, from source address
-    /// `src`; checks once that the API port accepts connections.
+    /// `src`; checks once that the API port accepts connections, then
+    /// starts its sender task.
     pub async fn connect(
         addr: SocketAddr,
         src: Ipv4Addr,
@@ -539,64 +618,38 @@ impl HttpPublisher {
         tokio::time::timeout(timeout, open_tcp(addr, src))
             .await
             .map_err(|_| format!("HTTP API connect timed out after {timeout:?}"))??;
-        Ok(Self {
-            addr,
-            src,
-            timeout,
-            path: format!("/apps/{APP_ID}/events").into(),
-            pending: Vec::new(),
-            outcome: Rc::new(RefCell::new(Outcome::default())),
-        })
+        let shared = Rc::new(SenderState {
+            queue: RefCell::new(VecDeque::new()),
+            outcome: RefCell::new(Outcome::default()),
+            wake: Notify::new(),
+            closed: Cell::new(false),
+        });
+        tokio::task::spawn_local(sender(shared.clone(), addr, src, timeout));
+        Ok(Self { shared })
     }
 
-    /// Queues one signed trigger of `payload` on `channel`; [`Self::flush`]
-    /// sends it.
+    /// Queues one trigger of `payload` on `channel`; [`Self::flush`] hands
+    /// the queue to the sender.
     pub fn queue(&mut self, channel: &str, payload: &[u8]) {
-        let body = trigger_body(channel, payload);
-        let ts = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let query = signed_query(APP_KEY, APP_SECRET, &self.path, body.as_bytes(), ts);
-        let mut req = Vec::with_capacity(body.len() + query.len() + 160);
-        let _ = write!(
-            VecWriter(&mut req),
-            "POST {}?{query} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            self.path,
-            self.addr,
-            body.len()
-        );
-        self.pending.push(req);
+        self.shared
+            .queue
+            .borrow_mut()
+            .push_back((channel.to_owned(), payload.to_vec()));
     }
 
-    /// Starts the queued requests (each on its own connection, as a local
-    /// task) and returns what the responses that arrived since the last
-    /// call said. Never blocks on the server.
+    /// Wakes the sender and returns what the responses that arrived since
+    /// the last call said. Never waits for the server.
     pub async fn flush(&mut self) -> Result<Outcome, String> {
-        for req in self.pending.drain(..) {
-            let (addr, src, timeout) = (self.addr, self.src, self.timeout);
-            let outcome = self.outcome.clone();
-            let slots = IN_FLIGHT.with(Rc::clone);
-            tokio::task::spawn_local(async move {
-                let Ok(_slot) = slots.acquire().await else {
-                    return;
-                };
-                let r = tokio::time::timeout(timeout, request(addr, src, &req))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(format!("HTTP API request timed out after {timeout:?}"))
-                    });
-                let mut o = outcome.borrow_mut();
-                match r {
-                    Ok((status, _)) if (200..300).contains(&status) => o.acks += 1,
-                    Ok((status, body)) => o
-                        .errors
-                        .push(format!("HTTP API answered {status}: {}", body.trim())),
-                    Err(e) => o.errors.push(e),
-                }
-            });
-        }
-        Ok(std::mem::take(&mut *self.outcome.borrow_mut()))
+        self.shared.wake.notify_one();
+        Ok(std::mem::take(&mut *self.shared.outcome.borrow_mut()))
+    }
+}
+
+impl Drop for HttpPublisher {
+    fn drop(&mut self) {
+        // The sender finishes what is queued, then stops.
+        self.shared.closed.set(true);
+        self.shared.wake.notify_one();
     }
 }
 
@@ -734,6 +787,27 @@ mod tests {
             }
         });
         assert_eq!(got, Some(stamp));
+    }
+
+    #[test]
+    fn batches_keep_order_and_single_events_use_events() {
+        let one = vec![("c".to_string(), b"1:0:5:".to_vec())];
+        let (path, body) = trigger_request(&one);
+        assert_eq!(path, format!("/apps/{APP_ID}/events"));
+        assert_eq!(body, trigger_body("c", b"1:0:5:"));
+        let many: Vec<(String, Vec<u8>)> = (0..3)
+            .map(|i| (format!("room.{i}"), format!("1:{i}:5:").into_bytes()))
+            .collect();
+        let (path, body) = trigger_request(&many);
+        assert_eq!(path, format!("/apps/{APP_ID}/batch_events"));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let b = v["batch"].as_array().unwrap();
+        assert_eq!(b.len(), 3);
+        for (i, e) in b.iter().enumerate() {
+            assert_eq!(e["name"], EVENT);
+            assert_eq!(e["channel"], format!("room.{i}"));
+            assert_eq!(e["data"], format!("1:{i}:5:"));
+        }
     }
 
     #[test]
