@@ -23,6 +23,11 @@ pub struct RunOpts {
     pub duration: Duration,
     pub drain: Duration,
     pub payload_bytes: usize,
+    pub payload_kind: crate::payload::Kind,
+    /// Native protocol: negotiate `shardcast.v1+zstd`.
+    pub zstd: bool,
+    /// With `zstd`: the dictionary the server was given (id, file).
+    pub zstd_dict: Option<(u32, PathBuf)>,
     pub per_worker: u64,
     /// None = one per 25,000 connections.
     pub source_ips: Option<u32>,
@@ -161,6 +166,9 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
             ));
         }
     }
+    if o.zstd && server.proto != crate::proto::Proto::Native {
+        return Err(format!("--zstd is shardcast-only, not for {}", t.name()));
+    }
     let job = |scenario: Scenario, range: (u64, u64)| Job {
         scenario,
         proto: server.proto,
@@ -169,6 +177,12 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
         range,
         concurrency: o.concurrency,
         payload_bytes: o.payload_bytes,
+        payload_kind: o.payload_kind,
+        zstd: o.zstd,
+        zstd_dict: o
+            .zstd_dict
+            .as_ref()
+            .map(|(id, p)| (*id, p.display().to_string())),
         setup_timeout_ms: 15_000,
     };
 
@@ -369,6 +383,15 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
         workers: ranges.len(),
         source_ips,
         payload_bytes: o.payload_bytes,
+        payload_kind: o.payload_kind.name().into(),
+        compression: match (o.zstd, &o.zstd_dict) {
+            (false, _) => "off".into(),
+            (true, None) => "zstd (shardcast.v1+zstd)".into(),
+            (true, Some((id, p))) => format!(
+                "zstd (shardcast.v1+zstd), dictionary {id} = {}",
+                p.display()
+            ),
+        },
         setup_secs,
         connects_per_sec: if setup_secs > 0.0 {
             opened as f64 / setup_secs
@@ -391,6 +414,8 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
             0.0
         },
         msgs_per_frame: per(c.window_msgs, c.window_frames).unwrap_or(0.0),
+        wire_bytes_per_msg: per(c.window_wire_bytes, c.window_msgs),
+        content_bytes_per_msg: per(c.window_content_bytes, c.window_msgs),
         server: server_fig,
         generator_cpu_cores: if win > 0.0 {
             g_to.saturating_sub(g_from) as f64 / 1e6 / win

@@ -30,6 +30,9 @@ USAGE:
     shardcast-bench <scenario> [options]           run against one server
     shardcast-bench compare <scenario> [options]   run against every available
                                                    server, one after another
+    shardcast-bench samples [--payload B] [--payload-kind K] [--count N]
+                                                   print N payloads, one a line
+                                                   (to train a zstd dictionary)
 
 SCENARIOS (defaults in brackets):
     fanout   --subscribers N [10000] --publishers P [1] --rate MSG/S [10]
@@ -52,6 +55,12 @@ OPTIONS:
     --warmup S          warm-up seconds, not measured [2]
     --drain S           seconds to wait for deliveries after the window [2]
     --payload BYTES     publication payload size [64]
+    --payload-kind K    pad: stamp + '.' padding | json: stamp + a chat
+                        message as JSON, varying fields, >= ~150 B [pad]
+    --zstd              shardcast: every connection negotiates
+                        shardcast.v1+zstd and decompresses what it receives
+    --zstd-dict FILE    with --zstd: give the server this dictionary
+                        (--compression-dictionary, id 1) and the clients too
     --per-worker N      connections per load-generator process [9000]
     --source-ips N      spread connections over 127.0.0.1..N [one per 25,000]
     --concurrency N     handshakes in flight per worker process [256]
@@ -71,6 +80,9 @@ where
         .parse()
         .map_err(|e| format!("{flag}: {e}"))
 }
+
+/// The id `--zstd-dict` gives the server's dictionary.
+const ZSTD_DICT_ID: u32 = 1;
 
 struct Cli {
     scenario: Scenario,
@@ -124,6 +136,9 @@ fn parse(name: &str, args: &[String]) -> Result<Cli, String> {
         duration: Duration::from_secs(10),
         drain: Duration::from_secs(2),
         payload_bytes: 64,
+        payload_kind: payload::Kind::Pad,
+        zstd: false,
+        zstd_dict: None,
         per_worker: 9_000,
         source_ips: None,
         concurrency: 256,
@@ -181,6 +196,18 @@ fn parse(name: &str, args: &[String]) -> Result<Cli, String> {
             ("--warmup", _) => run.warmup = secs(a, it.next())?,
             ("--drain", _) => run.drain = secs(a, it.next())?,
             ("--payload", _) => run.payload_bytes = num(a, it.next())?,
+            ("--payload-kind", _) => {
+                run.payload_kind =
+                    payload::Kind::parse(it.next().ok_or("--payload-kind needs a value")?)?
+            }
+            ("--zstd", _) => run.zstd = true,
+            ("--zstd-dict", _) => {
+                let p = PathBuf::from(it.next().ok_or("--zstd-dict needs a file")?);
+                // Workers and the server may run elsewhere than here.
+                let p = std::fs::canonicalize(&p)
+                    .map_err(|e| format!("--zstd-dict {}: {e}", p.display()))?;
+                run.zstd_dict = Some((ZSTD_DICT_ID, p));
+            }
             ("--per-worker", _) => run.per_worker = num(a, it.next())?,
             ("--source-ips", _) => run.source_ips = Some(num(a, it.next())?),
             ("--concurrency", _) => run.concurrency = num(a, it.next())?,
@@ -189,6 +216,20 @@ fn parse(name: &str, args: &[String]) -> Result<Cli, String> {
             ("--no-files", _) => run.write_files = false,
             (other, _) => return Err(format!("unknown option {other} for {name}\n\n{USAGE}")),
         }
+    }
+    if let Some((id, p)) = &run.zstd_dict {
+        if !run.zstd {
+            return Err("--zstd-dict needs --zstd".into());
+        }
+        run.server.extra_args.extend([
+            "--compression-dictionary".into(),
+            p.display().to_string(),
+            "--compression-dictionary-id".into(),
+            id.to_string(),
+        ]);
+    }
+    if run.zstd && target != Target::Shardcast {
+        return Err("--zstd is shardcast's zstd framing: only with --target shardcast".into());
     }
     if scenario.connections() == 0 {
         return Err("the scenario has no connections".into());
@@ -237,6 +278,9 @@ fn compare(args: &[String]) -> Result<(), String> {
         .ok_or(format!("compare needs a scenario\n\n{USAGE}"))?;
     if args.iter().any(|a| a == "--target") {
         return Err("compare runs every target; drop --target".into());
+    }
+    if args.iter().any(|a| a.starts_with("--zstd")) {
+        return Err("--zstd is shardcast-only; run it without compare".into());
     }
     let cli = parse(name, &args[1..])?;
     let mut runs = Vec::new();
@@ -303,11 +347,44 @@ fn compare(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// `samples`: payloads as the bench sends them, one a line, for
+/// `shardcast zstd-train --lines`.
+fn samples(args: &[String]) -> Result<(), String> {
+    let (mut size, mut kind, mut count) = (64usize, payload::Kind::Pad, 2000u64);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--payload" => size = num(a, it.next())?,
+            "--payload-kind" => {
+                kind = payload::Kind::parse(it.next().ok_or("--payload-kind needs a value")?)?
+            }
+            "--count" => count = num(a, it.next())?,
+            other => return Err(format!("unknown option {other} for samples")),
+        }
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut buf = Vec::new();
+    // Streams, sequence numbers and times like a run's, but not a run's:
+    // the dictionary must not have seen the measured messages.
+    for i in 0..count {
+        let stamp = payload::Stamp {
+            stream: 0xFFFF_0000 + i % 16,
+            seq: i / 16,
+            intended_ns: 1_000_000_000_000 + i * 1_000_000,
+        };
+        payload::write(kind, stamp, size, &mut buf);
+        buf.push(b'\n');
+        std::io::Write::write_all(&mut out, &buf).map_err(|e| e.to_string())?;
+    }
+    std::io::Write::flush(&mut out).map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("worker") => worker::main(),
         Some("compare") => compare(&args[1..]),
+        Some("samples") => samples(&args[1..]),
         Some("--help" | "-h" | "help") | None => {
             print!("{USAGE}");
             Ok(())

@@ -98,6 +98,15 @@ pub struct Counts {
     /// (by receive time): the denominator for server CPU per message.
     pub window_msgs: u64,
     pub window_frames: u64,
+    /// Bytes those frames took on the wire: WebSocket payload as received
+    /// (compressed, flag byte included) plus the server's frame header
+    /// (unmasked: 2, 4 or 10 bytes, see [`ws_frame_bytes`]).
+    #[serde(default)]
+    pub window_wire_bytes: u64,
+    /// Their content after decompression (native: FlatBuffers frame bytes;
+    /// other protocols: the message as received).
+    #[serde(default)]
+    pub window_content_bytes: u64,
     /// Publish acknowledgements (protocols that have them).
     pub acks: u64,
     /// Error replies from the server.
@@ -124,10 +133,25 @@ impl Counts {
         self.foreign += o.foreign;
         self.window_msgs += o.window_msgs;
         self.window_frames += o.window_frames;
+        self.window_wire_bytes += o.window_wire_bytes;
+        self.window_content_bytes += o.window_content_bytes;
         self.acks += o.acks;
         self.errors += o.errors;
         self.closed += o.closed;
     }
+}
+
+/// Bytes a server-to-client WebSocket frame with a `payload_len`-byte
+/// payload takes: the payload plus the header (unmasked; 7-bit, 16-bit or
+/// 64-bit length). Assumes one frame per message, which is how shardcast,
+/// the baseline and NATS send.
+pub fn ws_frame_bytes(payload_len: usize) -> u64 {
+    let header = match payload_len {
+        0..=125 => 2,
+        126..=65_535 => 4,
+        _ => 10,
+    };
+    payload_len as u64 + header
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -145,10 +169,13 @@ impl Recorder {
         }
     }
 
-    /// One WebSocket frame arrived at `recv_ns`.
-    pub fn on_frame(&mut self, recv_ns: u64) {
+    /// One WebSocket message carrying deliveries arrived at `recv_ns`:
+    /// `payload_len` bytes as received, `content_len` after decompression.
+    pub fn on_frame(&mut self, recv_ns: u64, payload_len: usize, content_len: usize) {
         if self.window.contains(recv_ns) {
             self.counts.window_frames += 1;
+            self.counts.window_wire_bytes += ws_frame_bytes(payload_len);
+            self.counts.window_content_bytes += content_len as u64;
         }
     }
 
@@ -365,6 +392,25 @@ mod tests {
         assert_eq!(total.counts.out_of_order, 1);
         assert_eq!(total.counts.lost(), 1);
         assert_eq!(total.latency.len(), 14);
+    }
+
+    #[test]
+    fn wire_bytes_count_frames_in_the_window_with_their_header() {
+        assert_eq!(ws_frame_bytes(0), 2);
+        assert_eq!(ws_frame_bytes(125), 127);
+        assert_eq!(ws_frame_bytes(126), 130);
+        assert_eq!(ws_frame_bytes(65_535), 65_539);
+        assert_eq!(ws_frame_bytes(65_536), 65_546);
+        let mut r = rec();
+        r.on_frame(1_500 * MS, 100, 900); // compressed 900 → 100
+        r.on_frame(1_600 * MS, 300, 300);
+        r.on_frame(2_500 * MS, 1_000, 1_000); // after the window
+        let mut other = rec();
+        other.on_frame(1_700 * MS, 70_000, 70_000);
+        r.merge(&other.to_wire());
+        assert_eq!(r.counts.window_frames, 3);
+        assert_eq!(r.counts.window_wire_bytes, 102 + 304 + 70_010);
+        assert_eq!(r.counts.window_content_bytes, 900 + 300 + 70_000);
     }
 
     #[test]

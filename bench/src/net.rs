@@ -41,9 +41,11 @@ pub fn source_ip(i: u64, count: u32) -> Ipv4Addr {
 
 /// TCP connect from `src` (port chosen at connect time, so each source
 /// address has the whole ephemeral range per destination) and the
-/// WebSocket handshake for `proto`.
+/// WebSocket handshake for `proto` (`zstd`: offering shardcast's zstd
+/// subprotocol, which the server must accept).
 pub async fn open(
     proto: Proto,
+    zstd: bool,
     addr: SocketAddr,
     src: Ipv4Addr,
     timeout: Duration,
@@ -73,7 +75,8 @@ pub async fn open(
         let mut req = format!("ws://{addr}{}", proto.path())
             .into_client_request()
             .map_err(|e| e.to_string())?;
-        if let Some(p) = proto.subprotocol() {
+        let offered = proto.subprotocol(zstd);
+        if let Some(p) = offered {
             req.headers_mut()
                 .insert("Sec-WebSocket-Protocol", p.parse().expect("valid header"));
         }
@@ -81,9 +84,20 @@ pub async fn open(
         // read: with thousands of sockets that memset was 70% of the
         // generator's CPU. Frames here are small.
         let config = WebSocketConfig::default().read_buffer_size(READ_BUFFER);
-        let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+        let (ws, resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
             .await
             .map_err(|e| handshake_error(&e))?;
+        if zstd {
+            let chosen = resp
+                .headers()
+                .get("Sec-WebSocket-Protocol")
+                .and_then(|v| v.to_str().ok());
+            if chosen != offered {
+                return Err(format!(
+                    "the server did not accept {offered:?} (chose {chosen:?}): no zstd support in this build?"
+                ));
+            }
+        }
         Ok(ws)
     };
     match tokio::time::timeout(timeout, fut).await {

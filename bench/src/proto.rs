@@ -4,6 +4,8 @@
 //! and measurement are written once.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
+use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
 use shardcast::protocol::wire::{self, ClientEncoder, ClientRequest, DecodeLimits, ServerMessage};
@@ -32,11 +34,97 @@ impl Proto {
         }
     }
 
-    pub fn subprotocol(self) -> Option<&'static str> {
+    /// The subprotocol to offer; `zstd` asks shardcast for compressed
+    /// frames (native protocol only).
+    pub fn subprotocol(self, zstd: bool) -> Option<&'static str> {
         match self {
+            Proto::Native if zstd => Some(ZSTD_SUBPROTOCOL),
             Proto::Native => Some("shardcast.v1"),
             _ => None,
         }
+    }
+}
+
+/// The subprotocol of shardcast's zstd framing (schemas/README.md,
+/// "Compressed frames"): every binary message in both directions starts
+/// with a flag byte.
+pub const ZSTD_SUBPROTOCOL: &str = "shardcast.v1+zstd";
+const FLAG_PLAIN: u8 = 0x00;
+const FLAG_ZSTD: u8 = 0x01;
+const FLAG_ZSTD_DICT: u8 = 0x02;
+
+/// The client side of zstd framing: strips the flag byte and decompresses,
+/// with the output capped. Frames are independent zstd frames, so one
+/// `Inflater` (one zstd context, one output buffer) serves every connection
+/// of a worker thread — a context per connection would cost ~100 KB each.
+pub struct Inflater {
+    plain: zstd::bulk::Decompressor<'static>,
+    dict: Option<(u32, zstd::bulk::Decompressor<'static>)>,
+    out: Vec<u8>,
+    max_output: usize,
+}
+
+impl Inflater {
+    /// `max_output`: largest decompressed frame accepted; `dict`: a
+    /// dictionary and its id, for flag-0x02 frames.
+    pub fn new(max_output: usize, dict: Option<(u32, &[u8])>) -> std::io::Result<Self> {
+        Ok(Inflater {
+            plain: zstd::bulk::Decompressor::new()?,
+            dict: match dict {
+                Some((id, bytes)) => Some((id, zstd::bulk::Decompressor::with_dictionary(bytes)?)),
+                None => None,
+            },
+            out: Vec::new(),
+            max_output,
+        })
+    }
+
+    /// The FlatBuffers `Frame` inside one flagged message: borrowed from
+    /// `msg` when plain, else decompressed into the internal buffer.
+    pub fn open<'a>(&'a mut self, msg: &'a [u8]) -> Result<&'a [u8], String> {
+        let (&flag, rest) = msg
+            .split_first()
+            .ok_or("empty message on a zstd connection")?;
+        let (ctx, body) = match flag {
+            FLAG_PLAIN => return Ok(rest),
+            FLAG_ZSTD => (&mut self.plain, rest),
+            FLAG_ZSTD_DICT => {
+                let id = rest
+                    .get(..4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .ok_or("truncated dictionary id")?;
+                match &mut self.dict {
+                    Some((have, ctx)) if *have == id => (ctx, &rest[4..]),
+                    _ => {
+                        return Err(format!(
+                            "frame compressed with dictionary {id}, which this client does not have (--zstd-dict)"
+                        ))
+                    }
+                }
+            }
+            other => return Err(format!("unknown compression flag {other:#04x}")),
+        };
+        if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(body) {
+            if n > self.max_output as u64 {
+                return Err(format!(
+                    "compressed frame declares {n} bytes, over the {}-byte cap",
+                    self.max_output
+                ));
+            }
+        }
+        self.out.clear();
+        // The capacity is the cap: zstd fails rather than grow the Vec.
+        self.out.reserve(self.max_output);
+        let n = ctx
+            .decompress_to_buffer(body, &mut self.out)
+            .map_err(|e| format!("zstd (output capped at {} bytes): {e}", self.max_output))?;
+        if n > self.max_output {
+            return Err(format!(
+                "decompressed {n} bytes, over the {}-byte cap",
+                self.max_output
+            ));
+        }
+        Ok(&self.out)
     }
 }
 
@@ -63,6 +151,8 @@ pub struct Conn {
     next_id: u32,
     /// NATS: bytes of an operation split across frames.
     buf: Vec<u8>,
+    /// Native protocol with zstd framing: the (shared) decompressor.
+    zstd: Option<Rc<RefCell<Inflater>>>,
 }
 
 #[derive(Deserialize)]
@@ -91,7 +181,35 @@ impl Conn {
             limits: DecodeLimits::default(),
             next_id: 100,
             buf: Vec::new(),
+            zstd: None,
         }
+    }
+
+    /// A native connection that negotiated `shardcast.v1+zstd`: outgoing
+    /// messages get the plain flag byte, incoming ones go through `inflater`.
+    pub fn with_zstd(proto: Proto, inflater: Rc<RefCell<Inflater>>) -> Self {
+        assert_eq!(proto, Proto::Native, "zstd framing is shardcast-only");
+        Self {
+            zstd: Some(inflater),
+            ..Self::new(proto)
+        }
+    }
+
+    /// The largest frame this connection decodes (the cap for decompression).
+    pub fn max_frame_bytes() -> usize {
+        DecodeLimits::default().max_bytes
+    }
+
+    /// A native binary message: with the plain flag byte on zstd
+    /// connections (the server compresses only what it sends).
+    fn native(&self, frame: Vec<u8>) -> Message {
+        if self.zstd.is_none() {
+            return Message::Binary(frame.into());
+        }
+        let mut v = Vec::with_capacity(frame.len() + 1);
+        v.push(FLAG_PLAIN);
+        v.extend_from_slice(&frame);
+        Message::Binary(v.into())
     }
 
     /// The frames that start a session and subscribe to `channels`, and how
@@ -110,7 +228,7 @@ impl Conn {
                     ));
                 }
                 let frame = self.enc.frame(&reqs);
-                (vec![Message::Binary(frame.into())], reqs.len())
+                (vec![self.native(frame)], reqs.len())
             }
             Proto::Baseline => {
                 let msgs = channels
@@ -146,11 +264,8 @@ impl Conn {
         match self.proto {
             Proto::Native => {
                 self.next_id = self.next_id.wrapping_add(1).max(100);
-                Message::Binary(
-                    self.enc
-                        .publish(self.next_id, channel, payload, None)
-                        .into(),
-                )
+                let frame = self.enc.publish(self.next_id, channel, payload, None);
+                self.native(frame)
             }
             Proto::Baseline => {
                 let data = std::str::from_utf8(payload).unwrap_or("");
@@ -173,32 +288,31 @@ impl Conn {
         }
     }
 
-    /// Interprets one message from the server. Returns whether it carried
-    /// anything (ping/pong control frames do not).
-    pub fn handle(&mut self, msg: &Message, on: &mut dyn FnMut(Event<'_>)) -> bool {
+    /// Interprets one message from the server. Returns the size of its
+    /// content (for the native protocol: the FlatBuffers frame after
+    /// decompression), or `None` for control frames (ping/pong/close),
+    /// which carry nothing.
+    pub fn handle(&mut self, msg: &Message, on: &mut dyn FnMut(Event<'_>)) -> Option<usize> {
         match (self.proto, msg) {
-            (Proto::Native, Message::Binary(b)) => {
-                match wire::decode_server_frame(b, &self.limits) {
-                    Ok(msgs) => {
-                        for (_, m) in msgs {
-                            match m {
-                                ServerMessage::Connected { .. }
-                                | ServerMessage::Subscribed { .. } => on(Event::Ready),
-                                ServerMessage::Publication { payload, .. } => {
-                                    on(Event::Delivery(&payload))
-                                }
-                                ServerMessage::PublishAck { .. } => on(Event::Ack),
-                                ServerMessage::Error { code, message } => {
-                                    on(Event::Error(format!("error {code}: {message}")))
-                                }
-                                _ => {} // Unsubscribed, Pong, and anything newer
-                            }
+            (Proto::Native, Message::Binary(b)) => match &self.zstd {
+                None => {
+                    native_frame(b, &self.limits, on);
+                    Some(b.len())
+                }
+                Some(z) => {
+                    let mut z = z.borrow_mut();
+                    match z.open(b) {
+                        Ok(frame) => {
+                            native_frame(frame, &self.limits, on);
+                            Some(frame.len())
+                        }
+                        Err(e) => {
+                            on(Event::Error(format!("undecompressable frame: {e}")));
+                            Some(0)
                         }
                     }
-                    Err(e) => on(Event::Error(format!("undecodable frame: {e}"))),
                 }
-                true
-            }
+            },
             (Proto::Baseline, Message::Text(t)) => {
                 match serde_json::from_str::<BaselineIn<'_>>(t.as_str()) {
                     Ok(m) => match (m.op.as_deref(), m.data) {
@@ -209,29 +323,29 @@ impl Conn {
                     },
                     Err(e) => on(Event::Error(format!("bad JSON from baseline: {e}"))),
                 }
-                true
+                Some(t.len())
             }
             (Proto::Nats, Message::Binary(b)) => {
                 self.nats_bytes(b, on);
-                true
+                Some(b.len())
             }
             (Proto::Nats, Message::Text(t)) => {
                 self.nats_bytes(t.as_bytes(), on);
-                true
+                Some(t.len())
             }
             (Proto::Pusher, Message::Text(t)) => {
                 crate::pusher::handle(t.as_str(), on);
-                true
+                Some(t.len())
             }
             (_, Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_)) => {
-                false
+                None
             }
             (p, m) => {
                 on(Event::Error(format!(
                     "unexpected {p:?} frame of {} bytes",
                     m.len()
                 )));
-                true
+                Some(m.len())
             }
         }
     }
@@ -273,6 +387,28 @@ impl Conn {
             at += nl + 2;
         }
         self.buf.drain(..at);
+    }
+}
+
+/// Decodes one native FlatBuffers `Frame` into events.
+fn native_frame(b: &[u8], limits: &DecodeLimits, on: &mut dyn FnMut(Event<'_>)) {
+    match wire::decode_server_frame(b, limits) {
+        Ok(msgs) => {
+            for (_, m) in msgs {
+                match m {
+                    ServerMessage::Connected { .. } | ServerMessage::Subscribed { .. } => {
+                        on(Event::Ready)
+                    }
+                    ServerMessage::Publication { payload, .. } => on(Event::Delivery(&payload)),
+                    ServerMessage::PublishAck { .. } => on(Event::Ack),
+                    ServerMessage::Error { code, message } => {
+                        on(Event::Error(format!("error {code}: {message}")))
+                    }
+                    _ => {} // Unsubscribed, Pong, and anything newer
+                }
+            }
+        }
+        Err(e) => on(Event::Error(format!("undecodable frame: {e}"))),
     }
 }
 
@@ -329,6 +465,128 @@ mod tests {
             p.to_text().unwrap(),
             r#"{"op":"pub","ch":"a","data":"xyz"}"#
         );
+    }
+
+    /// A server frame of `n` publications on channel `c`, as shardcast
+    /// encodes a tick's batch.
+    fn server_batch(payloads: &[Vec<u8>]) -> Vec<u8> {
+        let mut enc = shardcast::protocol::wire::Encoder::new();
+        enc.publications(
+            "c",
+            1,
+            payloads
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i as u64, 0, p.as_slice())),
+        )
+        .to_vec()
+    }
+
+    fn json_payloads(n: u64) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|seq| {
+                let mut b = Vec::new();
+                crate::payload::encode_json(
+                    crate::payload::Stamp {
+                        stream: 1,
+                        seq,
+                        intended_ns: 1_000 + seq,
+                    },
+                    200,
+                    &mut b,
+                );
+                b
+            })
+            .collect()
+    }
+
+    fn zstd_conn(dict: Option<(u32, &[u8])>) -> Conn {
+        let inf = Inflater::new(Conn::max_frame_bytes(), dict).unwrap();
+        Conn::with_zstd(Proto::Native, Rc::new(RefCell::new(inf)))
+    }
+
+    #[test]
+    fn zstd_frames_decode_to_the_same_events() {
+        let payloads = json_payloads(16);
+        let frame = server_batch(&payloads);
+        let want: Vec<String> = payloads
+            .iter()
+            .map(|p| format!("D:{}", String::from_utf8_lossy(p)))
+            .collect();
+        // Without zstd: the frame as is.
+        let mut plain = Conn::new(Proto::Native);
+        let mut got = Vec::new();
+        let n = plain.handle(&Message::Binary(frame.clone().into()), &mut |e| {
+            got.push(match e {
+                Event::Delivery(d) => format!("D:{}", String::from_utf8_lossy(d)),
+                other => format!("{other:?}"),
+            })
+        });
+        assert_eq!((got, n), (want.clone(), Some(frame.len())));
+
+        // Flag 0x01: compressed; the content size is the decompressed frame.
+        let mut z = zstd_conn(None);
+        let mut msg = vec![FLAG_ZSTD];
+        msg.extend_from_slice(&zstd::bulk::compress(&frame, 1).unwrap());
+        assert!(
+            msg.len() * 2 < frame.len(),
+            "{} -> {}",
+            frame.len(),
+            msg.len()
+        );
+        let mut got = Vec::new();
+        let n = z.handle(&Message::Binary(msg.into()), &mut |e| {
+            got.push(match e {
+                Event::Delivery(d) => format!("D:{}", String::from_utf8_lossy(d)),
+                other => format!("{other:?}"),
+            })
+        });
+        assert_eq!((got, n), (want.clone(), Some(frame.len())));
+
+        // Flag 0x00: plain behind the flag byte.
+        let mut msg = vec![FLAG_PLAIN];
+        msg.extend_from_slice(&frame);
+        assert_eq!(events(&mut z, Message::Binary(msg.into())), want);
+
+        // Outgoing messages carry the plain flag.
+        let Message::Binary(p) = z.publish("c", b"x") else {
+            panic!("binary expected")
+        };
+        assert_eq!(p[0], FLAG_PLAIN);
+        assert!(wire::decode_client_frame(&p[1..], &DecodeLimits::default()).is_ok());
+    }
+
+    #[test]
+    fn zstd_dictionary_frames_bombs_and_garbage() {
+        let samples = json_payloads(2000);
+        let dict = zstd::dict::from_samples(&samples, 8 * 1024).unwrap();
+        let frame = server_batch(&json_payloads(1));
+        let mut msg = vec![FLAG_ZSTD_DICT];
+        msg.extend_from_slice(&7u32.to_le_bytes());
+        msg.extend_from_slice(
+            &zstd::bulk::Compressor::with_dictionary(1, &dict)
+                .unwrap()
+                .compress(&frame)
+                .unwrap(),
+        );
+        let msg = Message::Binary(msg.into());
+        let mut with = zstd_conn(Some((7, &dict)));
+        let ev = events(&mut with, msg.clone());
+        assert_eq!(ev.len(), 1);
+        assert!(ev[0].starts_with("D:1:0:3e8:{"), "{ev:?}");
+        let mut without = zstd_conn(None);
+        let ev = events(&mut without, msg);
+        assert!(ev[0].contains("dictionary 7"), "{ev:?}");
+
+        // Over the cap: refused, not allocated.
+        let mut bomb = vec![FLAG_ZSTD];
+        bomb.extend_from_slice(&zstd::bulk::compress(&vec![0u8; 4 << 20], 3).unwrap());
+        let ev = events(&mut without, Message::Binary(bomb.into()));
+        assert!(ev[0].contains("cap"), "{ev:?}");
+        for bad in [vec![], vec![9u8, 1, 2], vec![FLAG_ZSTD, 1, 2, 3]] {
+            let ev = events(&mut without, Message::Binary(bad.into()));
+            assert!(ev[0].starts_with("Error"), "{ev:?}");
+        }
     }
 
     #[test]

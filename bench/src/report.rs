@@ -86,6 +86,12 @@ pub struct Report {
     pub workers: usize,
     pub source_ips: u32,
     pub payload_bytes: usize,
+    /// `pad` or `json` (see payload.rs).
+    #[serde(default)]
+    pub payload_kind: String,
+    /// `off`, or the zstd framing the clients negotiated.
+    #[serde(default)]
+    pub compression: String,
     pub setup_secs: f64,
     pub connects_per_sec: f64,
     pub setup_latency: Percentiles,
@@ -105,6 +111,15 @@ pub struct Report {
     /// Deliveries received per second while the window was open.
     pub delivered_per_sec: f64,
     pub msgs_per_frame: f64,
+    /// Bytes received per delivered message: WebSocket payloads as
+    /// received (compressed, flag byte included) plus frame headers, of
+    /// the frames that carried deliveries in the window, over those
+    /// deliveries.
+    #[serde(default)]
+    pub wire_bytes_per_msg: Option<f64>,
+    /// The same after decompression (native: FlatBuffers frame bytes).
+    #[serde(default)]
+    pub content_bytes_per_msg: Option<f64>,
     pub server: ServerFigures,
     /// Cores the load-generator workers used during the window.
     pub generator_cpu_cores: f64,
@@ -344,7 +359,23 @@ fn rows(r: &Report) -> Vec<(String, String)> {
                 r.window_secs, r.warmup_secs, r.drain_secs
             ),
         );
-        add("payload", format!("{} bytes", r.payload_bytes));
+        add(
+            "payload",
+            format!(
+                "{} bytes, {}; compression {}",
+                r.payload_bytes,
+                if r.payload_kind.is_empty() {
+                    "pad"
+                } else {
+                    &r.payload_kind
+                },
+                if r.compression.is_empty() {
+                    "off"
+                } else {
+                    &r.compression
+                }
+            ),
+        );
         add(
             "published",
             format!(
@@ -361,6 +392,16 @@ fn rows(r: &Report) -> Vec<(String, String)> {
                 r.msgs_per_frame
             ),
         );
+        if let (Some(w), Some(c)) = (r.wire_bytes_per_msg, r.content_bytes_per_msg) {
+            add(
+                "wire bytes per delivered msg",
+                format!(
+                    "{w:.1} B incl. WS headers ({c:.1} B decoded, ratio {:.2}; {:.2} msg per frame)",
+                    if w > 0.0 { c / w } else { 0.0 },
+                    r.msgs_per_frame
+                ),
+            );
+        }
         let l = &r.latency;
         add(
             "latency (intended send → receive)",
@@ -693,6 +734,11 @@ fn metrics() -> Vec<Metric> {
             fmt: |v| format!("{v:.2}"),
         },
         Metric {
+            name: "wire B / msg",
+            get: |r| r.wire_bytes_per_msg,
+            fmt: |v| format!("{v:.1} B"),
+        },
+        Metric {
             name: "p50",
             get: |r| Some(r.latency.p50 as f64),
             fmt: msf,
@@ -873,6 +919,8 @@ mod tests {
             workers: 3,
             source_ips: 1,
             payload_bytes: 64,
+            payload_kind: "pad".into(),
+            compression: "off".into(),
             setup_secs: 2.0,
             connects_per_sec: 5000.0,
             setup_latency: Percentiles::default(),
@@ -909,6 +957,8 @@ mod tests {
             offered_per_sec: 20.0,
             delivered_per_sec: 200_000.0,
             msgs_per_frame: 1.0,
+            wire_bytes_per_msg: Some(146.0),
+            content_bytes_per_msg: Some(144.0),
             server: ServerFigures {
                 rss_per_connection_bytes: 3000.0,
                 user_us_per_msg: Some(0.4),
@@ -978,6 +1028,13 @@ mod tests {
         assert!(t.contains("[PASS]"));
         let md = markdown(&r);
         assert!(md.contains("| delivered | 200,000 msg/s"), "{md}");
+        assert!(
+            md.contains(
+                "| wire bytes per delivered msg | 146.0 B incl. WS headers (144.0 B decoded"
+            ),
+            "{md}"
+        );
+        assert!(t.contains("64 bytes, pad; compression off"), "{t}");
         assert!(md.contains("latency.svg"));
         let s = svg("t", &[("shardcast", &r.distribution)]);
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));

@@ -19,7 +19,7 @@ use crate::measure::{Recorder, RecorderWire, StreamTracker, Window};
 use crate::net::{self, Ws};
 use crate::payload::{self, Stamp};
 use crate::plan::{Role, Scenario};
-use crate::proto::{Conn, Event, Proto};
+use crate::proto::{Conn, Event, Inflater, Proto};
 use crate::pusher;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -32,6 +32,14 @@ pub struct Job {
     pub range: (u64, u64),
     pub concurrency: usize,
     pub payload_bytes: usize,
+    #[serde(default)]
+    pub payload_kind: payload::Kind,
+    /// Native protocol: negotiate `shardcast.v1+zstd`.
+    #[serde(default)]
+    pub zstd: bool,
+    /// With `zstd`: a dictionary file and its id, for flag-0x02 frames.
+    #[serde(default)]
+    pub zstd_dict: Option<(u32, String)>,
     pub setup_timeout_ms: u64,
 }
 
@@ -118,6 +126,24 @@ async fn run(job: Job) -> Result<(), String> {
     }));
     let live: Rc<RefCell<Vec<Live>>> = Rc::new(RefCell::new(Vec::new()));
     let failed = Rc::new(RefCell::new((0u64, None::<String>)));
+    // One decompressor for all of this thread's zstd connections.
+    let inflater = if job.zstd {
+        let dict = match &job.zstd_dict {
+            Some((id, path)) => Some((
+                *id,
+                std::fs::read(path).map_err(|e| format!("zstd dictionary {path}: {e}"))?,
+            )),
+            None => None,
+        };
+        let inf = Inflater::new(
+            Conn::max_frame_bytes(),
+            dict.as_ref().map(|(id, b)| (*id, b.as_slice())),
+        )
+        .map_err(|e| format!("zstd: {e}"))?;
+        Some(Rc::new(RefCell::new(inf)))
+    } else {
+        None
+    };
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(job.concurrency.max(1)));
     let timeout = Duration::from_millis(job.setup_timeout_ms);
     let mut tasks = Vec::new();
@@ -126,11 +152,16 @@ async fn run(job: Job) -> Result<(), String> {
             break; // a host limit was hit: report it instead of hammering
         }
         let permit = sem.clone().acquire_owned().await.expect("open semaphore");
-        let (job2, shared, live, failed) =
-            (job.clone(), shared.clone(), live.clone(), failed.clone());
+        let (job2, shared, live, failed, inflater) = (
+            job.clone(),
+            shared.clone(),
+            live.clone(),
+            failed.clone(),
+            inflater.clone(),
+        );
         tasks.push(tokio::task::spawn_local(async move {
             let start = now_ns();
-            match setup_one(&job2, i, timeout).await {
+            match setup_one(&job2, i, timeout, inflater).await {
                 Ok(l) => {
                     shared.borrow_mut().rec.on_setup((now_ns() - start) / 1000);
                     live.borrow_mut().push(l);
@@ -196,11 +227,10 @@ async fn run(job: Job) -> Result<(), String> {
     let mut tasks = Vec::with_capacity(conns.len());
     for c in conns {
         let shared = shared.clone();
-        let payload_bytes = job.payload_bytes;
         tasks.push(tokio::task::spawn_local(run_conn(
             c,
             go,
-            payload_bytes,
+            (job.payload_kind, job.payload_bytes),
             precise,
             shared,
         )));
@@ -216,11 +246,19 @@ async fn run(job: Job) -> Result<(), String> {
     Ok(())
 }
 
-async fn setup_one(job: &Job, i: u64, timeout: Duration) -> Result<Live, String> {
+async fn setup_one(
+    job: &Job,
+    i: u64,
+    timeout: Duration,
+    inflater: Option<Rc<RefCell<Inflater>>>,
+) -> Result<Live, String> {
     let src = net::source_ip(i, job.source_ips);
-    let mut ws = net::open(job.proto, job.addr, src, timeout).await?;
+    let mut ws = net::open(job.proto, inflater.is_some(), job.addr, src, timeout).await?;
     let role = job.scenario.role(i);
-    let mut conn = Conn::new(job.proto);
+    let mut conn = match inflater {
+        Some(inf) => Conn::with_zstd(job.proto, inf),
+        None => Conn::new(job.proto),
+    };
     let (frames, mut want) = conn.setup(&role.subscribe);
     for f in frames {
         ws.feed(f).await.map_err(|e| format!("send: {e}"))?;
@@ -291,7 +329,7 @@ const EARLY_NS: u64 = 1_500_000;
 async fn run_conn(
     mut c: Live,
     go: Go,
-    payload_bytes: usize,
+    (payload_kind, payload_bytes): (payload::Kind, usize),
     precise: bool,
     shared: Rc<RefCell<Shared>>,
 ) {
@@ -369,7 +407,7 @@ async fn run_conn(
                         if due > now || due >= go.window.to_ns {
                             break;
                         }
-                        payload::encode(Stamp { stream: s.stream, seq: s.next_seq, intended_ns: due }, payload_bytes, &mut buf);
+                        payload::write(payload_kind, Stamp { stream: s.stream, seq: s.next_seq, intended_ns: due }, payload_bytes, &mut buf);
                         let sent = match c.http.as_mut() {
                             Some(h) => {
                                 h.queue(&s.channel, &buf);
@@ -433,7 +471,7 @@ async fn run_conn(
                     let mut sh = shared.borrow_mut();
                     let sh = &mut *sh;
                     let mut delivered = false;
-                    c.conn.handle(&m, &mut |e| match e {
+                    let content = c.conn.handle(&m, &mut |e| match e {
                         Event::Delivery(p) => {
                             delivered = true;
                             sh.rec.on_delivery(payload::decode(p), now, &mut tracker);
@@ -444,7 +482,7 @@ async fn run_conn(
                         Event::Ready => {}
                     });
                     if delivered {
-                        sh.rec.on_frame(now);
+                        sh.rec.on_frame(now, m.len(), content.unwrap_or(0));
                     }
                 }
                 if !replies.is_empty() {
