@@ -7,7 +7,20 @@ use common::{clients_on_both_shards, Client, Server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_shard_delivery_keeps_per_channel_order() {
-    let server = Server::start(&common::BULK_PUBLISHER);
+    cross_shard_order(&[]).await;
+}
+
+/// Without a tick pause, ticks follow each other as soon as there is work
+/// (the dispatcher requeues itself behind the readers): same guarantees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_shard_delivery_keeps_per_channel_order_without_a_tick_pause() {
+    cross_shard_order(&["--fanout-tick-pause-ms", "0"]).await;
+}
+
+async fn cross_shard_order(extra: &[&str]) {
+    let mut args = common::BULK_PUBLISHER.to_vec();
+    args.extend_from_slice(extra);
+    let server = Server::start(&args);
     // Two subscribers and two publishers, with both shards represented.
     let mut clients = clients_on_both_shards(server.addr, 2).await;
     clients.sort_by_key(|c| c.shard);
