@@ -31,44 +31,14 @@ fn token(user: &str, channels: &[&str]) -> String {
     )
 }
 
-/// What a subscriber sees on the channel, in order: presence changes
-/// ("+user" / "-user") and publications ("pub:<payload>"). Replies to
-/// requests are skipped.
+/// The next presence change or publication on ROOM (see
+/// [`common::next_channel_event`]).
 async fn next_event(c: &mut Client) -> String {
-    loop {
-        match c.next().await {
-            (
-                0,
-                ServerMessage::PresenceEvent {
-                    channel,
-                    user,
-                    joined,
-                },
-            ) => {
-                assert_eq!(channel, ROOM);
-                return format!("{}{user}", if joined { '+' } else { '-' });
-            }
-            (
-                0,
-                ServerMessage::Publication {
-                    channel, payload, ..
-                },
-            ) => {
-                assert_eq!(channel, ROOM);
-                return format!("pub:{}", String::from_utf8(payload).unwrap());
-            }
-            (0, other) => panic!("unexpected notice {other:?}"),
-            _ => {}
-        }
-    }
+    common::next_channel_event(c, ROOM).await
 }
 
 async fn expect_events(c: &mut Client, want: &[&str]) {
-    let mut got = Vec::new();
-    for _ in want {
-        got.push(next_event(c).await);
-    }
-    assert_eq!(got, want, "events of client {:#x}", c.client_id);
+    common::expect_channel_events(c, ROOM, want).await
 }
 
 /// Answer to a PresenceQuery: the member list, or the error code.

@@ -555,43 +555,14 @@ async fn redis_killed_and_restarted_loses_nothing_acknowledged_then_a_new_epoch_
 
 const ROOM: &str = "presence-lobby";
 
-/// The next presence change ("+user" / "-user") or publication
-/// ("pub:<payload>") on ROOM; replies are skipped.
+/// The next presence change or publication on ROOM (see
+/// [`common::next_channel_event`]).
 async fn next_event(c: &mut Client) -> String {
-    loop {
-        match c.next().await {
-            (
-                0,
-                ServerMessage::PresenceEvent {
-                    channel,
-                    user,
-                    joined,
-                },
-            ) => {
-                assert_eq!(channel, ROOM);
-                return format!("{}{user}", if joined { '+' } else { '-' });
-            }
-            (
-                0,
-                ServerMessage::Publication {
-                    channel, payload, ..
-                },
-            ) => {
-                assert_eq!(channel, ROOM);
-                return format!("pub:{}", String::from_utf8(payload).unwrap());
-            }
-            (0, other) => panic!("unexpected notice {other:?}"),
-            _ => {}
-        }
-    }
+    common::next_channel_event(c, ROOM).await
 }
 
 async fn expect_events(c: &mut Client, want: &[&str]) {
-    let mut got = Vec::new();
-    for _ in want {
-        got.push(next_event(c).await);
-    }
-    assert_eq!(got, want, "events of client {:#x}", c.client_id);
+    common::expect_channel_events(c, ROOM, want).await
 }
 
 async fn members(c: &mut Client) -> Vec<String> {

@@ -779,3 +779,46 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// What a subscriber sees next on `channel`, in order: a presence change
+/// ("+user" / "-user") or a publication ("pub:<payload>"). Replies to
+/// requests are skipped; any other notice fails the test.
+pub async fn next_channel_event(c: &mut Client, channel: &str) -> String {
+    loop {
+        match c.next().await {
+            (
+                0,
+                ServerMessage::PresenceEvent {
+                    channel: ch,
+                    user,
+                    joined,
+                },
+            ) => {
+                assert_eq!(ch, channel);
+                return format!("{}{user}", if joined { '+' } else { '-' });
+            }
+            (
+                0,
+                ServerMessage::Publication {
+                    channel: ch,
+                    payload,
+                    ..
+                },
+            ) => {
+                assert_eq!(ch, channel);
+                return format!("pub:{}", String::from_utf8(payload).unwrap());
+            }
+            (0, other) => panic!("unexpected notice {other:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// The next `want.len()` events of [`next_channel_event`] are `want`.
+pub async fn expect_channel_events(c: &mut Client, channel: &str, want: &[&str]) {
+    let mut got = Vec::new();
+    for _ in want {
+        got.push(next_channel_event(c, channel).await);
+    }
+    assert_eq!(got, want, "events of client {:#x}", c.client_id);
+}
