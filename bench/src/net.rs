@@ -51,27 +51,7 @@ pub async fn open(
     timeout: Duration,
 ) -> Result<Ws, String> {
     let fut = async {
-        let sock = TcpSocket::new_v4().map_err(|e| io_error("socket", &e))?;
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt on a socket we own, with a correctly sized int.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                &one as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-        sock.bind(SocketAddr::new(src.into(), 0))
-            .map_err(|e| io_error("bind", &e))?;
-        let stream = sock
-            .connect(addr)
-            .await
-            .map_err(|e| io_error("connect", &e))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| io_error("nodelay", &e))?;
+        let stream = connect_from(addr, src, "connect").await?;
         let mut req = format!("ws://{addr}{}", proto.path())
             .into_client_request()
             .map_err(|e| e.to_string())?;
@@ -118,6 +98,36 @@ fn handshake_error(e: &tokio_tungstenite::tungstenite::Error) -> String {
         Error::Io(io) => io_error("handshake", io),
         other => format!("handshake: {other}"),
     }
+}
+
+/// A TCP connection to `addr` from source address `src` with
+/// `IP_BIND_ADDRESS_NO_PORT` (the kernel picks the port at connect time, so
+/// every source address gets the whole ephemeral range) and `TCP_NODELAY`.
+/// `what` names the connect step in errors.
+pub async fn connect_from(
+    addr: SocketAddr,
+    src: Ipv4Addr,
+    what: &str,
+) -> Result<TcpStream, String> {
+    let sock = TcpSocket::new_v4().map_err(|e| io_error("socket", &e))?;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a correctly sized int.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            &one as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    sock.bind(SocketAddr::new(src.into(), 0))
+        .map_err(|e| io_error("bind", &e))?;
+    let stream = sock.connect(addr).await.map_err(|e| io_error(what, &e))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| io_error("nodelay", &e))?;
+    Ok(stream)
 }
 
 /// An I/O error with the host limit it points at, if any.

@@ -27,7 +27,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream as StdTcpStream};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
@@ -37,7 +36,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Deserializer, Serialize};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -512,28 +511,7 @@ struct SenderState {
 }
 
 async fn open_tcp(addr: SocketAddr, src: Ipv4Addr) -> Result<TcpStream, String> {
-    let sock = TcpSocket::new_v4().map_err(|e| io_error("socket", &e))?;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt on a socket we own, with a correctly sized int.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-    sock.bind(SocketAddr::new(src.into(), 0))
-        .map_err(|e| io_error("bind", &e))?;
-    let stream = sock
-        .connect(addr)
-        .await
-        .map_err(|e| io_error("HTTP API connect", &e))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| io_error("nodelay", &e))?;
-    Ok(stream)
+    crate::net::connect_from(addr, src, "HTTP API connect").await
 }
 
 /// One request on a fresh connection; the response's status and body.
