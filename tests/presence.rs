@@ -31,12 +31,8 @@ fn token(user: &str, channels: &[&str]) -> String {
     )
 }
 
-/// The next presence change or publication on ROOM (see
+/// The next presence changes and publications on ROOM are `want` (see
 /// [`common::next_channel_event`]).
-async fn next_event(c: &mut Client) -> String {
-    common::next_channel_event(c, ROOM).await
-}
-
 async fn expect_events(c: &mut Client, want: &[&str]) {
     common::expect_channel_events(c, ROOM, want).await
 }

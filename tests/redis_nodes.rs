@@ -555,12 +555,8 @@ async fn redis_killed_and_restarted_loses_nothing_acknowledged_then_a_new_epoch_
 
 const ROOM: &str = "presence-lobby";
 
-/// The next presence change or publication on ROOM (see
+/// The next presence changes and publications on ROOM are `want` (see
 /// [`common::next_channel_event`]).
-async fn next_event(c: &mut Client) -> String {
-    common::next_channel_event(c, ROOM).await
-}
-
 async fn expect_events(c: &mut Client, want: &[&str]) {
     common::expect_channel_events(c, ROOM, want).await
 }
