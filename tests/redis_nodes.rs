@@ -550,6 +550,47 @@ async fn redis_killed_and_restarted_loses_nothing_acknowledged_then_a_new_epoch_
     }
 }
 
+/// Redis restarted empty and nobody publishes: shards that follow the
+/// channel still learn of the new epoch (from their catch-up after the
+/// Pub/Sub reconnect) and stop offering recovery in the lost one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_history_is_noticed_without_a_new_publication() {
+    const CH: &str = "quiet";
+    let mut redis = RedisServer::start(false);
+    let a = node(&redis, &[]);
+    let mut followers = common::clients_on_both_shards(a.addr, 1).await;
+    for f in followers.iter_mut() {
+        f.subscribe(CH).await;
+    }
+    let mut publisher = Client::connect(a.addr).await;
+    let old = publisher.publish(CH, b"before the loss").await;
+    for f in followers.iter_mut() {
+        let (_, epoch, offset, _) = f.publication().await;
+        assert_eq!((epoch, offset), (old.epoch, old.offset));
+    }
+
+    redis.restart_empty();
+    let until = Instant::now() + WAIT;
+    let mut told = [false; 2];
+    while told != [true; 2] {
+        let mut c = Client::connect(a.addr).await;
+        let (pos, recovered) = c.subscribe_from(CH, Some(old)).await;
+        if recovered {
+            assert_eq!(pos, old, "recovered only at the old head");
+            assert!(
+                Instant::now() < until,
+                "shard {} never noticed the lost history",
+                c.shard
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        assert_ne!(pos.epoch, old.epoch, "the client is told the new epoch");
+        assert_eq!(pos.offset, 0, "nothing was published in the new epoch");
+        told[c.shard as usize] = true;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 4. Presence across nodes.
 

@@ -85,7 +85,9 @@ pub enum BusEvent {
         items: Arc<[Publication]>,
     },
     /// This shard's interest in `channel` took effect; every later
-    /// publication has an offset above `position.offset`.
+    /// publication has an offset above `position.offset`. Sent again, with
+    /// a new epoch, when a bus finds the channel's history lost before any
+    /// publication of the new epoch reached this shard.
     Subscribed {
         channel: Arc<str>,
         position: Position,

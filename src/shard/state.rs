@@ -1071,10 +1071,18 @@ impl State {
                 let Some(ch) = self.channels.get_mut(&channel) else {
                     return;
                 };
-                let ChannelState::Pending { waiters } = &mut ch.state else {
-                    return;
+                let waiters = match &mut ch.state {
+                    ChannelState::Pending { waiters } => std::mem::take(waiters),
+                    ChannelState::Active { last } => {
+                        // The bus found the channel's history lost (a new
+                        // epoch before any publication in it): resubscribes
+                        // from the old epoch are no longer recoverable.
+                        if position.epoch != last.epoch {
+                            *last = position;
+                        }
+                        return;
+                    }
                 };
-                let waiters = std::mem::take(waiters);
                 ch.state = ChannelState::Active { last: position };
                 for (id, request, recover) in waiters {
                     self.start_subscription(id, request, &channel, position, recover);

@@ -942,7 +942,8 @@ impl Companion {
             }
         };
         s.catching_up = false;
-        if cu.epoch != s.epoch {
+        let new_epoch = cu.epoch != s.epoch;
+        if new_epoch {
             let old = s.epoch;
             s.retire(old);
             s.epoch = cu.epoch;
@@ -973,6 +974,18 @@ impl Companion {
             // The stream lacks its newest entries (deleted by hand).
             RedisStats::bump(&stats.unfillable_gaps);
             s.last = cu.seq;
+        }
+        if new_epoch && s.last == 0 {
+            // Nothing published in the new epoch yet: tell the shard now,
+            // so that it stops offering recovery in the lost one.
+            let position = Position {
+                epoch: s.epoch,
+                offset: 0,
+            };
+            self.out.event(BusEvent::Subscribed {
+                channel: channel.clone(),
+                position,
+            });
         }
         if !cu.complete {
             self.start_catch_up(channel);
