@@ -110,9 +110,10 @@ pub struct FanoutConfig {
     pub outbound_max_age_ms: u32,
     /// Most publications of one channel carried by one outgoing frame.
     pub max_batch: u32,
-    /// Pause after each tick so that what arrives meanwhile shares frames
-    /// and writes; 0 ticks as soon as there is work (lowest latency, more
-    /// sends per message under load).
+    /// Pause after a tick that batched publications (two or more of a
+    /// channel in one frame), so that what arrives meanwhile shares frames
+    /// and writes; 0 never pauses (lowest latency, more sends per message
+    /// under heavy load).
     pub tick_pause_ms: u32,
     /// Largest payload a client may publish.
     pub max_publish_bytes: u32,

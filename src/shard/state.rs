@@ -188,6 +188,10 @@ pub struct State {
     /// (published_us, ingress_us, recipients) of this tick's deliveries,
     /// recorded once the tick's writes are done.
     delivered: Vec<(u64, u64, u64)>,
+    /// The current tick put two or more publications of a channel in one
+    /// frame: publications arrive faster than ticks, and a pause before
+    /// the next tick would batch them further.
+    batching: bool,
     registry: Arc<Registry>,
     drain: Option<Drain>,
     recoveries: HashMap<u64, Recovery>,
@@ -248,6 +252,7 @@ impl State {
             counters: Counters::default(),
             latencies: Latencies::default(),
             delivered: Vec::new(),
+            batching: false,
             registry,
             drain: None,
             recoveries: HashMap::new(),
@@ -1023,10 +1028,16 @@ impl State {
         }
     }
 
+    /// Whether the last tick batched publications (see `batching`).
+    pub fn batching(&self) -> bool {
+        self.batching
+    }
+
     /// One tick: apply bus events, send queued bus requests, flush every
     /// connection that has output. Returns the writers to start.
     pub fn tick(&mut self) -> Vec<(ConnId, Rc<TcpStream>)> {
         self.touch();
+        self.batching = false;
         let mut events = std::mem::take(&mut self.events);
         for ev in events.drain(..) {
             self.on_bus_event(ev);
@@ -1166,6 +1177,7 @@ impl State {
         let Some(newest) = fresh.last() else {
             return;
         };
+        self.batching |= fresh.len() > 1;
         *last = Position {
             epoch,
             offset: newest.offset,
