@@ -1,0 +1,268 @@
+//! The connection table's records and their life: what the shard keeps per
+//! connection, the admission decision at accept, the upgrade, and closing
+//! (close frame, linger, shutdown).
+
+use std::net::IpAddr;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use monoio::net::TcpStream;
+
+use super::State;
+use crate::auth::Identity;
+use crate::metrics::Limit;
+use crate::protocol::wire;
+use crate::protocol::ws;
+use crate::shard::admission::Verdict;
+use crate::shard::outbound::Outbound;
+use crate::shard::rate::TokenBucket;
+use crate::shard::slab::ConnId;
+
+/// A reason to close a connection: a WebSocket close code and its text.
+#[derive(Debug, Clone)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl CloseReason {
+    /// A slow consumer's backlog cannot get through, so it is dropped and
+    /// the close frame goes next; for every other close, replies already
+    /// queued are sent first.
+    fn drops_backlog(&self) -> bool {
+        self.code == wire::close::SLOW_CONSUMER
+    }
+}
+
+impl CloseReason {
+    pub fn new(code: u16, reason: impl Into<String>) -> Self {
+        CloseReason {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Upgrade request not complete yet.
+    Handshake,
+    /// WebSocket open; `connected` once the client sent `Connect`.
+    Open { connected: bool },
+    /// Close frame (or HTTP error) queued; the socket is shut down when it
+    /// is flushed or at `deadline`, whichever comes first.
+    Closing { deadline: Instant },
+}
+
+pub struct Conn {
+    pub(super) stream: Rc<TcpStream>,
+    pub(super) fd: RawFd,
+    pub(super) out: Outbound,
+    pub(super) subs: Vec<Arc<str>>,
+    pub(super) phase: Phase,
+    /// Queued in `State::dirty` for this tick's flush.
+    pub(super) dirty: bool,
+    /// A writer task is waiting for this socket to become writable.
+    pub(super) writer_active: bool,
+    /// Shut the write side once `out` drains (after a close frame).
+    pub(super) shutdown_after_flush: bool,
+    peer: IpAddr,
+    /// Counted in the per-IP table; released when the connection ends.
+    admitted: bool,
+    /// Decided at accept: answer the upgrade request with this instead.
+    refusal: Option<Box<Refusal>>,
+    /// Last time anything arrived from the client.
+    pub(super) last_seen: Instant,
+    /// A keepalive ping is out and unanswered.
+    pub(super) pinged: bool,
+    pub(super) bucket: TokenBucket,
+    /// Rate-limited messages in a row.
+    pub(super) strikes: u32,
+    /// Set by a Connect with a token; `None` for anonymous clients.
+    pub(super) identity: Option<Box<Identity>>,
+    /// Negotiated `shardcast.v1+zstd`: every binary message carries a
+    /// compression flag byte.
+    pub(super) zstd: bool,
+}
+
+/// An HTTP refusal of the upgrade (limits hit at accept).
+pub struct Refusal {
+    pub status: u16,
+    pub message: String,
+    pub retry_after_secs: Option<u32>,
+}
+
+/// Per-connection deadlines that are the same for everyone, so a FIFO
+/// queue is also a deadline-ordered queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Deadline {
+    Handshake,
+    Connect,
+}
+
+impl State {
+    /// Registers an accepted connection and decides whether it will be
+    /// admitted; a refused one is answered once its request head arrives.
+    pub fn add_conn(&mut self, stream: Rc<TcpStream>, fd: RawFd, peer: IpAddr) -> ConnId {
+        self.touch();
+        let now = self.now;
+        let limits = &self.settings.limits;
+        let mut admitted = false;
+        self.counters.connections_accepted += 1;
+        let refusal = if self.conns.len() >= limits.max_connections_per_shard as usize {
+            self.counters.limit(Limit::Capacity);
+            Some(Refusal {
+                status: 503,
+                message: "server at connection capacity; retry later".into(),
+                retry_after_secs: Some(5),
+            })
+        } else {
+            match self.settings.admission.admit(peer, now) {
+                Verdict::Admit => {
+                    admitted = true;
+                    None
+                }
+                Verdict::TooManyConnections { limit } => {
+                    self.counters.limit(Limit::PerIp);
+                    Some(Refusal {
+                        status: 503,
+                        message: format!("too many connections from your address (limit {limit})"),
+                        retry_after_secs: Some(5),
+                    })
+                }
+                Verdict::TooFast { retry_after_secs } => {
+                    self.counters.limit(Limit::AcceptRate);
+                    Some(Refusal {
+                        status: 503,
+                        message: "connecting too fast from your address".into(),
+                        retry_after_secs: Some(retry_after_secs),
+                    })
+                }
+            }
+        };
+        let id = self.conns.insert(Conn {
+            stream,
+            fd,
+            out: Outbound::default(),
+            subs: Vec::new(),
+            phase: Phase::Handshake,
+            dirty: false,
+            writer_active: false,
+            shutdown_after_flush: false,
+            peer,
+            admitted,
+            refusal: refusal.map(Box::new),
+            last_seen: now,
+            pinged: false,
+            bucket: TokenBucket::new(limits.message_burst, now),
+            strikes: 0,
+            identity: None,
+            zstd: false,
+        });
+        let deadline = now + Duration::from_millis(u64::from(limits.handshake_timeout_ms));
+        self.deadlines
+            .push_back((deadline, id, Deadline::Handshake));
+        id
+    }
+
+    /// Takes the refusal decided at accept, if any.
+    pub fn take_refusal(&mut self, id: ConnId) -> Option<Box<Refusal>> {
+        self.conns.get_mut(id).and_then(|c| c.refusal.take())
+    }
+
+    /// Records that `bytes` arrived (keepalive bookkeeping and metrics).
+    pub fn received(&mut self, id: ConnId, bytes: usize) {
+        self.counters.bytes_in += bytes as u64;
+        let now = self.now;
+        if let Some(c) = self.conns.get_mut(id) {
+            c.last_seen = now;
+            c.pinged = false;
+        }
+    }
+
+    /// Forgets a connection whose reader has finished. Shuts the socket down
+    /// so a writer task still waiting on it wakes up and exits.
+    pub fn remove_conn(&mut self, id: ConnId) {
+        self.detach(id);
+        if let Some(conn) = self.conns.remove(id) {
+            shutdown(conn.fd, libc::SHUT_RDWR);
+            if conn.admitted {
+                self.settings.admission.release(conn.peer);
+            }
+        }
+        // Leaving its channels may have queued unsubscribes for the bus.
+        self.wake_if_needed();
+    }
+
+    /// The handshake succeeded: queue the 101 response.
+    pub fn accept_upgrade(&mut self, id: ConnId, response: Vec<u8>, zstd: bool) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.phase = Phase::Open { connected: false };
+            conn.zstd = zstd;
+        }
+        let deadline = self.now + Duration::from_millis(u64::from(self.settings.auth_deadline_ms));
+        self.deadlines.push_back((deadline, id, Deadline::Connect));
+        self.enqueue(id, Bytes::from(response));
+    }
+
+    /// The handshake failed: queue the HTTP error and close after it.
+    pub fn reject_upgrade(&mut self, id: ConnId, response: Vec<u8>) {
+        self.enqueue(id, Bytes::from(response));
+        self.begin_close(id);
+    }
+
+    /// Sends a close frame and starts closing.
+    pub fn close(&mut self, id: ConnId, why: &CloseReason) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        if matches!(conn.phase, Phase::Closing { .. }) {
+            return;
+        }
+        if why.drops_backlog() {
+            conn.out.discard_unstarted();
+            self.counters.slow_consumer_closes += 1;
+        }
+        conn.out.push(ws::close_frame(why.code, &why.reason));
+        self.mark_dirty(id);
+        self.begin_close(id);
+    }
+
+    /// Queues a pong (or any ready-made control frame).
+    pub fn send_frame(&mut self, id: ConnId, frame: Bytes) {
+        self.enqueue(id, frame);
+    }
+
+    pub(super) fn begin_close(&mut self, id: ConnId) {
+        let deadline = self.now + self.settings.close_timeout;
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.phase = Phase::Closing { deadline };
+            conn.shutdown_after_flush = true;
+        }
+        self.detach(id);
+        self.watched.push(id);
+        self.mark_dirty(id);
+    }
+
+    pub(super) fn is_zstd(&self, id: ConnId) -> bool {
+        self.conns.get(id).is_some_and(|c| c.zstd)
+    }
+}
+
+pub(super) fn slow_consumer(why: &str) -> CloseReason {
+    CloseReason::new(
+        wire::close::SLOW_CONSUMER,
+        format!("slow consumer: {why}; reconnect and recover from your last position"),
+    )
+}
+
+pub(super) fn shutdown(fd: RawFd, how: libc::c_int) {
+    // SAFETY: `fd` belongs to a live TcpStream held by the connection; an
+    // error (already shut down, peer gone) needs no handling.
+    unsafe {
+        libc::shutdown(fd, how);
+    }
+}

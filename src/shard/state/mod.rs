@@ -1,0 +1,255 @@
+//! Everything one shard owns: its connections, its subscription table, its
+//! bus handle and its encoder. Only the shard's own thread touches it, so
+//! there are no locks; tasks borrow it briefly and never across an await.
+//!
+//! This file holds the [`State`] struct and the tick that drives it: poll
+//! the bus, apply its events, flush the bus and every connection with
+//! output. The rest of `State`'s methods live beside the job they do:
+//! - `connections`: the connection table, admission at accept, upgrade
+//!   and close;
+//! - `requests`: decoding, rate limiting and answering client requests;
+//! - `subscriptions`: the channel table, subscribe and unsubscribe;
+//! - `recovery`: catching a subscriber up from history;
+//! - `presence`: per-user membership counts, queries and events;
+//! - `fanout`: encoding a channel's publications once for every subscriber;
+//! - `output`: queueing frames and writing them to sockets;
+//! - `sweep`: time budgets (deadlines, keepalive, idle, token expiry);
+//! - `drain`: closing connections gradually on shutdown.
+
+mod connections;
+mod drain;
+mod fanout;
+mod output;
+mod presence;
+mod recovery;
+mod requests;
+mod subscriptions;
+mod sweep;
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use monoio::net::TcpStream;
+
+use super::slab::{ConnId, Slab};
+use super::Settings;
+use crate::bus::{unix_us, Bus, BusEvent};
+use crate::metrics::{Counters, Latencies, Registry};
+use crate::protocol::compression::{Compressor, Decompressor};
+use crate::protocol::wire::Encoder;
+
+pub use connections::CloseReason;
+use connections::{Conn, Deadline};
+use drain::Drain;
+use recovery::Recovery;
+use subscriptions::LocalChannel;
+
+pub struct State {
+    shard: u16,
+    settings: Rc<Settings>,
+    conns: Slab<Conn>,
+    channels: HashMap<Arc<str>, LocalChannel>,
+    bus: Box<dyn Bus>,
+    encoder: Encoder,
+    /// Connections with something to flush this tick.
+    dirty: Vec<ConnId>,
+    /// Connections with a blocked writer or a pending close, for the sweeper.
+    watched: Vec<ConnId>,
+    /// Connections whose socket filled up and need a writer task.
+    need_writer: Vec<(ConnId, Rc<TcpStream>)>,
+    /// Requests were queued on the bus and need a flush.
+    bus_pending: bool,
+    dispatcher: Option<Waker>,
+    next_client: u64,
+    now: Instant,
+    events: Vec<BusEvent>,
+    to_close: Vec<(ConnId, CloseReason)>,
+    deadlines: VecDeque<(Instant, ConnId, Deadline)>,
+    /// When the last full scan (keepalive, idle, token expiry) ran.
+    last_scan: Instant,
+    pub counters: Counters,
+    /// Latencies since the last publish to the registry.
+    latencies: Latencies,
+    /// (published_us, ingress_us, recipients) of this tick's deliveries,
+    /// recorded once the tick's writes are done.
+    delivered: Vec<(u64, u64, u64)>,
+    /// The current tick put two or more publications of a channel in one
+    /// frame: publications arrive faster than ticks, and a pause before
+    /// the next tick would batch them further.
+    batching: bool,
+    registry: Arc<Registry>,
+    drain: Option<Drain>,
+    recoveries: HashMap<u64, Recovery>,
+    next_recovery: u64,
+    /// Presence queries waiting for the bus: token → (connection, request).
+    presence_queries: HashMap<u64, (ConnId, u32)>,
+    next_presence_query: u64,
+    compressor: Compressor,
+    decompressor: Decompressor,
+}
+
+impl State {
+    pub fn new(
+        shard: u16,
+        settings: Rc<Settings>,
+        bus: Box<dyn Bus>,
+        registry: Arc<Registry>,
+    ) -> std::io::Result<Self> {
+        let compressor = Compressor::new(
+            settings.compression_level,
+            settings.compression_min_bytes,
+            settings.dictionary.as_ref(),
+        )?;
+        let decompressor = Decompressor::new(
+            settings.frame_limits.max_message_bytes,
+            settings.dictionary.as_ref(),
+        )?;
+        Ok(State {
+            shard,
+            settings,
+            conns: Slab::default(),
+            channels: HashMap::new(),
+            bus,
+            encoder: Encoder::new(),
+            dirty: Vec::new(),
+            watched: Vec::new(),
+            need_writer: Vec::new(),
+            bus_pending: false,
+            dispatcher: None,
+            next_client: 0,
+            now: Instant::now(),
+            events: Vec::new(),
+            to_close: Vec::new(),
+            deadlines: VecDeque::new(),
+            last_scan: Instant::now(),
+            counters: Counters::default(),
+            latencies: Latencies::default(),
+            delivered: Vec::new(),
+            batching: false,
+            registry,
+            drain: None,
+            recoveries: HashMap::new(),
+            next_recovery: 0,
+            presence_queries: HashMap::new(),
+            next_presence_query: 0,
+            compressor,
+            decompressor,
+        })
+    }
+
+    /// Publishes this shard's counters and latencies to the registry.
+    pub fn report(&mut self) {
+        self.counters.connections = self.conns.len() as u64;
+        self.counters.channels = self.channels.len() as u64;
+        self.registry
+            .publish(usize::from(self.shard), &self.counters, &mut self.latencies);
+    }
+
+    pub fn touch(&mut self) {
+        self.now = Instant::now();
+    }
+
+    /// Wakes the dispatcher if this turn left anything to send.
+    pub fn wake_if_needed(&mut self) {
+        if self.bus_pending || !self.dirty.is_empty() {
+            if let Some(w) = self.dispatcher.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Polls the bus for events; registers the dispatcher's waker for both
+    /// the bus and local work. Ready when there is something to do.
+    pub fn poll_work(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let mut events = std::mem::take(&mut self.events);
+        let bus_ready = self.bus.poll_events(cx, &mut events).is_ready();
+        self.events = events;
+        if bus_ready || !self.events.is_empty() || self.bus_pending || !self.dirty.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            self.dispatcher = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        }
+    }
+
+    /// Whether the last tick batched publications (see `batching`).
+    pub fn batching(&self) -> bool {
+        self.batching
+    }
+
+    /// One tick: apply bus events, send queued bus requests, flush every
+    /// connection that has output. Returns the writers to start.
+    pub fn tick(&mut self) -> Vec<(ConnId, Rc<TcpStream>)> {
+        self.touch();
+        self.batching = false;
+        let mut events = std::mem::take(&mut self.events);
+        for ev in events.drain(..) {
+            self.on_bus_event(ev);
+        }
+        self.events = events;
+        self.close_pending();
+        // Always flush: besides our own requests, handling events as a
+        // channel owner queues deliveries and acknowledgements for others.
+        self.bus_pending = false;
+        self.bus.flush();
+        self.flush_dirty();
+        if !self.delivered.is_empty() {
+            let now = unix_us();
+            for (published, ingress, n) in self.delivered.drain(..) {
+                self.latencies.record(
+                    now.saturating_sub(published),
+                    now.saturating_sub(ingress),
+                    n,
+                );
+            }
+        }
+        std::mem::take(&mut self.need_writer)
+    }
+
+    pub(super) fn close_pending(&mut self) {
+        let closes = std::mem::take(&mut self.to_close);
+        for (id, why) in &closes {
+            self.close(*id, why);
+        }
+        self.to_close = closes;
+        self.to_close.clear();
+    }
+
+    fn on_bus_event(&mut self, ev: BusEvent) {
+        match ev {
+            BusEvent::Publications {
+                channel,
+                epoch,
+                items,
+            } => self.deliver(&channel, epoch, &items),
+            BusEvent::Subscribed { channel, position } => self.on_subscribed(channel, position),
+            BusEvent::History {
+                request, result, ..
+            } => self.on_history(request, result),
+            BusEvent::Presence {
+                channel,
+                user,
+                joined,
+            } => self.deliver_presence(&channel, &user, joined),
+            BusEvent::Members {
+                request,
+                channel,
+                result,
+            } => self.on_members(request, channel, result),
+            BusEvent::Published {
+                reply_to,
+                channel,
+                result,
+            } => self.on_published(reply_to, channel, result),
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,117 @@
+//! Presence: for each presence channel the shard counts its subscribed
+//! connections per user and tells the bus only when a user's first
+//! connection on this shard joins or its last one leaves; the bus merges
+//! shards (and nodes) into one member list. This file holds the member
+//! queries and the fan-out of join/leave events; the counting happens as
+//! connections subscribe and leave (`subscriptions`).
+
+use std::sync::Arc;
+
+use super::connections::Conn;
+use super::fanout::{binary_frame, Fanout};
+use super::subscriptions::ChannelState;
+use super::State;
+use crate::bus::{self, BusError};
+use crate::protocol::channel;
+use crate::protocol::wire::ErrorCode;
+use crate::shard::slab::{ConnId, Slab};
+
+impl State {
+    /// Asks the bus who is present on a presence channel the connection is
+    /// subscribed to.
+    pub(super) fn presence_query(&mut self, id: ConnId, request: u32, name: &str) {
+        if let Err(e) = channel::validate(name) {
+            return self.reply_error(id, request, ErrorCode::InvalidChannel, &e.to_string());
+        }
+        if !bus::is_presence(name) {
+            let msg = format!(
+                "{name} is not a presence channel ({}*)",
+                bus::PRESENCE_PREFIX
+            );
+            return self.reply_error(id, request, ErrorCode::InvalidChannel, &msg);
+        }
+        let Some(conn) = self.conns.get(id) else {
+            return;
+        };
+        if !self
+            .settings
+            .auth
+            .may_subscribe(conn.identity.as_deref(), name)
+        {
+            let msg = format!("not allowed on {name}");
+            return self.reply_error(id, request, ErrorCode::Unauthorized, &msg);
+        }
+        if !conn.subs.iter().any(|s| &**s == name) {
+            let msg = format!("subscribe to {name} before asking who is present");
+            return self.reply_error(id, request, ErrorCode::NotSubscribed, &msg);
+        }
+        self.next_presence_query += 1;
+        let token = self.next_presence_query;
+        self.presence_queries.insert(token, (id, request));
+        self.bus.presence_members(name, token);
+        self.bus_pending = true;
+    }
+
+    /// Encodes a presence change once and queues it for every live
+    /// subscriber of the channel. Connections still catching up from
+    /// history do not get it: presence is not part of history, and a client
+    /// learns the current members with `PresenceQuery`.
+    pub(super) fn deliver_presence(&mut self, name: &Arc<str>, user: &str, joined: bool) {
+        let Some(ch) = self.channels.get(name) else {
+            return;
+        };
+        if !matches!(ch.state, ChannelState::Active { .. }) {
+            // From an earlier interest of this shard: the Subscribed answer
+            // still to come starts the new one.
+            return;
+        }
+        let data = self.encoder.presence_event(name, user, joined);
+        Fanout {
+            conns: &mut self.conns,
+            compressor: &mut self.compressor,
+            dirty: &mut self.dirty,
+            to_close: &mut self.to_close,
+            budget: self.settings.outbound_budget,
+        }
+        .send(&ch.subscribers, data);
+        self.counters.messages_out += ch.subscribers.len() as u64;
+    }
+
+    /// The bus answered a presence query.
+    pub(super) fn on_members(
+        &mut self,
+        request: u64,
+        channel: Arc<str>,
+        result: Result<Vec<Arc<str>>, BusError>,
+    ) {
+        let Some((id, request)) = self.presence_queries.remove(&request) else {
+            return;
+        };
+        match result {
+            Ok(users) => {
+                let zstd = self.is_zstd(id);
+                let data =
+                    self.encoder
+                        .presence_members(request, &channel, users.iter().map(|u| &**u));
+                let frame = binary_frame(zstd, data);
+                self.enqueue(id, frame);
+            }
+            Err(e) => self.reply_error(id, request, ErrorCode::Unavailable, &e.to_string()),
+        }
+    }
+}
+
+/// The user whose membership a subscription of connection `id` to
+/// `channel` counts for: authenticated connections on presence channels
+/// only (anonymous ones cannot subscribe to those anyway).
+pub(super) fn presence_user<'a>(
+    conns: &'a Slab<Conn>,
+    id: ConnId,
+    channel: &str,
+) -> Option<&'a str> {
+    if !bus::is_presence(channel) {
+        return None;
+    }
+    let user = conns.get(id)?.identity.as_deref()?.user.as_str();
+    (!user.is_empty()).then_some(user)
+}

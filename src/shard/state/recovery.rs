@@ -1,0 +1,110 @@
+//! Recovery: a connection that subscribes with a position the shard has
+//! moved past catches up from the bus's history before it joins the live
+//! subscribers, without gaps or duplicates.
+
+use std::sync::Arc;
+
+use super::fanout::binary_frame;
+use super::subscriptions::ChannelState;
+use super::State;
+use crate::bus::{History, Position, Publication};
+use crate::protocol::wire::ErrorCode;
+use crate::shard::slab::ConnId;
+
+/// A connection catching up on a channel from history.
+pub(super) struct Recovery {
+    pub(super) conn: ConnId,
+    pub(super) request: u32,
+    pub(super) channel: Arc<str>,
+    /// The newest position the client has (advances as history arrives).
+    pub(super) at: Position,
+    /// `Subscribed { recovered: true }` was sent.
+    pub(super) announced: bool,
+}
+
+impl State {
+    /// A history read for a recovering connection came back.
+    pub(super) fn on_history(&mut self, token: u64, result: History) {
+        let Some(mut rec) = self.recoveries.remove(&token) else {
+            return;
+        };
+        let id = rec.conn;
+        let name = rec.channel.clone();
+        let Some(ch) = self.channels.get_mut(&name) else {
+            return;
+        };
+        if !ch.recovering.contains(&id) {
+            return; // unsubscribed or gone meanwhile
+        }
+        let ChannelState::Active { last: live } = ch.state else {
+            return;
+        };
+        let items = match result {
+            History::Items { epoch, items } if epoch == live.epoch => items,
+            History::Items { .. } | History::Lost { .. } if !rec.announced => {
+                // Cannot continue the client's position: say so, go live.
+                ch.recovering.retain(|&c| c != id);
+                ch.subscribers.push(id);
+                return self.reply_subscribed(id, rec.request, &name, live, false);
+            }
+            History::Unavailable(msg) if !rec.announced => {
+                self.reply_error(id, rec.request, ErrorCode::Unavailable, &msg);
+                return self.drop_subscription(id, &name);
+            }
+            History::Items { .. } | History::Lost { .. } | History::Unavailable(_) => {
+                // History vanished halfway through a recovery we already
+                // announced: never leave a silent gap — end the
+                // subscription and let the client resubscribe.
+                let frame = binary_frame(self.is_zstd(id), self.encoder.unsubscribed(0, &name));
+                self.enqueue(id, frame);
+                self.reply_error(
+                    id,
+                    rec.request,
+                    ErrorCode::Unavailable,
+                    "history was lost during recovery; subscribe again",
+                );
+                return self.drop_subscription(id, &name);
+            }
+        };
+        if !rec.announced {
+            rec.announced = true;
+            self.reply_subscribed(id, rec.request, &name, rec.at, true);
+        }
+        // Send what the client lacks, up to what this shard delivers live;
+        // anything newer reaches it live once it joins.
+        let zstd = self.is_zstd(id);
+        let wanted: Vec<&Publication> = items
+            .iter()
+            .filter(|p| p.offset > rec.at.offset && p.offset <= live.offset)
+            .collect();
+        for chunk in wanted.chunks(self.settings.max_batch) {
+            let data = self.encoder.publications(
+                &name,
+                live.epoch,
+                chunk
+                    .iter()
+                    .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
+            );
+            let frame = binary_frame(zstd, data);
+            self.enqueue(id, frame);
+            self.counters.messages_out += chunk.len() as u64;
+        }
+        if let Some(p) = wanted.last() {
+            rec.at.offset = p.offset;
+        }
+        let Some(ch) = self.channels.get_mut(&name) else {
+            return;
+        };
+        if rec.at.offset >= live.offset {
+            ch.recovering.retain(|&c| c != id);
+            ch.subscribers.push(id);
+        } else {
+            // Live moved on while history was read: read the rest.
+            self.next_recovery += 1;
+            let token = self.next_recovery;
+            self.bus.history(&name, rec.at, token);
+            self.bus_pending = true;
+            self.recoveries.insert(token, rec);
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The shard's channel table: one entry per channel any of its connections
+//! subscribes to, the bus interest behind it, and subscribing and
+//! unsubscribing connections (including presence membership counts, which
+//! must be ordered against the bus interest).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::fanout::binary_frame;
+use super::presence::presence_user;
+use super::recovery::Recovery;
+use super::State;
+use crate::bus::Position;
+use crate::protocol::channel;
+use crate::protocol::wire::{self, ErrorCode};
+use crate::shard::slab::ConnId;
+
+pub(super) enum ChannelState {
+    /// Asked the bus; waiting for its `Subscribed` answer.
+    Pending {
+        waiters: Vec<(ConnId, u32, Option<Position>)>,
+    },
+    /// Receiving publications; `last` is the newest position delivered.
+    Active { last: Position },
+}
+
+pub(super) struct LocalChannel {
+    pub(super) state: ChannelState,
+    /// Connections receiving live publications.
+    pub(super) subscribers: Vec<ConnId>,
+    /// Connections catching up from history; they join `subscribers` once
+    /// they reach the live position.
+    pub(super) recovering: Vec<ConnId>,
+    /// Presence channels only: subscribed connections per user on this
+    /// shard (a user is listed while it has at least one).
+    pub(super) members: HashMap<Arc<str>, u32>,
+}
+
+impl LocalChannel {
+    fn is_unused(&self) -> bool {
+        let waiting = match &self.state {
+            ChannelState::Pending { waiters } => !waiters.is_empty(),
+            ChannelState::Active { .. } => false,
+        };
+        self.subscribers.is_empty() && self.recovering.is_empty() && !waiting
+    }
+}
+
+impl State {
+    /// Removes the connection from every channel it is subscribed to.
+    pub(super) fn detach(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        for name in std::mem::take(&mut conn.subs) {
+            self.leave_channel(&name, id);
+        }
+    }
+
+    fn leave_channel(&mut self, name: &Arc<str>, id: ConnId) {
+        self.counters.subscriptions -= 1;
+        let Some(ch) = self.channels.get_mut(name) else {
+            return;
+        };
+        if let Some(i) = ch.subscribers.iter().position(|&c| c == id) {
+            ch.subscribers.swap_remove(i);
+        }
+        ch.recovering.retain(|&c| c != id);
+        if let ChannelState::Pending { waiters } = &mut ch.state {
+            waiters.retain(|w| w.0 != id);
+        }
+        // Before any unsubscribe below: the bus expects a shard's members
+        // to leave before its interest does.
+        if let Some(user) = presence_user(&self.conns, id, name) {
+            if let Some(n) = ch.members.get_mut(user) {
+                *n -= 1;
+                if *n == 0 {
+                    ch.members.remove(user);
+                    self.bus.presence(name, user, false);
+                    self.bus_pending = true;
+                }
+            }
+        }
+        if ch.is_unused() {
+            self.channels.remove(name);
+            self.bus.unsubscribe(name);
+            self.bus_pending = true;
+        }
+    }
+
+    pub(super) fn subscribe(
+        &mut self,
+        id: ConnId,
+        request: u32,
+        name: &str,
+        recover: Option<Position>,
+    ) {
+        if let Err(e) = channel::validate(name) {
+            return self.reply_error(id, request, ErrorCode::InvalidChannel, &e.to_string());
+        }
+        let max = self.settings.max_subscriptions;
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        if !self
+            .settings
+            .auth
+            .may_subscribe(conn.identity.as_deref(), name)
+        {
+            let msg = format!("not allowed to subscribe to {name}");
+            return self.reply_error(id, request, ErrorCode::Unauthorized, &msg);
+        }
+        if conn.subs.iter().any(|s| &**s == name) {
+            return self.reply_error(id, request, ErrorCode::AlreadySubscribed, name);
+        }
+        if conn.subs.len() >= max {
+            let msg = format!("at most {max} subscriptions per connection");
+            return self.reply_error(id, request, ErrorCode::TooManySubscriptions, &msg);
+        }
+        let key: Arc<str> = match self.channels.get_key_value(name) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(name),
+        };
+        conn.subs.push(key.clone());
+        self.counters.subscriptions += 1;
+        let ch = self
+            .channels
+            .entry(key.clone())
+            .or_insert_with(|| LocalChannel {
+                state: ChannelState::Pending {
+                    waiters: Vec::new(),
+                },
+                subscribers: Vec::new(),
+                recovering: Vec::new(),
+                members: HashMap::new(),
+            });
+        match &mut ch.state {
+            ChannelState::Pending { waiters } => {
+                waiters.push((id, request, recover));
+                if waiters.len() == 1 && ch.subscribers.is_empty() && ch.recovering.is_empty() {
+                    self.bus.subscribe(&key);
+                    self.bus_pending = true;
+                }
+            }
+            ChannelState::Active { last } => {
+                let last = *last;
+                self.start_subscription(id, request, &key, last, recover);
+            }
+        }
+        // After the bus subscribe above: a shard's members join after its
+        // interest.
+        if let Some(user) = presence_user(&self.conns, id, &key) {
+            if let Some(ch) = self.channels.get_mut(&key) {
+                match ch.members.get_mut(user) {
+                    Some(n) => *n += 1,
+                    None => {
+                        ch.members.insert(Arc::from(user), 1);
+                        self.bus.presence(&key, user, true);
+                        self.bus_pending = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The channel is live on this shard at `live`: the connection either
+    /// joins at once or first catches up from history.
+    fn start_subscription(
+        &mut self,
+        id: ConnId,
+        request: u32,
+        name: &Arc<str>,
+        live: Position,
+        recover: Option<Position>,
+    ) {
+        let Some(ch) = self.channels.get_mut(name) else {
+            return;
+        };
+        match recover {
+            Some(from) if from.epoch == live.epoch && from.offset < live.offset => {
+                ch.recovering.push(id);
+                self.next_recovery += 1;
+                let token = self.next_recovery;
+                self.recoveries.insert(
+                    token,
+                    Recovery {
+                        conn: id,
+                        request,
+                        channel: name.clone(),
+                        at: from,
+                        announced: false,
+                    },
+                );
+                self.bus.history(name, from, token);
+                self.bus_pending = true;
+            }
+            _ => {
+                ch.subscribers.push(id);
+                // Recovered only if the client already has everything; a
+                // different epoch or a position from the future cannot be
+                // continued.
+                let recovered = recover == Some(live);
+                self.reply_subscribed(id, request, name, live, recovered);
+            }
+        }
+    }
+
+    pub(super) fn reply_subscribed(
+        &mut self,
+        id: ConnId,
+        request: u32,
+        name: &str,
+        at: Position,
+        recovered: bool,
+    ) {
+        let pos = wire::Position {
+            epoch: at.epoch,
+            offset: at.offset,
+        };
+        let frame = binary_frame(
+            self.is_zstd(id),
+            self.encoder.subscribed(request, name, pos, recovered),
+        );
+        self.enqueue(id, frame);
+    }
+
+    /// Ends one subscription of a connection (server side).
+    pub(super) fn drop_subscription(&mut self, id: ConnId, name: &Arc<str>) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            if let Some(i) = conn.subs.iter().position(|s| s == name) {
+                conn.subs.swap_remove(i);
+                self.leave_channel(name, id);
+            }
+        }
+    }
+
+    pub(super) fn unsubscribe(&mut self, id: ConnId, request: u32, name: &str) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        let Some(i) = conn.subs.iter().position(|s| &**s == name) else {
+            return self.reply_error(id, request, ErrorCode::NotSubscribed, name);
+        };
+        let key = conn.subs.swap_remove(i);
+        self.leave_channel(&key, id);
+        let frame = binary_frame(self.is_zstd(id), self.encoder.unsubscribed(request, name));
+        self.enqueue(id, frame);
+    }
+
+    /// The bus answered this shard's interest in `channel` (or, for an
+    /// active channel, announced a new epoch).
+    pub(super) fn on_subscribed(&mut self, channel: Arc<str>, position: Position) {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let waiters = match &mut ch.state {
+            ChannelState::Pending { waiters } => std::mem::take(waiters),
+            ChannelState::Active { last } => {
+                // The bus found the channel's history lost (a new
+                // epoch before any publication in it): resubscribes
+                // from the old epoch are no longer recoverable.
+                if position.epoch != last.epoch {
+                    *last = position;
+                }
+                return;
+            }
+        };
+        ch.state = ChannelState::Active { last: position };
+        for (id, request, recover) in waiters {
+            self.start_subscription(id, request, &channel, position, recover);
+        }
+    }
+}

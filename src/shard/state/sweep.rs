@@ -1,0 +1,159 @@
+//! Time budgets, enforced by the sweeper every `SWEEP_INTERVAL`: handshake
+//! and Connect deadlines, slow consumers and lingering closes, and once per
+//! `SCAN_INTERVAL` keepalive pings, idle timeouts and token expiry.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+
+use super::connections::{shutdown, slow_consumer, CloseReason, Deadline, Phase};
+use super::{unix_ms, State};
+use crate::metrics::Limit;
+use crate::protocol::wire;
+use crate::protocol::ws::{self, OpCode};
+use crate::shard::slab::ConnId;
+
+impl State {
+    /// Enforces the time budgets: slow consumers whose oldest queued byte is
+    /// too old, and closing connections past their linger deadline.
+    pub fn sweep(&mut self) -> Vec<(ConnId, Rc<TcpStream>)> {
+        self.touch();
+        let now = self.now;
+        self.expire_deadlines(now);
+        self.drain_step();
+        if now.duration_since(self.last_scan) >= SCAN_INTERVAL {
+            self.last_scan = now;
+            self.scan(now);
+        }
+        let max_age = self.settings.outbound_max_age;
+        let mut watched = std::mem::take(&mut self.watched);
+        watched.retain(|&id| {
+            let Some(conn) = self.conns.get(id) else {
+                return false;
+            };
+            match conn.phase {
+                Phase::Closing { deadline } => {
+                    if now >= deadline {
+                        shutdown(conn.fd, libc::SHUT_RDWR);
+                        return false;
+                    }
+                    true
+                }
+                _ if conn.writer_active => {
+                    if conn
+                        .out
+                        .blocked_since()
+                        .is_some_and(|t| now.duration_since(t) > max_age)
+                    {
+                        self.to_close
+                            .push((id, slow_consumer("oldest queued message too old")));
+                    }
+                    true
+                }
+                _ => false,
+            }
+        });
+        watched.append(&mut self.watched);
+        self.watched = watched;
+        self.close_pending();
+        self.flush_dirty();
+        self.wake_if_needed();
+        std::mem::take(&mut self.need_writer)
+    }
+
+    /// Handshakes and Connects that did not arrive in time.
+    fn expire_deadlines(&mut self, now: Instant) {
+        if self.deadlines.is_empty() && self.deadlines.capacity() > 64 {
+            // A connection storm grew it; give the memory back once drained.
+            self.deadlines = VecDeque::new();
+        }
+        while let Some(&(at, id, kind)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let Some(conn) = self.conns.get(id) else {
+                continue;
+            };
+            match (kind, &conn.phase) {
+                (Deadline::Handshake, Phase::Handshake) => {
+                    // A slowloris: no response is owed, just the socket.
+                    tracing::debug!("handshake timed out");
+                    self.counters.limit(Limit::Handshake);
+                    shutdown(conn.fd, libc::SHUT_RDWR);
+                }
+                (Deadline::Connect, Phase::Open { connected: false }) => {
+                    self.counters.limit(Limit::AuthDeadline);
+                    let ms = self.settings.auth_deadline_ms;
+                    self.to_close.push((
+                        id,
+                        CloseReason::new(
+                            wire::close::AUTH_DEADLINE,
+                            format!("no Connect within {ms} ms"),
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Keepalive pings, idle timeouts and token expiry: one pass over every
+    /// connection per `SCAN_INTERVAL` (cheap next to the per-message work,
+    /// and no per-connection timers to keep).
+    fn scan(&mut self, now: Instant) {
+        let ping_after = Duration::from_millis(u64::from(self.settings.limits.ping_interval_ms));
+        let idle_after = Duration::from_millis(u64::from(self.settings.limits.idle_timeout_ms));
+        let now_secs = unix_ms() / 1000;
+        let mut pings = Vec::new();
+        for (id, conn) in self.conns.iter_mut() {
+            if !matches!(conn.phase, Phase::Open { .. }) {
+                continue;
+            }
+            // A connection that received nothing for a whole scan interval
+            // gives its queue's buffer back: idle connections should cost
+            // almost nothing, busy ones keep theirs (no allocation per
+            // delivery).
+            conn.out.release_if_idle();
+            let silent = now.duration_since(conn.last_seen);
+            if silent >= idle_after {
+                self.counters.limit(Limit::Idle);
+                let ms = idle_after.as_millis();
+                self.to_close.push((
+                    id,
+                    CloseReason::new(
+                        wire::close::IDLE_TIMEOUT,
+                        format!("nothing received for {ms} ms"),
+                    ),
+                ));
+            } else if silent >= ping_after && !conn.pinged {
+                conn.pinged = true;
+                pings.push(id);
+            }
+            if conn
+                .identity
+                .as_ref()
+                .and_then(|i| i.expires)
+                .is_some_and(|exp| now_secs > exp + u64::from(self.settings.leeway_secs))
+            {
+                self.counters.limit(Limit::TokenExpired);
+                self.to_close.push((
+                    id,
+                    CloseReason::new(
+                        wire::close::TOKEN_EXPIRED,
+                        "token expired; reconnect, or send Connect with a fresh token before expiry",
+                    ),
+                ));
+            }
+        }
+        let ping = ws::frame(OpCode::Ping, b"");
+        for id in pings {
+            self.enqueue(id, ping.clone());
+        }
+    }
+}
+
+/// How often the keepalive / idle / expiry scan runs.
+const SCAN_INTERVAL: Duration = Duration::from_secs(1);
