@@ -1,0 +1,218 @@
+//! The sequencer task: publishes and presence operations run in order,
+//! one pipeline of script calls at a time, and their answers go to the
+//! shard. Also the publish script's arguments and reply (shared with the
+//! ingest consumer).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use fred::types::Value;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use super::pipeline::{run_pipelined, Call};
+use super::Shared;
+use crate::bus::redis::codec::{self, bytes_of, parse_epoch, u64_of};
+use crate::bus::redis::keys::{self, IdemKey};
+use crate::bus::redis::scripts::scripts;
+use crate::bus::redis::{presence_ttl, RedisStats};
+use crate::bus::{BusError, BusEvent, Position, ReplyTo};
+
+/// Most publishes in one pipeline.
+const MAX_PIPELINE: usize = 256;
+/// Extra life of a generated idempotency key beyond the command timeout
+/// (covers clock skew between this host and Redis).
+const GENERATED_KEY_SLACK: Duration = Duration::from_secs(5);
+
+pub(super) struct PublishJob {
+    pub(super) channel: Arc<str>,
+    pub(super) payload: Bytes,
+    pub(super) key: IdemKey,
+    pub(super) reply_to: ReplyTo,
+    pub(super) ingress_us: u64,
+    pub(super) deadline_us: u64,
+}
+
+/// Runs queued publishes and presence operations in order, one pipeline
+/// at a time (group commit: the next batch fills while one is in flight).
+pub(super) async fn sequencer(
+    shared: Arc<Shared>,
+    cmd: Client,
+    mut jobs: UnboundedReceiver<Job>,
+    events: UnboundedSender<Vec<BusEvent>>,
+) {
+    let mut batch = Vec::new();
+    while let Some(job) = jobs.recv().await {
+        batch.push(job);
+        while batch.len() < MAX_PIPELINE {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let calls: Vec<Call> = batch.iter().map(|j| job_call(&shared, j)).collect();
+        let results = run_pipelined(&cmd, calls).await;
+        let mut out = Vec::with_capacity(batch.len());
+        for (job, r) in batch.drain(..).zip(results) {
+            match job {
+                Job::Publish(job) => {
+                    let result = r
+                        .map_err(|e| e.to_string())
+                        .and_then(|v| parse_published(v).map_err(|e| e.to_string()));
+                    if let Err(e) = &result {
+                        RedisStats::bump(&shared.stats.publish_errors);
+                        tracing::debug!(channel = %job.channel, error = %e, "publish failed");
+                    }
+                    out.push(BusEvent::Published {
+                        reply_to: job.reply_to,
+                        channel: job.channel,
+                        result: result.map_err(BusError::Unavailable),
+                    });
+                }
+                Job::Presence { channel, op, .. } => {
+                    // A failed join is redone by the next heartbeat; a
+                    // failed leave expires with its entry.
+                    if let Err(e) = r {
+                        tracing::debug!(channel = %channel, op, error = %e, "presence update failed");
+                    }
+                }
+                Job::Members { channel, request } => {
+                    let result = r
+                        .map_err(|e| e.to_string())
+                        .and_then(|v| parse_members(v).map_err(|e| e.to_string()))
+                        .map_err(BusError::Unavailable);
+                    out.push(BusEvent::Members {
+                        request,
+                        channel,
+                        result,
+                    });
+                }
+            }
+        }
+        if !out.is_empty() && events.send(out).is_err() {
+            return;
+        }
+    }
+}
+
+/// What the sequencer runs, in order.
+pub(super) enum Job {
+    Publish(PublishJob),
+    Presence {
+        channel: Arc<str>,
+        op: &'static str,
+        users: Vec<Arc<str>>,
+    },
+    Members {
+        channel: Arc<str>,
+        request: u64,
+    },
+}
+
+fn job_call(shared: &Shared, job: &Job) -> Call {
+    match job {
+        Job::Publish(p) => publish_call(shared, p),
+        Job::Presence { channel, op, users } => presence_call(shared, channel, op, users),
+        Job::Members { channel, .. } => presence_call(shared, channel, "members", &[]),
+    }
+}
+
+fn presence_call(shared: &Shared, channel: &str, op: &str, users: &[Arc<str>]) -> Call {
+    let keys = vec![
+        keys::presence_entries(channel),
+        keys::presence_users(channel),
+    ];
+    let mut args = Vec::with_capacity(4 + users.len());
+    args.push(Value::from(op));
+    args.push(Value::from(
+        (presence_ttl().as_millis().max(1) as u64).to_string(),
+    ));
+    args.push(Value::from(keys::pubsub(channel)));
+    args.push(Value::from(shared.instance.as_str()));
+    args.extend(users.iter().map(|u| Value::from(&**u)));
+    (&scripts().presence, keys, args)
+}
+
+/// The member list of the presence script, sorted.
+fn parse_members(v: Value) -> Result<Vec<Arc<str>>, codec::Malformed> {
+    let list = match v {
+        Value::Array(a) => a,
+        Value::Null => Vec::new(),
+        _ => return Err(codec::Malformed::Reply("members reply")),
+    };
+    let mut users = Vec::with_capacity(list.len());
+    for u in list {
+        let b = bytes_of(u).ok_or(codec::Malformed::Reply("member"))?;
+        if b.len() > codec::MAX_USER_BYTES {
+            return Err(codec::Malformed::TooLarge(b.len()));
+        }
+        let u =
+            std::str::from_utf8(&b).map_err(|_| codec::Malformed::Reply("member is not UTF-8"))?;
+        users.push(Arc::from(u));
+    }
+    users.sort_unstable();
+    users.dedup();
+    Ok(users)
+}
+
+/// The keys and arguments of the publish script.
+fn publish_call(shared: &Shared, job: &PublishJob) -> Call {
+    publish_args(
+        shared,
+        &job.channel,
+        job.payload.clone(),
+        &job.key,
+        job.ingress_us,
+        job.deadline_us,
+    )
+}
+
+pub fn publish_args(
+    shared: &Shared,
+    channel: &str,
+    payload: Bytes,
+    key: &IdemKey,
+    ingress_us: u64,
+    deadline_us: u64,
+) -> Call {
+    let o = &shared.options;
+    let key_ttl = match key {
+        IdemKey::Generated(_) => o.command_timeout + GENERATED_KEY_SLACK,
+        _ => o.idempotency_ttl,
+    };
+    let keys = vec![
+        keys::meta(channel),
+        keys::stream(channel),
+        keys::idempotency(channel, key),
+    ];
+    let args = vec![
+        Value::Bytes(payload),
+        Value::from(shared.fresh_epoch()),
+        Value::from(o.history_size.to_string()),
+        Value::from(shared.ttl_ms().to_string()),
+        Value::from((key_ttl.as_millis().max(1) as u64).to_string()),
+        Value::from(ingress_us.to_string()),
+        Value::from(keys::pubsub(channel)),
+        Value::from(deadline_us.to_string()),
+    ];
+    (&scripts().publish, keys, args)
+}
+
+/// `{epoch_hex, offset, published_us, duplicate}` → the position.
+pub fn parse_published(v: Value) -> Result<Position, codec::Malformed> {
+    let Value::Array(parts) = v else {
+        return Err(codec::Malformed::Reply("publish reply is not an array"));
+    };
+    if parts.len() != 4 {
+        return Err(codec::Malformed::Reply("publish reply length"));
+    }
+    let mut it = parts.into_iter();
+    let epoch = bytes_of(it.next().expect("4")).ok_or(codec::Malformed::Reply("epoch"))?;
+    let epoch = parse_epoch(&epoch)?;
+    let offset = u64_of(&it.next().expect("4")).ok_or(codec::Malformed::Reply("offset"))?;
+    if offset == 0 {
+        return Err(codec::Malformed::ZeroOffset);
+    }
+    Ok(Position { epoch, offset })
+}
