@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Client, Server, BULK_PUBLISHER};
-use shardcast::protocol::wire::Position;
+use shardcast::protocol::wire::{Position, ServerMessage};
 
 /// Receives `n` publications of `channel` and returns their offsets and
 /// payloads.
@@ -119,4 +119,66 @@ async fn positions_that_cannot_be_continued_say_so() {
     let next = publisher.publish("short", b"next").await;
     let (_, _, offset, _) = e.publication().await;
     assert_eq!(offset, next.offset);
+}
+
+/// A position ahead of the shard (the client saw publications elsewhere
+/// that have not reached this shard yet) is held until the shard gets
+/// there, then recovered with no duplicate; one that never gets there is
+/// answered `recovered = false` at the shard's position.
+#[tokio::test]
+async fn a_position_ahead_of_the_shard_waits_for_it() {
+    let s = Server::start(&BULK_PUBLISHER);
+    let mut publisher = Client::connect(s.addr).await;
+    let base = publisher.publish("ahead", b"base").await;
+    let ahead = Position::new(base.epoch, base.offset + 2);
+    let mut c = Client::connect(s.addr).await;
+    let id = c
+        .request(|e, id| e.subscribe(id, "ahead", Some(ahead)))
+        .await;
+    // Give the shard time to (wrongly) answer before it gets there.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for p in [&b"one"[..], b"two", b"three"] {
+        publisher.publish("ahead", p).await;
+    }
+    match c.reply(id).await {
+        ServerMessage::Subscribed {
+            position,
+            recovered,
+            ..
+        } => {
+            assert!(recovered, "the shard reached the client's position");
+            assert_eq!(position, ahead);
+        }
+        other => panic!("expected Subscribed, got {other:?}"),
+    }
+    let (_, _, offset, payload) = c.publication().await;
+    assert_eq!(
+        (offset, payload.as_slice()),
+        (base.offset + 3, &b"three"[..])
+    );
+    let next = publisher.publish("ahead", b"four").await;
+    let (_, _, offset, _) = c.publication().await;
+    assert_eq!(offset, next.offset, "then live, no duplicate, no gap");
+
+    // Far ahead: never reached; answered within the wait (5 s).
+    let far = Position::new(base.epoch, next.offset + 1_000_000);
+    let mut d = Client::connect(s.addr).await;
+    let id = d.request(|e, id| e.subscribe(id, "ahead", Some(far))).await;
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), d.reply(id))
+        .await
+        .expect("a position that is never reached is answered");
+    match answer {
+        ServerMessage::Subscribed {
+            position,
+            recovered,
+            ..
+        } => {
+            assert!(!recovered);
+            assert_eq!(position, next, "live continues from the shard's head");
+        }
+        other => panic!("expected Subscribed, got {other:?}"),
+    }
+    let last = publisher.publish("ahead", b"five").await;
+    let (_, _, offset, _) = d.publication().await;
+    assert_eq!(offset, last.offset);
 }

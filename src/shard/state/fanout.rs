@@ -63,6 +63,9 @@ impl State {
                     .push((p.published_us, p.ingress_us, recipients));
             }
         }
+        if !self.ahead.is_empty() {
+            self.release_ahead(name, epoch, fresh);
+        }
     }
 }
 

@@ -44,7 +44,7 @@ use crate::protocol::wire::Encoder;
 pub use connections::CloseReason;
 use connections::{Conn, Deadline};
 use drain::Drain;
-use recovery::Recovery;
+use recovery::{Ahead, Recovery};
 use subscriptions::LocalChannel;
 
 pub struct State {
@@ -83,6 +83,8 @@ pub struct State {
     registry: Arc<Registry>,
     drain: Option<Drain>,
     recoveries: HashMap<u64, Recovery>,
+    /// Connections whose position is ahead of this shard, waiting for it.
+    ahead: Vec<Ahead>,
     next_recovery: u64,
     /// Presence queries waiting for the bus: token → (connection, request).
     presence_queries: HashMap<u64, (ConnId, u32)>,
@@ -132,6 +134,7 @@ impl State {
             registry,
             drain: None,
             recoveries: HashMap::new(),
+            ahead: Vec::new(),
             next_recovery: 0,
             presence_queries: HashMap::new(),
             next_presence_query: 0,

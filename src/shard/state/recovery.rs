@@ -1,8 +1,12 @@
 //! Recovery: a connection that subscribes with a position the shard has
 //! moved past catches up from the bus's history before it joins the live
-//! subscribers, without gaps or duplicates.
+//! subscribers, without gaps or duplicates. One whose position is *ahead*
+//! of the shard (it saw publications on another shard or node that have
+//! not reached this one yet) waits until the shard catches up, then joins
+//! without duplicates.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::fanout::binary_frame;
 use super::subscriptions::ChannelState;
@@ -22,7 +26,131 @@ pub(super) struct Recovery {
     pub(super) announced: bool,
 }
 
+/// How long a connection ahead of the shard may wait for it: far longer
+/// than a hop between shards or nodes; a position still ahead after that
+/// is not one this channel will reach (a client error or lost history).
+const AHEAD_WAIT: Duration = Duration::from_secs(5);
+
+/// A connection whose position is ahead of the shard's live position.
+pub(super) struct Ahead {
+    conn: ConnId,
+    request: u32,
+    channel: Arc<str>,
+    at: Position,
+    deadline: Instant,
+}
+
+impl Ahead {
+    pub(super) fn is(&self, id: ConnId, channel: &str) -> bool {
+        self.conn == id && *self.channel == *channel
+    }
+}
+
 impl State {
+    pub(super) fn wait_for_live(
+        &mut self,
+        id: ConnId,
+        request: u32,
+        name: &Arc<str>,
+        at: Position,
+    ) {
+        self.ahead.push(Ahead {
+            conn: id,
+            request,
+            channel: name.clone(),
+            at,
+            deadline: self.now + AHEAD_WAIT,
+        });
+    }
+
+    /// The shard delivered `fresh` (of `epoch`) on `name`: connections that
+    /// waited for it to reach their position join now, each sent only the
+    /// publications after its position.
+    pub(super) fn release_ahead(&mut self, name: &Arc<str>, epoch: u64, fresh: &[Publication]) {
+        let Some(newest) = fresh.last().map(|p| p.offset) else {
+            return;
+        };
+        let mut i = 0;
+        while i < self.ahead.len() {
+            let w = &self.ahead[i];
+            if w.channel != *name || (w.at.epoch == epoch && w.at.offset > newest) {
+                i += 1;
+                continue;
+            }
+            let w = self.ahead.swap_remove(i);
+            let recovered = w.at.epoch == epoch;
+            let at = if recovered {
+                w.at
+            } else {
+                // History was lost meanwhile: continue from here.
+                Position {
+                    epoch,
+                    offset: newest,
+                }
+            };
+            if !self.join_live(w.conn, w.request, name, at, recovered) {
+                continue;
+            }
+            if recovered {
+                let zstd = self.is_zstd(w.conn);
+                let rest: Vec<&Publication> =
+                    fresh.iter().filter(|p| p.offset > at.offset).collect();
+                for chunk in rest.chunks(self.settings.max_batch) {
+                    let data = self.encoder.publications(
+                        name,
+                        epoch,
+                        chunk
+                            .iter()
+                            .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
+                    );
+                    let frame = binary_frame(zstd, data);
+                    self.enqueue(w.conn, frame);
+                    self.counters.messages_out += chunk.len() as u64;
+                }
+            }
+        }
+    }
+
+    /// Connections still ahead at their deadline cannot be continued: they
+    /// join at the shard's live position with `recovered = false`.
+    pub(super) fn expire_ahead(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.ahead.len() {
+            if self.ahead[i].deadline > now {
+                i += 1;
+                continue;
+            }
+            let w = self.ahead.swap_remove(i);
+            let live = match self.channels.get(&w.channel).map(|c| &c.state) {
+                Some(ChannelState::Active { last }) => *last,
+                _ => continue,
+            };
+            self.join_live(w.conn, w.request, &w.channel, live, false);
+        }
+    }
+
+    /// Moves a waiting connection to the live subscribers and answers its
+    /// subscribe; false if it unsubscribed or left meanwhile.
+    fn join_live(
+        &mut self,
+        id: ConnId,
+        request: u32,
+        name: &Arc<str>,
+        at: Position,
+        recovered: bool,
+    ) -> bool {
+        let Some(ch) = self.channels.get_mut(name) else {
+            return false;
+        };
+        if !ch.recovering.contains(&id) {
+            return false;
+        }
+        ch.recovering.retain(|&c| c != id);
+        ch.subscribers.push(id);
+        self.reply_subscribed(id, request, name, at, recovered);
+        true
+    }
+
     /// A history read for a recovering connection came back.
     pub(super) fn on_history(&mut self, token: u64, result: History) {
         let Some(mut rec) = self.recoveries.remove(&token) else {

@@ -65,7 +65,10 @@ impl State {
         if let Some(i) = ch.subscribers.iter().position(|&c| c == id) {
             ch.subscribers.swap_remove(i);
         }
-        ch.recovering.retain(|&c| c != id);
+        if ch.recovering.contains(&id) {
+            ch.recovering.retain(|&c| c != id);
+            self.ahead.retain(|w| !w.is(id, name));
+        }
         if let ChannelState::Pending { waiters } = &mut ch.state {
             waiters.retain(|w| w.0 != id);
         }
@@ -194,11 +197,17 @@ impl State {
                 self.bus.history(name, from, token);
                 self.bus_pending = true;
             }
+            Some(from) if from.epoch == live.epoch && from.offset > live.offset => {
+                // The client has seen publications this shard has not
+                // delivered yet (from another shard or node): it joins when
+                // this shard catches up.
+                ch.recovering.push(id);
+                self.wait_for_live(id, request, name, from);
+            }
             _ => {
                 ch.subscribers.push(id);
                 // Recovered only if the client already has everything; a
-                // different epoch or a position from the future cannot be
-                // continued.
+                // different epoch cannot be continued.
                 let recovered = recover == Some(live);
                 self.reply_subscribed(id, request, name, live, recovered);
             }

@@ -22,6 +22,7 @@ impl State {
         self.touch();
         let now = self.now;
         self.expire_deadlines(now);
+        self.expire_ahead(now);
         self.drain_step();
         if now.duration_since(self.last_scan) >= SCAN_INTERVAL {
             self.last_scan = now;
