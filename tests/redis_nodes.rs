@@ -529,25 +529,39 @@ async fn redis_killed_and_restarted_loses_nothing_acknowledged_then_a_new_epoch_
         offset: last,
     };
     for s in [&a, &b] {
-        let until = Instant::now() + WAIT;
-        let mut told = [false; 2];
-        while told != [true; 2] {
-            let mut c = Client::connect(s.addr).await;
-            let (pos, recovered) = c.subscribe_from(CH, Some(old)).await;
-            if recovered {
-                assert_eq!(pos, old, "recovered only at the old head");
-                assert!(
-                    Instant::now() < until,
-                    "shard {} still claims the lost history is recoverable",
-                    c.shard
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        for pos in not_recovered_on_both_shards(s, CH, old).await {
             assert_eq!(pos.epoch, after.epoch, "the client is told the new epoch");
-            told[c.shard as usize] = true;
         }
     }
+}
+
+/// Subscribes to `channel` from `old` (a position in a lost epoch) until
+/// both shards of `node` answer `recovered = false`; a shard that has not
+/// heard of the loss yet may answer `recovered = true` at `old` until then.
+/// The positions the two shards answered with.
+async fn not_recovered_on_both_shards(
+    node: &Server,
+    channel: &str,
+    old: Position,
+) -> [Position; 2] {
+    let until = Instant::now() + WAIT;
+    let mut told: [Option<Position>; 2] = [None, None];
+    while told.iter().any(Option::is_none) {
+        let mut c = Client::connect(node.addr).await;
+        let (pos, recovered) = c.subscribe_from(channel, Some(old)).await;
+        if recovered {
+            assert_eq!(pos, old, "recovered only at the old head");
+            assert!(
+                Instant::now() < until,
+                "shard {} still claims the lost history is recoverable",
+                c.shard
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        told[c.shard as usize] = Some(pos);
+    }
+    told.map(Option::unwrap)
 }
 
 /// Redis restarted empty and nobody publishes: shards that follow the
@@ -570,24 +584,9 @@ async fn a_lost_history_is_noticed_without_a_new_publication() {
     }
 
     redis.restart_empty();
-    let until = Instant::now() + WAIT;
-    let mut told = [false; 2];
-    while told != [true; 2] {
-        let mut c = Client::connect(a.addr).await;
-        let (pos, recovered) = c.subscribe_from(CH, Some(old)).await;
-        if recovered {
-            assert_eq!(pos, old, "recovered only at the old head");
-            assert!(
-                Instant::now() < until,
-                "shard {} never noticed the lost history",
-                c.shard
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        }
+    for pos in not_recovered_on_both_shards(&a, CH, old).await {
         assert_ne!(pos.epoch, old.epoch, "the client is told the new epoch");
         assert_eq!(pos.offset, 0, "nothing was published in the new epoch");
-        told[c.shard as usize] = true;
     }
 }
 

@@ -92,21 +92,9 @@ impl State {
                 continue;
             }
             if recovered {
-                let zstd = self.is_zstd(w.conn);
                 let rest: Vec<&Publication> =
                     fresh.iter().filter(|p| p.offset > at.offset).collect();
-                for chunk in rest.chunks(self.settings.max_batch) {
-                    let data = self.encoder.publications(
-                        name,
-                        epoch,
-                        chunk
-                            .iter()
-                            .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
-                    );
-                    let frame = binary_frame(zstd, data);
-                    self.enqueue(w.conn, frame);
-                    self.counters.messages_out += chunk.len() as u64;
-                }
+                self.send_to(w.conn, name, epoch, &rest);
             }
         }
     }
@@ -126,6 +114,24 @@ impl State {
                 _ => continue,
             };
             self.join_live(w.conn, w.request, &w.channel, live, false);
+        }
+    }
+
+    /// Sends `items` of `name` to one catching-up connection (encoded for
+    /// it alone: this is the rare path, the live fan-out shares frames).
+    fn send_to(&mut self, id: ConnId, name: &str, epoch: u64, items: &[&Publication]) {
+        let zstd = self.is_zstd(id);
+        for chunk in items.chunks(self.settings.max_batch) {
+            let data = self.encoder.publications(
+                name,
+                epoch,
+                chunk
+                    .iter()
+                    .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
+            );
+            let frame = binary_frame(zstd, data);
+            self.enqueue(id, frame);
+            self.counters.messages_out += chunk.len() as u64;
         }
     }
 
@@ -200,23 +206,11 @@ impl State {
         }
         // Send what the client lacks, up to what this shard delivers live;
         // anything newer reaches it live once it joins.
-        let zstd = self.is_zstd(id);
         let wanted: Vec<&Publication> = items
             .iter()
             .filter(|p| p.offset > rec.at.offset && p.offset <= live.offset)
             .collect();
-        for chunk in wanted.chunks(self.settings.max_batch) {
-            let data = self.encoder.publications(
-                &name,
-                live.epoch,
-                chunk
-                    .iter()
-                    .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
-            );
-            let frame = binary_frame(zstd, data);
-            self.enqueue(id, frame);
-            self.counters.messages_out += chunk.len() as u64;
-        }
+        self.send_to(id, &name, live.epoch, &wanted);
         if let Some(p) = wanted.last() {
             rec.at.offset = p.offset;
         }
