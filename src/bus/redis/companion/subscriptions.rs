@@ -177,25 +177,29 @@ impl Companion {
                 }
             }
             Internal::Resubscribed(result) => match result {
-                Ok(()) => {
-                    // Everything announced while the connection was down is
-                    // in the streams.
-                    let channels: Vec<Arc<str>> = self.subs.keys().cloned().collect();
-                    for ch in channels {
-                        let s = self.subs.get_mut(&ch).expect("listed");
-                        if s.opening || s.catching_up {
-                            s.recheck = true;
-                        } else {
-                            self.start_catch_up(&ch);
-                        }
-                    }
-                }
+                // Everything announced while the connection was down is in
+                // the streams.
+                Ok(()) => self.catch_up_all(),
                 Err(e) => {
                     tracing::debug!(error = %e, "redis resubscribe failed; retrying");
                     self.later(Internal::Resubscribe);
                 }
             },
             Internal::Resubscribe => self.resubscribe_all(),
+        }
+    }
+
+    /// Reads every channel's stream for what live delivery may have
+    /// missed (a channel still opening or catching up re-checks after).
+    fn catch_up_all(&mut self) {
+        let channels: Vec<Arc<str>> = self.subs.keys().cloned().collect();
+        for ch in channels {
+            let s = self.subs.get_mut(&ch).expect("listed");
+            if s.opening || s.catching_up {
+                s.recheck = true;
+            } else {
+                self.start_catch_up(&ch);
+            }
         }
     }
 
@@ -219,15 +223,7 @@ impl Companion {
             missed = n,
             "redis pub/sub receiver lagged; catching up from streams"
         );
-        let channels: Vec<Arc<str>> = self.subs.keys().cloned().collect();
-        for ch in channels {
-            let s = self.subs.get_mut(&ch).expect("listed");
-            if s.opening || s.catching_up {
-                s.recheck = true;
-            } else {
-                self.start_catch_up(&ch);
-            }
-        }
+        self.catch_up_all();
     }
 
     fn opened(&mut self, channel: &Arc<str>, position: Position) {
