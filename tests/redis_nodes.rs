@@ -691,10 +691,7 @@ async fn a_message_to_an_offline_user_arrives_when_it_reconnects_with_its_positi
     let (fresh, _) = c.subscribe_from("user:carol", None).await;
     drop(c);
     let sent = payloads("while-offline", 3);
-    let mut acks = Vec::new();
-    for p in &sent {
-        acks.push(sender.publish("user:carol", p).await);
-    }
+    let acks = publish_all(&mut sender, "user:carol", &sent).await;
     // Back, on the other node.
     let mut c = connect_token(&a, &carol).await;
     let (pos, recovered) = c.subscribe_from("user:carol", Some(fresh)).await;
@@ -712,10 +709,7 @@ async fn a_message_to_an_offline_user_arrives_when_it_reconnects_with_its_positi
     assert_exactly(&got, &[live], &[b"live".to_vec()], "carol live");
     drop(c);
     let sent = payloads("second-absence", 2);
-    let mut acks = Vec::new();
-    for p in &sent {
-        acks.push(sender.publish("user:carol", p).await);
-    }
+    let acks = publish_all(&mut sender, "user:carol", &sent).await;
     let mut c = connect_token(&b, &carol).await;
     let (_, recovered) = c.subscribe_from("user:carol", Some(live)).await;
     assert!(recovered);

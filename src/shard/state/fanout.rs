@@ -11,6 +11,7 @@ use super::subscriptions::ChannelState;
 use super::State;
 use crate::bus::{Position, Publication};
 use crate::protocol::compression::{self, Compressor};
+use crate::protocol::wire::Encoder;
 use crate::protocol::ws::{self, OpCode};
 use crate::shard::slab::{ConnId, Slab};
 
@@ -41,13 +42,7 @@ impl State {
             offset: newest.offset,
         };
         for chunk in fresh.chunks(self.settings.max_batch) {
-            let data = self.encoder.publications(
-                name,
-                epoch,
-                chunk
-                    .iter()
-                    .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
-            );
+            let data = encode_publications(&mut self.encoder, name, epoch, chunk);
             Fanout {
                 conns: &mut self.conns,
                 compressor: &mut self.compressor,
@@ -116,6 +111,25 @@ impl Fanout<'_> {
             }
         }
     }
+}
+
+/// One frame carrying `chunk` (consecutive publications of `channel` in
+/// `epoch`): the live fan-out shares it, a catching-up connection gets its
+/// own.
+pub(super) fn encode_publications<'e, P: std::borrow::Borrow<Publication>>(
+    encoder: &'e mut Encoder,
+    channel: &str,
+    epoch: u64,
+    chunk: &[P],
+) -> &'e [u8] {
+    encoder.publications(
+        channel,
+        epoch,
+        chunk.iter().map(|p| {
+            let p = p.borrow();
+            (p.offset, p.published_us / 1000, &p.payload[..])
+        }),
+    )
 }
 
 /// A binary frame carrying `data`; on zstd connections with the "plain"

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::fanout::binary_frame;
+use super::fanout::{binary_frame, encode_publications};
 use super::subscriptions::ChannelState;
 use super::State;
 use crate::bus::{History, Position, Publication};
@@ -122,13 +122,7 @@ impl State {
     fn send_to(&mut self, id: ConnId, name: &str, epoch: u64, items: &[&Publication]) {
         let zstd = self.is_zstd(id);
         for chunk in items.chunks(self.settings.max_batch) {
-            let data = self.encoder.publications(
-                name,
-                epoch,
-                chunk
-                    .iter()
-                    .map(|p| (p.offset, p.published_us / 1000, &p.payload[..])),
-            );
+            let data = encode_publications(&mut self.encoder, name, epoch, chunk);
             let frame = binary_frame(zstd, data);
             self.enqueue(id, frame);
             self.counters.messages_out += chunk.len() as u64;
