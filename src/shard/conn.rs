@@ -205,7 +205,7 @@ fn on_frames(
             .map_err(|e| CloseReason::new(e.close_code(), e.to_string()))?;
         bytes = &bytes[used..];
         if let Some(pong) = session.take_pong() {
-            state.send_frame(id, pong);
+            state.owe_pong(id, pong);
         }
         match event {
             None => break,

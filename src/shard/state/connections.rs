@@ -86,6 +86,10 @@ pub struct Conn {
     /// Negotiated `shardcast.v1+zstd`: every binary message carries a
     /// compression flag byte.
     pub(super) zstd: bool,
+    /// The pong owed for the client's most recent ping, held here while
+    /// the socket is blocked: RFC 6455 §5.5.3 lets a server answer only the
+    /// most recent ping, so a ping flood costs one slot, not a queue.
+    pub(super) pong: Option<Bytes>,
 }
 
 /// An HTTP refusal of the upgrade (limits hit at accept).
@@ -161,6 +165,7 @@ impl State {
             strikes: 0,
             identity: None,
             zstd: false,
+            pong: None,
         });
         let deadline = now + Duration::from_millis(u64::from(limits.handshake_timeout_ms));
         self.deadlines
@@ -231,9 +236,14 @@ impl State {
         self.begin_close(id);
     }
 
-    /// Queues a pong (or any ready-made control frame).
-    pub fn send_frame(&mut self, id: ConnId, frame: Bytes) {
-        self.enqueue(id, frame);
+    /// Owes the client `pong` (the answer to its latest ping), replacing a
+    /// pong not yet queued: see [`Conn::pong`]. It is queued by the next
+    /// flush that finds the socket writable.
+    pub fn owe_pong(&mut self, id: ConnId, pong: Bytes) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.pong = Some(pong);
+            self.mark_dirty(id);
+        }
     }
 
     pub(super) fn begin_close(&mut self, id: ConnId) {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::connections::{slow_consumer, CloseReason, Conn};
+use super::output::fits_budget;
 use super::subscriptions::ChannelState;
 use super::State;
 use crate::bus::{Position, Publication};
@@ -96,10 +97,7 @@ impl Fanout<'_> {
             } else {
                 plain.get_or_insert_with(|| ws::frame(OpCode::Binary, data))
             };
-            // The budget bounds the backlog: a single frame larger than the
-            // budget still goes to a connection that keeps up.
-            let queued = conn.out.queued_bytes();
-            if queued > 0 && queued + frame.len() > self.budget {
+            if !fits_budget(conn.out.queued_bytes(), frame.len(), self.budget) {
                 self.to_close
                     .push((id, slow_consumer("outbound budget exceeded")));
                 continue;

@@ -83,6 +83,9 @@ pub struct State {
     registry: Arc<Registry>,
     drain: Option<Drain>,
     recoveries: HashMap<u64, Recovery>,
+    /// Recoveries paused until their connection's queue drains (tokens
+    /// into `recoveries`).
+    paced: Vec<u64>,
     /// Connections whose position is ahead of this shard, waiting for it.
     ahead: Vec<Ahead>,
     next_recovery: u64,
@@ -134,6 +137,7 @@ impl State {
             registry,
             drain: None,
             recoveries: HashMap::new(),
+            paced: Vec::new(),
             ahead: Vec::new(),
             next_recovery: 0,
             presence_queries: HashMap::new(),
@@ -157,7 +161,7 @@ impl State {
 
     /// Wakes the dispatcher if this turn left anything to send.
     pub fn wake_if_needed(&mut self) {
-        if self.bus_pending || !self.dirty.is_empty() {
+        if self.bus_pending || !self.dirty.is_empty() || !self.to_close.is_empty() {
             if let Some(w) = self.dispatcher.take() {
                 w.wake();
             }
@@ -170,7 +174,12 @@ impl State {
         let mut events = std::mem::take(&mut self.events);
         let bus_ready = self.bus.poll_events(cx, &mut events).is_ready();
         self.events = events;
-        if bus_ready || !self.events.is_empty() || self.bus_pending || !self.dirty.is_empty() {
+        if bus_ready
+            || !self.events.is_empty()
+            || self.bus_pending
+            || !self.dirty.is_empty()
+            || !self.to_close.is_empty()
+        {
             std::task::Poll::Ready(())
         } else {
             self.dispatcher = Some(cx.waker().clone());

@@ -4,17 +4,34 @@
 
 use bytes::Bytes;
 
-use super::connections::{shutdown, Phase};
+use super::connections::{shutdown, slow_consumer, Phase};
 use super::State;
 use crate::shard::outbound::{Flushed, Outbound};
 use crate::shard::slab::ConnId;
 
 impl State {
+    /// Queues `frame` for the connection, within its outbound budget: a
+    /// frame that would take the queue past `fanout.outbound_budget_bytes`
+    /// closes the connection as a slow consumer (4001) instead. Every frame
+    /// the server produces for one connection (replies, errors, pings,
+    /// catch-up) comes through here; the shared fan-out applies the same
+    /// rule ([`fits_budget`]). Nothing is queued once the close frame is:
+    /// RFC 6455 §5.5.1 allows no data after it.
     pub(super) fn enqueue(&mut self, id: ConnId, frame: Bytes) {
-        if let Some(conn) = self.conns.get_mut(id) {
-            conn.out.push(frame);
-            self.mark_dirty(id);
+        let budget = self.settings.outbound_budget;
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        if matches!(conn.phase, Phase::Closing { .. }) {
+            return;
         }
+        if !fits_budget(conn.out.queued_bytes(), frame.len(), budget) {
+            self.to_close
+                .push((id, slow_consumer("outbound budget exceeded")));
+            return;
+        }
+        conn.out.push(frame);
+        self.mark_dirty(id);
     }
 
     pub(super) fn mark_dirty(&mut self, id: ConnId) {
@@ -55,14 +72,33 @@ impl State {
         let now = self.now;
         let conn = self.conns.get_mut(id)?;
         conn.dirty = false;
-        let before = conn.out.queued_bytes();
-        let result = conn.out.flush(conn.fd, now);
+        let mut before = conn.out.queued_bytes();
+        let result = loop {
+            // The owed pong joins the queue only while the socket takes
+            // what we write; on a blocked socket it waits in its slot,
+            // replaced by newer ones, until the queue drains.
+            if conn.out.blocked_since().is_none() && matches!(conn.phase, Phase::Open { .. }) {
+                if let Some(pong) = conn.pong.take() {
+                    before += pong.len();
+                    conn.out.push(pong);
+                }
+            }
+            let result = conn.out.flush(conn.fd, now);
+            if !(matches!(result, Ok(Flushed::All)) && conn.pong.is_some()) {
+                break result;
+            }
+        };
         self.counters.bytes_out += (before - conn.out.queued_bytes()) as u64;
         match result {
             Ok(Flushed::All) => {
                 if conn.shutdown_after_flush {
                     conn.shutdown_after_flush = false;
                     shutdown(conn.fd, libc::SHUT_WR);
+                }
+                // Catch-up paused for this connection's queue to drain
+                // goes on (it marks the connection dirty again).
+                if !self.paced.is_empty() {
+                    self.resume_paced(id);
                 }
                 Some(Flushed::All)
             }
@@ -79,6 +115,7 @@ impl State {
                 // Shutting down wakes the reader, which removes the
                 // connection.
                 conn.out = Outbound::default();
+                conn.pong = None;
                 conn.shutdown_after_flush = false;
                 shutdown(conn.fd, libc::SHUT_RDWR);
                 if !matches!(conn.phase, Phase::Closing { .. }) {
@@ -104,5 +141,30 @@ impl State {
         };
         self.wake_if_needed();
         keep_waiting
+    }
+}
+
+/// Whether a frame of `frame_len` bytes may join a queue holding `queued`
+/// bytes under `budget`: the queue stays within the budget, except that a
+/// single frame larger than the budget still goes to a connection that has
+/// nothing queued (one that keeps up). So a queue never holds more than
+/// `max(budget, largest frame)`.
+pub(super) fn fits_budget(queued: usize, frame_len: usize, budget: usize) -> bool {
+    queued == 0 || queued + frame_len <= budget
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fits_budget;
+
+    #[test]
+    fn the_budget_bounds_the_queue_but_never_starves_an_empty_one() {
+        assert!(
+            fits_budget(0, 10_000, 4096),
+            "one large frame to an empty queue"
+        );
+        assert!(fits_budget(4000, 96, 4096), "exactly at the budget");
+        assert!(!fits_budget(4000, 97, 4096), "one byte over");
+        assert!(!fits_budget(1, 10_000, 4096));
     }
 }

@@ -24,12 +24,38 @@ pub(super) struct Recovery {
     pub(super) at: Position,
     /// `Subscribed { recovered: true }` was sent.
     pub(super) announced: bool,
+    /// Publications read from history and not yet queued (`pending[next..]`):
+    /// they are queued as the connection's socket drains, so a catch-up never
+    /// takes its queue past the outbound budget.
+    pub(super) pending: Vec<Publication>,
+    pub(super) next: usize,
+}
+
+impl Recovery {
+    pub(super) fn new(conn: ConnId, request: u32, channel: Arc<str>, at: Position) -> Self {
+        Recovery {
+            conn,
+            request,
+            channel,
+            at,
+            announced: false,
+            pending: Vec::new(),
+            next: 0,
+        }
+    }
 }
 
 /// How long a connection ahead of the shard may wait for it: far longer
 /// than a hop between shards or nodes; a position still ahead after that
 /// is not one this channel will reach (a client error or lost history).
 const AHEAD_WAIT: Duration = Duration::from_secs(5);
+
+/// Bytes a publications frame adds besides the channel name and the
+/// items (WebSocket header, FlatBuffers root and tables), and bytes each
+/// item adds besides its payload: upper bounds, used to size catch-up
+/// frames before encoding them (the encoded length is checked after).
+const FRAME_OVERHEAD: usize = 96;
+const ITEM_OVERHEAD: usize = 48;
 
 /// A connection whose position is ahead of the shard's live position.
 pub(super) struct Ahead {
@@ -180,18 +206,7 @@ impl State {
                 return self.drop_subscription(id, &name);
             }
             History::Items { .. } | History::Lost { .. } | History::Unavailable(_) => {
-                // History vanished halfway through a recovery we already
-                // announced: never leave a silent gap — end the
-                // subscription and let the client resubscribe.
-                let frame = binary_frame(self.is_zstd(id), self.encoder.unsubscribed(0, &name));
-                self.enqueue(id, frame);
-                self.reply_error(
-                    id,
-                    rec.request,
-                    ErrorCode::Unavailable,
-                    "history was lost during recovery; subscribe again",
-                );
-                return self.drop_subscription(id, &name);
+                return self.abandon_recovery(&rec);
             }
         };
         if !rec.announced {
@@ -200,17 +215,95 @@ impl State {
         }
         // Send what the client lacks, up to what this shard delivers live;
         // anything newer reaches it live once it joins.
-        let wanted: Vec<&Publication> = items
-            .iter()
-            .filter(|p| p.offset > rec.at.offset && p.offset <= live.offset)
-            .collect();
-        self.send_to(id, &name, live.epoch, &wanted);
-        if let Some(p) = wanted.last() {
-            rec.at.offset = p.offset;
+        rec.pending = items;
+        rec.pending
+            .retain(|p| p.offset > rec.at.offset && p.offset <= live.offset);
+        rec.next = 0;
+        self.pump_recovery(token, rec);
+    }
+
+    /// History vanished halfway through a recovery already announced: never
+    /// leave a silent gap — end the subscription and let the client
+    /// resubscribe.
+    fn abandon_recovery(&mut self, rec: &Recovery) {
+        let (id, name) = (rec.conn, &rec.channel);
+        let frame = binary_frame(self.is_zstd(id), self.encoder.unsubscribed(0, name));
+        self.enqueue(id, frame);
+        self.reply_error(
+            id,
+            rec.request,
+            ErrorCode::Unavailable,
+            "history was lost during recovery; subscribe again",
+        );
+        self.drop_subscription(id, name);
+    }
+
+    /// Queues the recovery's pending publications while they fit the
+    /// connection's outbound budget; pauses (see `paced`) when the next
+    /// frame does not, to go on once the queue has drained. With nothing
+    /// pending the connection joins the live subscribers, or reads the next
+    /// page of history if live moved on meanwhile.
+    fn pump_recovery(&mut self, token: u64, mut rec: Recovery) {
+        let id = rec.conn;
+        let budget = self.settings.outbound_budget;
+        let zstd = self.is_zstd(id);
+        while rec.next < rec.pending.len() {
+            let Some(conn) = self.conns.get(id) else {
+                return;
+            };
+            let queued = conn.out.queued_bytes();
+            // As many publications as the room left is estimated to take
+            // (encoding is a copy of every payload: pick `n` before it).
+            let room = budget.saturating_sub(queued);
+            let mut n = 0;
+            let mut estimate = FRAME_OVERHEAD + rec.channel.len();
+            for p in rec.pending[rec.next..].iter().take(self.settings.max_batch) {
+                let add = p.payload.len() + ITEM_OVERHEAD;
+                if n > 0 && estimate + add > room {
+                    break;
+                }
+                estimate += add;
+                n += 1;
+            }
+            let frame = loop {
+                let chunk = &rec.pending[rec.next..rec.next + n];
+                let data =
+                    encode_publications(&mut self.encoder, &rec.channel, rec.at.epoch, chunk);
+                let frame = binary_frame(zstd, data);
+                // Stricter than `fits_budget`: only a single publication
+                // larger than the budget may go over it (to an empty queue).
+                if queued + frame.len() <= budget || (n == 1 && queued == 0) {
+                    break Some(frame);
+                }
+                if n == 1 {
+                    break None;
+                }
+                n /= 2;
+            };
+            let Some(frame) = frame else {
+                self.paced.push(token);
+                self.recoveries.insert(token, rec);
+                return;
+            };
+            self.enqueue(id, frame);
+            self.counters.messages_out += n as u64;
+            rec.next += n;
+            rec.at.offset = rec.pending[rec.next - 1].offset;
         }
-        let Some(ch) = self.channels.get_mut(&name) else {
+        rec.pending = Vec::new();
+        rec.next = 0;
+        let Some(ch) = self.channels.get_mut(&rec.channel) else {
             return;
         };
+        if !ch.recovering.contains(&id) {
+            return;
+        }
+        let ChannelState::Active { last: live } = ch.state else {
+            return;
+        };
+        if live.epoch != rec.at.epoch {
+            return self.abandon_recovery(&rec);
+        }
         if rec.at.offset >= live.offset {
             ch.recovering.retain(|&c| c != id);
             ch.subscribers.push(id);
@@ -218,9 +311,35 @@ impl State {
             // Live moved on while history was read: read the rest.
             self.next_recovery += 1;
             let token = self.next_recovery;
-            self.bus.history(&name, rec.at, token);
+            self.bus.history(&rec.channel, rec.at, token);
             self.bus_pending = true;
             self.recoveries.insert(token, rec);
+        }
+    }
+
+    /// `id`'s queue drained: its paused recoveries go on.
+    pub(super) fn resume_paced(&mut self, id: ConnId) {
+        let mine: Vec<u64> = self
+            .paced
+            .iter()
+            .copied()
+            .filter(|t| self.recoveries.get(t).is_some_and(|r| r.conn == id))
+            .collect();
+        if mine.is_empty() {
+            return;
+        }
+        self.paced.retain(|t| !mine.contains(t));
+        for token in mine {
+            let Some(rec) = self.recoveries.remove(&token) else {
+                continue;
+            };
+            let still_recovering = self
+                .channels
+                .get(&rec.channel)
+                .is_some_and(|ch| ch.recovering.contains(&id));
+            if still_recovering {
+                self.pump_recovery(token, rec);
+            }
         }
     }
 }

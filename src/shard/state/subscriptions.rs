@@ -68,6 +68,11 @@ impl State {
         if ch.recovering.contains(&id) {
             ch.recovering.retain(|&c| c != id);
             self.ahead.retain(|w| !w.is(id, name));
+            // Forget its catch-up there (a paused one would be kept forever).
+            self.recoveries
+                .retain(|_, r| !(r.conn == id && r.channel == *name));
+            let recoveries = &self.recoveries;
+            self.paced.retain(|t| recoveries.contains_key(t));
         }
         if let ChannelState::Pending { waiters } = &mut ch.state {
             waiters.retain(|w| w.0 != id);
@@ -184,16 +189,8 @@ impl State {
                 ch.recovering.push(id);
                 self.next_recovery += 1;
                 let token = self.next_recovery;
-                self.recoveries.insert(
-                    token,
-                    Recovery {
-                        conn: id,
-                        request,
-                        channel: name.clone(),
-                        at: from,
-                        announced: false,
-                    },
-                );
+                self.recoveries
+                    .insert(token, Recovery::new(id, request, name.clone(), from));
                 self.bus.history(name, from, token);
                 self.bus_pending = true;
             }
