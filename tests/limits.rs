@@ -6,7 +6,7 @@ mod common;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use common::{assert_serving, try_connect, Client, RawClient, Server, UPGRADE};
+use common::{assert_serving, try_connect, Client, RawClient, Server, UPGRADE, WAIT};
 use shardcast::protocol::wire::{ClientEncoder, ErrorCode, ServerMessage};
 
 fn ip(s: &str) -> IpAddr {
@@ -133,28 +133,87 @@ async fn accept_rate_per_ip_is_503_with_retry_after() {
     assert!(other.request_upgrade().starts_with("HTTP/1.1 101"));
 }
 
+/// Waits (up to `WAIT`) until the server closes `c`; returns when.
+fn closed_at(c: &mut RawClient) -> Instant {
+    assert!(c.is_closed_by_peer(), "still open after {WAIT:?}");
+    Instant::now()
+}
+
+/// How late a deadline may fire: the sweeper runs every 100 ms; the rest is
+/// slack for a loaded test machine. Deadlines of other lengths must not add
+/// to it (the input delayed a 5 s deadline to 19.5 s).
+const LATE: Duration = Duration::from_millis(1500);
+
 #[tokio::test]
 async fn slowloris_handshake_is_cut_at_the_deadline() {
     let s = Server::start(&["--limits-handshake-timeout-ms", "500"]);
     let mut slow = RawClient::connect(s.addr);
     let started = Instant::now();
-    let bytes = UPGRADE.as_bytes();
-    // Dribble one byte every 100 ms: the whole head would take ~20 s.
-    let mut cut = false;
-    for b in bytes.iter().take(60) {
+    // Dribble one byte every 100 ms from another thread: the whole head
+    // would take ~20 s.
+    let mut writer = slow.sock.try_clone().unwrap();
+    std::thread::spawn(move || {
         use std::io::Write;
-        if slow.sock.write_all(std::slice::from_ref(b)).is_err() {
-            cut = true;
-            break;
+        for b in UPGRADE.as_bytes() {
+            if writer.write_all(std::slice::from_ref(b)).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
+    let took = closed_at(&mut slow) - started;
     assert!(
-        cut || slow.is_closed_by_peer(),
-        "still open after {:?}",
-        started.elapsed()
+        took >= Duration::from_millis(500) && took < Duration::from_millis(500) + LATE,
+        "cut after {took:?}; the deadline is 500 ms"
     );
     assert_serving(s.addr).await;
+}
+
+/// A long Connect deadline set first must not delay a short handshake
+/// deadline set after it, and the other way round.
+#[tokio::test]
+async fn deadlines_of_different_lengths_fire_on_time() {
+    // A long Connect deadline, then a short handshake deadline.
+    let s = Server::start(&[
+        "--server-shards",
+        "1",
+        "--auth-deadline-ms",
+        "20000",
+        "--limits-handshake-timeout-ms",
+        "1000",
+    ]);
+    let _silent = RawClient::upgrade(s.addr);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut half = RawClient::connect(s.addr);
+    let started = Instant::now();
+    half.write(&UPGRADE.as_bytes()[..40]);
+    let took = closed_at(&mut half) - started;
+    assert!(
+        took < Duration::from_millis(1000) + LATE,
+        "half a request head was cut after {took:?}; the handshake deadline is 1 s"
+    );
+
+    // A long handshake deadline, then a short Connect deadline.
+    let s = Server::start(&[
+        "--server-shards",
+        "1",
+        "--auth-deadline-ms",
+        "1000",
+        "--limits-handshake-timeout-ms",
+        "20000",
+    ]);
+    let mut half = RawClient::connect(s.addr);
+    half.write(&UPGRADE.as_bytes()[..40]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut silent = RawClient::upgrade(s.addr);
+    let started = Instant::now();
+    let (code, reason) = silent.expect_close();
+    let took = started.elapsed();
+    assert_eq!(code, 4005, "{reason}");
+    assert!(
+        took < Duration::from_millis(1000) + LATE,
+        "no Connect: closed after {took:?}; the Connect deadline is 1 s"
+    );
 }
 
 #[tokio::test]

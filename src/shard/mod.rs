@@ -17,6 +17,7 @@ mod rate;
 mod requeue;
 mod slab;
 mod state;
+mod timers;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;

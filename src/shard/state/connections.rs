@@ -99,8 +99,7 @@ pub struct Refusal {
     pub retry_after_secs: Option<u32>,
 }
 
-/// Per-connection deadlines that are the same for everyone, so a FIFO
-/// queue is also a deadline-ordered queue.
+/// Per-connection deadlines set when a connection enters a phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Deadline {
     Handshake,
@@ -168,8 +167,7 @@ impl State {
             pong: None,
         });
         let deadline = now + Duration::from_millis(u64::from(limits.handshake_timeout_ms));
-        self.deadlines
-            .push_back((deadline, id, Deadline::Handshake));
+        self.deadlines.push(deadline, (id, Deadline::Handshake));
         id
     }
 
@@ -209,7 +207,7 @@ impl State {
             conn.zstd = zstd;
         }
         let deadline = self.now + Duration::from_millis(u64::from(self.settings.auth_deadline_ms));
-        self.deadlines.push_back((deadline, id, Deadline::Connect));
+        self.deadlines.push(deadline, (id, Deadline::Connect));
         self.enqueue(id, Bytes::from(response));
     }
 

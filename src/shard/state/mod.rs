@@ -26,7 +26,7 @@ mod requests;
 mod subscriptions;
 mod sweep;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
@@ -35,6 +35,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use monoio::net::TcpStream;
 
 use super::slab::{ConnId, Slab};
+use super::timers::Deadlines;
 use super::Settings;
 use crate::bus::{unix_us, Bus, BusEvent};
 use crate::metrics::{Counters, Latencies, Registry};
@@ -67,7 +68,8 @@ pub struct State {
     now: Instant,
     events: Vec<BusEvent>,
     to_close: Vec<(ConnId, CloseReason)>,
-    deadlines: VecDeque<(Instant, ConnId, Deadline)>,
+    /// Handshake and Connect deadlines (of different lengths).
+    deadlines: Deadlines<(ConnId, Deadline)>,
     /// When the last full scan (keepalive, idle, token expiry) ran.
     last_scan: Instant,
     pub counters: Counters,
@@ -128,7 +130,7 @@ impl State {
             now: Instant::now(),
             events: Vec::new(),
             to_close: Vec::new(),
-            deadlines: VecDeque::new(),
+            deadlines: Deadlines::default(),
             last_scan: Instant::now(),
             counters: Counters::default(),
             latencies: Latencies::default(),

@@ -2,7 +2,6 @@
 //! and Connect deadlines, slow consumers and lingering closes, and once per
 //! `SCAN_INTERVAL` keepalive pings, idle timeouts and token expiry.
 
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -66,15 +65,8 @@ impl State {
 
     /// Handshakes and Connects that did not arrive in time.
     fn expire_deadlines(&mut self, now: Instant) {
-        if self.deadlines.is_empty() && self.deadlines.capacity() > 64 {
-            // A connection storm grew it; give the memory back once drained.
-            self.deadlines = VecDeque::new();
-        }
-        while let Some(&(at, id, kind)) = self.deadlines.front() {
-            if at > now {
-                break;
-            }
-            self.deadlines.pop_front();
+        self.deadlines.shrink_if_empty();
+        while let Some((id, kind)) = self.deadlines.pop_due(now) {
             let Some(conn) = self.conns.get(id) else {
                 continue;
             };
