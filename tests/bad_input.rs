@@ -28,6 +28,32 @@ async fn wrong_version_is_426_with_supported_version() {
     assert_serving(server.addr).await;
 }
 
+/// RFC 9112 §3.2.2: a server MUST accept the absolute form of the request
+/// target, as proxies and some clients send it.
+#[tokio::test]
+async fn absolute_form_targets_upgrade() {
+    let server = Server::start(&[]);
+    let addr = server.addr;
+    for target in [format!("ws://{addr}/ws"), format!("http://{addr}/ws")] {
+        let mut c = RawClient::connect(addr);
+        c.write(
+            UPGRADE
+                .replace("GET /ws ", &format!("GET {target} "))
+                .as_bytes(),
+        );
+        let head = c.read_http_head();
+        assert!(head.starts_with("HTTP/1.1 101"), "{target}: {head}");
+    }
+    let mut c = RawClient::connect(addr);
+    c.write(
+        UPGRADE
+            .replace("GET /ws ", &format!("GET ws://{addr}/nope "))
+            .as_bytes(),
+    );
+    let head = c.read_http_head();
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
+
 #[tokio::test]
 async fn unknown_path_is_404() {
     let server = Server::start(&[]);

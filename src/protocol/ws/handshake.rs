@@ -21,8 +21,10 @@
 //! - **A request body is rejected (400):** `Transfer-Encoding`, or a
 //!   `Content-Length` other than `0`, would mean the bytes after the head are
 //!   not WebSocket frames.
-//! - Only origin-form targets (`/path?query`) are accepted; a `#` fragment is
-//!   rejected (RFC 6455 §3 forbids fragments in WebSocket URIs).
+//! - Origin-form targets (`/path?query`) and, as RFC 9112 §3.2.2 requires,
+//!   absolute-form ones (`ws://host/path?query`, schemes http/https/ws/wss)
+//!   are accepted; a `#` fragment is rejected (RFC 6455 §3 forbids fragments
+//!   in WebSocket URIs).
 //! - `Host`, `Sec-WebSocket-Key`, `Sec-WebSocket-Version` and `Origin` may
 //!   appear at most once; `Upgrade`, `Connection` and
 //!   `Sec-WebSocket-Protocol` are lists and may repeat.
@@ -295,20 +297,14 @@ impl HandshakeParser {
         if version != b"HTTP/1.1" {
             return Err(HandshakeError::HttpVersionNotSupported);
         }
-        // Origin-form only: printable ASCII, starts with '/', no fragment.
-        if target.first() != Some(&b'/')
-            || !target.iter().all(|&b| b.is_ascii_graphic() && b != b'#')
-        {
+        // Printable ASCII, no fragment; origin-form or absolute-form.
+        if !target.iter().all(|&b| b.is_ascii_graphic() && b != b'#') {
             return Err(HandshakeError::InvalidTarget);
         }
         let target = std::str::from_utf8(target).map_err(|_| HandshakeError::InvalidTarget)?;
-        match target.split_once('?') {
-            Some((path, query)) => {
-                self.seen.path = path.to_owned();
-                self.seen.query = Some(query.to_owned());
-            }
-            None => self.seen.path = target.to_owned(),
-        }
+        let (path, query) = origin_form(target).ok_or(HandshakeError::InvalidTarget)?;
+        self.seen.path = path.to_owned();
+        self.seen.query = query.map(str::to_owned);
         Ok(())
     }
 
@@ -531,6 +527,38 @@ fn reason_phrase(status: u16) -> &'static str {
         505 => "HTTP Version Not Supported",
         _ => "Error",
     }
+}
+
+/// The path and query of a request target. RFC 9112 §3.2.2: a server MUST
+/// accept the absolute form (`ws://host:port/path?query`, as proxies and
+/// some clients send it) besides the origin form (`/path?query`); its
+/// scheme must be `http`, `https`, `ws` or `wss` (any case), its authority
+/// is not empty and carries no userinfo (RFC 9110 §4.2.4), and an empty
+/// path means `/`. `None` for anything else (`*`, authority-form, other
+/// schemes).
+fn origin_form(target: &str) -> Option<(&str, Option<&str>)> {
+    let path_and_query = if target.starts_with('/') {
+        target
+    } else {
+        let (scheme, rest) = target.split_once("://")?;
+        if !["http", "https", "ws", "wss"]
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(scheme))
+        {
+            return None;
+        }
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, path_and_query) = rest.split_at(end);
+        if authority.is_empty() || authority.contains('@') {
+            return None;
+        }
+        path_and_query
+    };
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    Some((if path.is_empty() { "/" } else { path }, query))
 }
 
 #[cfg(test)]
@@ -859,8 +887,42 @@ mod tests {
     }
 
     #[test]
+    fn absolute_form_targets_are_accepted() {
+        for (target, path, query) in [
+            ("ws://127.0.0.1:8080/ws", "/ws", None),
+            ("http://example.com/ws?token=a", "/ws", Some("token=a")),
+            ("WSS://example.com", "/", None),
+            ("https://example.com?x=1", "/", Some("x=1")),
+        ] {
+            let bytes = String::from_utf8(valid()).unwrap().replacen(
+                "GET /chat?room=1 ",
+                &format!("GET {target} "),
+                1,
+            );
+            let r = parse(bytes.as_bytes())
+                .unwrap_or_else(|e| panic!("{target}: {e}"))
+                .expect("a complete head");
+            assert_eq!(
+                (r.path.as_str(), r.query.as_deref()),
+                (path, query),
+                "{target}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_targets_are_400() {
-        for target in ["*", "http://x/", "/a#frag", "/a\x7fb", "/caf\u{e9}"] {
+        for target in [
+            "*",
+            "example.com:80",
+            "ftp://x/",
+            "http://user@x/",
+            "http:///ws",
+            "http://x#frag",
+            "/a#frag",
+            "/a\x7fb",
+            "/caf\u{e9}",
+        ] {
             let bytes = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
             assert_eq!(
                 parse(bytes.as_bytes()),
