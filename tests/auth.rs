@@ -122,6 +122,49 @@ async fn channel_permissions_follow_the_token() {
     );
 }
 
+/// Identity providers issue ids like `auth0|5f2b9c0e`: every `sub` accepted
+/// at Connect has a working personal channel, `user:` + the id
+/// percent-encoded, for subscribe, publish and recovery.
+#[tokio::test]
+async fn an_identity_provider_id_has_a_personal_channel() {
+    let s = server(&[]);
+    let sub = "auth0|5f2b9c0e";
+    let personal = shardcast::protocol::channel::personal(sub).unwrap();
+    assert_eq!(personal, "user:auth0%7C5f2b9c0e");
+    let token = mint::hs256(SECRET, &json!({"sub": sub, "exp": now() + 60}));
+    let mut user = try_connect(s.addr, Some(&token)).await.unwrap();
+    let at = user.subscribe(&personal).await;
+    // A backend token that may publish to every personal channel.
+    let backend = mint::hs256(
+        SECRET,
+        &json!({"sub": "backend", "exp": now() + 60, "publish": ["user:*"]}),
+    );
+    let mut backend = try_connect(s.addr, Some(&backend)).await.unwrap();
+    let first = backend.publish(&personal, b"one").await;
+    assert_eq!(user.publication().await.3, b"one");
+    drop(user);
+    backend.publish(&personal, b"two").await;
+    let mut user = try_connect(s.addr, Some(&token)).await.unwrap();
+    let (_, recovered) = user.subscribe_from(&personal, Some(first)).await;
+    assert!(recovered);
+    assert_eq!(user.publication().await.3, b"two");
+    assert!(first.offset > at.offset);
+    // The raw id is not a channel name; nobody else gets the channel.
+    let other = mint::hs256(SECRET, &json!({"sub": "auth0|other", "exp": now() + 60}));
+    let mut other = try_connect(s.addr, Some(&other)).await.unwrap();
+    let id = other
+        .request(|e, id| e.subscribe(id, &personal, None))
+        .await;
+    assert!(
+        matches!(other.reply(id).await, ServerMessage::Error { code, .. } if code == ErrorCode::Unauthorized.as_u16())
+    );
+    // An id whose personal channel cannot exist is refused at Connect.
+    let long = mint::hs256(SECRET, &json!({"sub": "|".repeat(80), "exp": now() + 60}));
+    let (code, reason) = try_connect(s.addr, Some(&long)).await.err().unwrap();
+    assert_eq!(code, 4004, "{reason}");
+    assert!(reason.contains("personal channel"), "{reason}");
+}
+
 #[tokio::test]
 async fn expiring_token_closes_unless_refreshed() {
     let s = server(&[]);

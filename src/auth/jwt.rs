@@ -44,7 +44,7 @@ pub struct Verifier {
 }
 
 /// The claims shardcast uses.
-#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct Claims {
     pub sub: Option<String>,
     pub exp: Option<u64>,

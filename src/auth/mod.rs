@@ -3,22 +3,26 @@
 //!
 //! Channels are public unless their name starts with a protected prefix:
 //! `private-`, `presence-` or `user:`. A protected channel needs a token:
-//! `user:<sub>` is always open to its own user; others must match a pattern
+//! the personal channel `user:<sub>` (the id percent-encoded, see
+//! [`channel::personal`]) is always open to its own user; others must match a pattern
 //! in the token's `channels` claim. A token's `publish` claim, when present,
 //! is the complete list of channels its holder may publish to.
 
 pub mod jwt;
 
 use crate::config::AuthConfig;
+use crate::protocol::channel::{self, ChannelError};
 pub use jwt::{Claims, KeyError, TokenError, Verifier};
 
 /// Prefixes of channels that need a token.
-pub const PROTECTED_PREFIXES: [&str; 3] = ["private-", "presence-", "user:"];
+pub const PROTECTED_PREFIXES: [&str; 3] = ["private-", "presence-", channel::PERSONAL_PREFIX];
 
 /// An authenticated connection's identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub user: String,
+    /// The user's personal channel (`None` for a token without `sub`).
+    personal: Option<String>,
     /// Token expiry (seconds since the Unix epoch), if any.
     pub expires: Option<u64>,
     channels: Vec<String>,
@@ -26,13 +30,22 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn from_claims(c: Claims) -> Self {
-        Identity {
-            user: c.sub.unwrap_or_default(),
+    /// Fails when the token's `sub` has no valid personal channel (its
+    /// encoded name would be too long).
+    pub fn from_claims(c: Claims) -> Result<Self, ChannelError> {
+        let user = c.sub.unwrap_or_default();
+        let personal = if user.is_empty() {
+            None
+        } else {
+            Some(channel::personal(&user)?)
+        };
+        Ok(Identity {
+            user,
+            personal,
             expires: c.exp,
             channels: c.channels,
             publish: c.publish,
-        }
+        })
     }
 }
 
@@ -50,6 +63,8 @@ pub enum ConnectError {
     TokenRequired,
     #[error("{0}")]
     Token(#[from] TokenError),
+    #[error("the token's sub has no personal channel: {0}")]
+    Subject(#[from] ChannelError),
 }
 
 impl Auth {
@@ -72,7 +87,7 @@ impl Auth {
         match token.filter(|t| !t.is_empty()) {
             None if self.anonymous => Ok(None),
             None => Err(ConnectError::TokenRequired),
-            Some(t) => Ok(Some(Identity::from_claims(self.verifier.verify(t, now)?))),
+            Some(t) => Ok(Some(Identity::from_claims(self.verifier.verify(t, now)?)?)),
         }
     }
 
@@ -83,8 +98,7 @@ impl Auth {
         let Some(id) = who else {
             return false;
         };
-        channel.strip_prefix("user:") == Some(id.user.as_str())
-            || matches_any(&id.channels, channel)
+        id.personal.as_deref() == Some(channel) || matches_any(&id.channels, channel)
     }
 
     pub fn may_publish(&self, who: Option<&Identity>, channel: &str) -> bool {
@@ -114,12 +128,13 @@ mod tests {
     use super::*;
 
     fn id(user: &str, channels: &[&str], publish: Option<&[&str]>) -> Identity {
-        Identity {
-            user: user.into(),
-            expires: None,
+        Identity::from_claims(Claims {
+            sub: Some(user.into()).filter(|u: &String| !u.is_empty()),
             channels: channels.iter().map(|s| s.to_string()).collect(),
             publish: publish.map(|p| p.iter().map(|s| s.to_string()).collect()),
-        }
+            ..Claims::default()
+        })
+        .unwrap()
     }
 
     fn auth(anonymous: bool, anonymous_publish: bool) -> Auth {
@@ -158,6 +173,14 @@ mod tests {
         assert!(a.may_publish(Some(&u), "news"));
         assert!(a.may_publish(Some(&u), "private-team-blue"));
         assert!(!a.may_publish(Some(&u), "user:8"));
+        let idp = id("auth0|5f2b9c0e", &[], None);
+        assert!(a.may_subscribe(Some(&idp), "user:auth0%7C5f2b9c0e"));
+        assert!(!a.may_subscribe(Some(&idp), "user:auth0|5f2b9c0e"));
+        let no_sub = id("", &[], None);
+        assert!(
+            !a.may_subscribe(Some(&no_sub), "user:"),
+            "no sub, no personal channel"
+        );
         let limited = id("7", &[], Some(&["chat:*"]));
         assert!(a.may_publish(Some(&limited), "chat:1"));
         assert!(!a.may_publish(Some(&limited), "news"));
