@@ -777,7 +777,7 @@ async fn assert_nothing_more(
 
 /// Pending entries of the group (total), from `XPENDING`.
 fn pending(redis: &RedisServer) -> u64 {
-    let out = redis.cli(&["XPENDING", "sc:ingest", "shardcast"]);
+    let out = redis.cli_checked(&["XPENDING", "sc:ingest", "shardcast"]);
     out.lines()
         .next()
         .unwrap_or("0")
@@ -788,7 +788,7 @@ fn pending(redis: &RedisServer) -> u64 {
 
 fn pending_of(redis: &RedisServer, consumer: &str) -> usize {
     redis
-        .cli(&[
+        .cli_checked(&[
             "XPENDING",
             "sc:ingest",
             "shardcast",
@@ -832,7 +832,7 @@ async fn ingest_entries_are_executed_once_with_two_nodes_consuming() {
     // Both consumers registered in the group before entries flow.
     let until = Instant::now() + WAIT;
     loop {
-        let info = redis.cli(&["XINFO", "CONSUMERS", "sc:ingest", "shardcast"]);
+        let info = redis.cli_checked(&["XINFO", "CONSUMERS", "sc:ingest", "shardcast"]);
         if info.contains("node-a") && info.contains("node-b") {
             break;
         }
@@ -908,7 +908,7 @@ async fn ingest_entries_are_executed_once_after_a_node_is_killed_mid_batch() {
     sub.subscribe(CH).await;
     let until = Instant::now() + WAIT;
     while !redis
-        .cli(&["XINFO", "CONSUMERS", "sc:ingest", "shardcast"])
+        .cli_checked(&["XINFO", "CONSUMERS", "sc:ingest", "shardcast"])
         .contains("node-b")
     {
         assert!(Instant::now() < until, "node B never joined the group");
@@ -1058,40 +1058,81 @@ async fn a_publish_retried_with_the_same_key_on_another_node_is_stored_once() {
 
 /// Waits until at least `want` connections are subscribed (the nodes
 /// reconnected after an earlier kill), then kills every subscribed
-/// connection; returns how many.
-fn kill_pubsub_connections(redis: &RedisServer, want: usize) -> usize {
+/// connection; returns how many Redis reports killed. If `want` are not
+/// subscribed within `WAIT`, panics with what it saw: the count, the full
+/// `CLIENT LIST`, whether each node is running and whose Redis answers.
+fn kill_pubsub_connections(redis: &RedisServer, nodes: &mut [&mut Server], want: usize) -> usize {
     let until = Instant::now() + WAIT;
-    loop {
-        let list = redis.cli(&["CLIENT", "LIST"]);
-        let ids: Vec<String> = list
-            .lines()
-            .filter(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("sub="))
-                    .is_some_and(|n| n != "0")
-            })
-            .filter_map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("id="))
-                    .map(str::to_string)
-            })
-            .collect();
-        if ids.len() >= want || Instant::now() >= until {
-            for id in &ids {
-                redis.cli(&["CLIENT", "KILL", "ID", id]);
-            }
-            return ids.len();
+    let ids = loop {
+        let list = redis.cli_checked(&["CLIENT", "LIST"]);
+        let ids = subscribed_ids(&list);
+        if ids.len() >= want {
+            break ids;
+        }
+        if Instant::now() >= until {
+            no_subscribed_connections(redis, nodes, want, ids.len(), &list);
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
+    };
+    ids.iter().map(|id| kill_client(redis, id)).sum()
+}
+
+/// The ids of the `CLIENT LIST` connections subscribed to a channel.
+fn subscribed_ids(list: &str) -> Vec<String> {
+    list.lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("sub="))
+                .is_some_and(|n| n != "0")
+        })
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("id="))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// `CLIENT KILL ID`; how many it killed (0 if the connection was gone).
+fn kill_client(redis: &RedisServer, id: &str) -> usize {
+    let out = redis.cli_checked(&["CLIENT", "KILL", "ID", id]);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("CLIENT KILL ID {id} answered {out:?}"))
+}
+
+/// The failure report of `kill_pubsub_connections`.
+fn no_subscribed_connections(
+    redis: &RedisServer,
+    nodes: &mut [&mut Server],
+    want: usize,
+    found: usize,
+    list: &str,
+) -> ! {
+    let nodes: Vec<String> = nodes
+        .iter_mut()
+        .map(|n| {
+            let state = if n.is_running() { "running" } else { "exited" };
+            format!("pid {} {state}", n.pid())
+        })
+        .collect();
+    panic!(
+        "{found} of {want} Pub/Sub connections subscribed after {WAIT:?}; \
+         nodes: {}; redis-server pid {:?}, answering on port {}: pid {:?}\n\
+         CLIENT LIST:\n{list}",
+        nodes.join(", "),
+        redis.child_pid(),
+        redis.port,
+        redis.serving_pid()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_pubsub_connection_is_caught_up_from_the_stream() {
     const CH: &str = "pubsub-drop";
     let redis = RedisServer::start(false);
-    let a = node(&redis, &[]);
-    let b = node(&redis, &[]);
+    let mut a = node(&redis, &[]);
+    let mut b = node(&redis, &[]);
     let mut subs = common::clients_on_both_shards(b.addr, 1).await;
     subs.push(Client::connect(a.addr).await);
     for s in subs.iter_mut() {
@@ -1107,7 +1148,7 @@ async fn a_dropped_pubsub_connection_is_caught_up_from_the_stream() {
         if round % 3 == 1 {
             // Every node's Pub/Sub connections go (B's two shards and
             // A's one); publications go on.
-            let killed = kill_pubsub_connections(&redis, 3);
+            let killed = kill_pubsub_connections(&redis, &mut [&mut a, &mut b], 3);
             assert!(killed >= 3, "{killed} Pub/Sub connections killed");
         }
     }

@@ -97,9 +97,16 @@ pub(super) async fn subscription_controller(
     }
 }
 
-/// `SUBSCRIBE`, then a `PING` on the same connection: fred resolves
-/// `subscribe` when the command is written, the `PING` reply proves Redis
-/// has processed it.
+/// `SUBSCRIBE`, then a `PING` on the same connection. fred 10.1.0 resolves
+/// `subscribe` as soon as the command is queued on the connection (its
+/// replies arrive out of band), before it is even written; the `PING` reply
+/// proves Redis processed what was queued ahead of it on that connection.
+/// If the connection drops in between, the `SUBSCRIBE` may be lost and a
+/// retried `PING` answered on the new connection proves nothing about it —
+/// that is still sound because every Pub/Sub reconnect raises
+/// `on_sub_reconnect`, which resubscribes every channel this shard wants
+/// (those still opening too) through this function, then catches them all
+/// up from the streams.
 async fn confirm_subscribe(sub: &Client, names: Vec<String>) -> Result<(), String> {
     for chunk in names.chunks(512) {
         sub.subscribe(chunk.to_vec())
