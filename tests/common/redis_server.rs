@@ -262,11 +262,50 @@ impl RedisServer {
 }
 
 /// A loopback port free right now (bound, then released).
+/// A free loopback port *below* the kernel's ephemeral range
+/// (`ip_local_port_range`), so that no `bind(0)` or outgoing connection of
+/// any test can take it while our Redis is down for a restart; only another
+/// test's Redis could, which `spawn` detects. Ports are drawn from a
+/// pseudo-random sequence seeded per process, so concurrent test binaries
+/// do not walk the same ports.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ephemeral_start: u16 = range
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(32768);
+    const LOW: u16 = 10_000;
+    if ephemeral_start <= LOW + 1000 {
+        // An unusual range leaves no room below it: any free port.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+    }
+    let span = u64::from(ephemeral_start - LOW);
+    let _ = STATE.compare_exchange(
+        0,
+        u64::from(std::process::id()).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..1000 {
+        // xorshift64: cheap, and distinct per process through its seed.
+        let mut x = STATE.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        STATE.store(x, Ordering::Relaxed);
+        let port = LOW + (x % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{ephemeral_start}");
 }
 
 impl Drop for RedisServer {
