@@ -579,7 +579,7 @@ fn ingest_runs_each_command_once_across_nodes_and_reclaims_a_dead_consumers_entr
     }
     // Malformed entries are acknowledged and skipped.
     cmds.push_str("XADD sc:ingest * payload nochannel\n");
-    cmds.push_str("XADD sc:ingest * channel bad%20name payload x\n");
+    cmds.push_str("XADD sc:ingest * channel bad|name payload x\n");
     redis.cli_batch(&cmds);
     assert!(redis
         .cli(&["XPENDING", "sc:ingest", "shardcast"])
