@@ -191,6 +191,10 @@ pub struct RedisConfig {
     /// Ingest entries pending this long on another (dead) node are taken
     /// over.
     pub ingest_claim_idle_secs: u32,
+    /// A node's presence entries expire this long after its last heartbeat
+    /// (sent every third of it): a dead node's members are removed within
+    /// 4/3 of it.
+    pub presence_ttl_ms: u32,
 }
 
 impl Default for RedisConfig {
@@ -202,6 +206,7 @@ impl Default for RedisConfig {
             node_id: String::new(),
             ingest: true,
             ingest_claim_idle_secs: 30,
+            presence_ttl_ms: 15_000,
         }
     }
 }
@@ -545,6 +550,11 @@ impl Config {
             "redis.ingest_claim_idle_secs",
             self.redis.ingest_claim_idle_secs,
             1..=86_400,
+        )?;
+        check(
+            "redis.presence_ttl_ms",
+            self.redis.presence_ttl_ms,
+            300..=600_000,
         )?;
         if !self.redis.url.is_empty() {
             // TLS (rediss://) is not built in: refuse it rather than fail

@@ -615,8 +615,11 @@ async fn members(c: &mut Client) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_is_the_same_from_both_nodes_and_a_killed_node_leaves() {
     let redis = RedisServer::start(false);
-    let a = auth_node(&redis, &[]);
-    let b = auth_node(&redis, &[]);
+    // README: a dead node's members are removed within
+    // redis.presence_ttl_ms × 4/3 (here 2 s).
+    let ttl = ["--redis-presence-ttl-ms", "1500"];
+    let a = auth_node(&redis, &ttl);
+    let b = auth_node(&redis, &ttl);
     let alice = token(json!({"sub": "alice", "channels": ["presence-*"]}));
     let bob = token(json!({"sub": "bob", "channels": [ROOM]}));
     // alice on A and on B, bob on B.
@@ -645,7 +648,8 @@ async fn presence_is_the_same_from_both_nodes_and_a_killed_node_leaves() {
     // window; alice stays (still connected to A).
     b.signal(libc::SIGKILL);
     let killed = Instant::now();
-    let limit = Duration::from_secs(22);
+    // 4/3 of the TTL, plus slack for a Redis round trip on a loaded machine.
+    let limit = Duration::from_millis(2000 + 1000);
     loop {
         let m = members(&mut alice_a).await;
         if m == ["alice"] {

@@ -112,6 +112,13 @@ pub struct RedisOptions {
     /// Largest payload accepted from Redis (announcements, history,
     /// ingest entries); larger ones are rejected as malformed.
     pub max_payload_bytes: usize,
+    /// A node's presence entries live this long without a heartbeat; each
+    /// shard refreshes its own, and sweeps out expired ones (a dead
+    /// node's), every third of it. So a dead node's members are removed
+    /// within `presence_ttl × 4/3` of its death (the entry may have just
+    /// been refreshed, and the sweep that finds it expired comes at most a
+    /// third later), plus one Redis round trip.
+    pub presence_ttl: Duration,
 }
 
 impl Default for RedisOptions {
@@ -125,25 +132,9 @@ impl Default for RedisOptions {
             ingest: true,
             ingest_claim_idle: Duration::from_secs(30),
             max_payload_bytes: 1 << 20,
+            presence_ttl: Duration::from_secs(15),
         }
     }
-}
-
-/// A node's presence entries live this long without a heartbeat (they are
-/// refreshed every third of it): members of a node that died disappear
-/// within it. (To become `RedisOptions::presence_ttl`.)
-pub const PRESENCE_TTL: Duration = Duration::from_secs(15);
-
-/// Process-wide presence TTL in ms (tests shorten it).
-static PRESENCE_TTL_MS: AtomicU64 = AtomicU64::new(15_000);
-
-pub(crate) fn presence_ttl() -> Duration {
-    Duration::from_millis(PRESENCE_TTL_MS.load(Ordering::Relaxed))
-}
-
-#[cfg(test)]
-pub(crate) fn set_presence_ttl(ttl: Duration) {
-    PRESENCE_TTL_MS.store(ttl.as_millis() as u64, Ordering::Relaxed);
 }
 
 /// `hostname-pid`.

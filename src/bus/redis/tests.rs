@@ -653,11 +653,15 @@ fn members(node: &mut Node, shard: usize, channel: &str, request: u64) -> Vec<St
 
 #[test]
 fn presence_is_one_list_across_nodes_and_a_dead_nodes_members_expire() {
-    set_presence_ttl(Duration::from_millis(900));
     let redis = RedisServer::start(false);
     let ch = "presence-room";
-    let mut a = Node::start(&redis, 2, options("a"));
-    let mut b = Node::start(&redis, 1, options("b"));
+    // A short presence TTL, for these nodes only.
+    let short = |node: &str| RedisOptions {
+        presence_ttl: Duration::from_millis(900),
+        ..options(node)
+    };
+    let mut a = Node::start(&redis, 2, short("a"));
+    let mut b = Node::start(&redis, 1, short("b"));
     for shard in 0..2 {
         a.buses[shard].subscribe(ch);
     }

@@ -169,7 +169,7 @@ impl Companion {
         let mut messages = self.sub.message_rx();
         let mut sub_reconnects = self.sub.reconnect_rx();
         let mut cmd_reconnects = self.cmd.reconnect_rx();
-        let mut heartbeat = tokio::time::interval(super::presence_ttl() / 3);
+        let mut heartbeat = tokio::time::interval(self.shared.options.presence_ttl / 3);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

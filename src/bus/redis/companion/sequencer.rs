@@ -16,7 +16,7 @@ use super::Shared;
 use crate::bus::redis::codec::{self, bytes_of, parse_epoch, u64_of};
 use crate::bus::redis::keys::{self, IdemKey};
 use crate::bus::redis::scripts::scripts;
-use crate::bus::redis::{presence_ttl, RedisStats};
+use crate::bus::redis::RedisStats;
 use crate::bus::{BusError, BusEvent, Position, ReplyTo};
 
 /// Most publishes in one pipeline.
@@ -126,7 +126,7 @@ fn presence_call(shared: &Shared, channel: &str, op: &str, users: &[Arc<str>]) -
     let mut args = Vec::with_capacity(4 + users.len());
     args.push(Value::from(op));
     args.push(Value::from(
-        (presence_ttl().as_millis().max(1) as u64).to_string(),
+        (shared.options.presence_ttl.as_millis().max(1) as u64).to_string(),
     ));
     args.push(Value::from(keys::pubsub(channel)));
     args.push(Value::from(shared.instance.as_str()));
