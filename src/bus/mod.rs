@@ -141,6 +141,9 @@ pub enum History {
 /// are `Send` so they can be built before the shard threads start.
 pub trait Bus: Send {
     /// Queues a publish. The result arrives later as [`BusEvent::Published`].
+    /// `ingress_us` is when the publish reached the server (µs since the
+    /// Unix epoch, this host's clock): latencies are measured from it, and
+    /// the Redis bus's `redis.command_timeout_ms` counts from it.
     fn publish(
         &mut self,
         channel: &str,

@@ -89,10 +89,11 @@ impl Shared {
         epoch_hex((self.random() >> 1).max(1))
     }
 
-    /// A publish deadline `timeout` from now, in Redis' clock.
-    fn deadline_us(&self) -> u64 {
+    /// A publish deadline `timeout` after `since_us` (our clock), in
+    /// Redis' clock.
+    fn deadline_us(&self, since_us: u64) -> u64 {
         let offset = self.clock_offset_us.load(Ordering::Relaxed);
-        let local = unix_us() + (self.options.command_timeout + DEADLINE_SLACK).as_micros() as u64;
+        let local = since_us + (self.options.command_timeout + DEADLINE_SLACK).as_micros() as u64;
         local.saturating_add_signed(offset)
     }
 
@@ -115,7 +116,9 @@ struct Companion {
     next_gen: u64,
     internal_tx: UnboundedSender<Internal>,
     internal_rx: UnboundedReceiver<Internal>,
-    jobs: UnboundedSender<Job>,
+    /// To the sequencer: each job with the time (µs since the Unix epoch)
+    /// its `command_timeout` counts from.
+    jobs: UnboundedSender<(u64, Job)>,
     /// Users this shard reported present, per presence channel.
     present: HashMap<Arc<str>, HashSet<Arc<str>>>,
     subctl_tx: UnboundedSender<SubOp>,
@@ -163,6 +166,17 @@ impl Companion {
             key_seed,
             key_counter: 0,
         }
+    }
+
+    /// Hands a job to the sequencer. A publish's `redis.command_timeout_ms`
+    /// counts from when it reached the server (its ingress time), any
+    /// other job's from now.
+    fn queue(&self, job: Job) {
+        let since = match &job {
+            Job::Publish(p) => p.ingress_us,
+            _ => unix_us(),
+        };
+        let _ = self.jobs.send((since, job));
     }
 
     async fn run(&mut self, mut requests: UnboundedReceiver<Vec<Request>>) {
@@ -255,8 +269,10 @@ impl Companion {
                             )
                         }
                     };
-                    let deadline_us = self.shared.deadline_us();
-                    let _ = self.jobs.send(Job::Publish(PublishJob {
+                    // The bound counts from when the publish reached the
+                    // server, not from when it reached the companion.
+                    let deadline_us = self.shared.deadline_us(ingress_us);
+                    self.queue(Job::Publish(PublishJob {
                         channel,
                         payload,
                         key,
@@ -269,7 +285,7 @@ impl Companion {
                 Request::Unsubscribe(channel) => {
                     // Members the shard did not report as left leave now.
                     if let Some(users) = self.present.remove(&channel) {
-                        let _ = self.jobs.send(Job::Presence {
+                        self.queue(Job::Presence {
                             channel: channel.clone(),
                             op: "leave",
                             users: users.into_iter().collect(),
@@ -295,7 +311,7 @@ impl Companion {
                     }
                     if changed {
                         let op = if joined { "join" } else { "leave" };
-                        let _ = self.jobs.send(Job::Presence {
+                        self.queue(Job::Presence {
                             channel,
                             op,
                             users: vec![user],
@@ -303,7 +319,7 @@ impl Companion {
                     }
                 }
                 Request::Members { channel, request } => {
-                    let _ = self.jobs.send(Job::Members { channel, request });
+                    self.queue(Job::Members { channel, request });
                 }
 
                 Request::History {
@@ -347,7 +363,7 @@ impl Companion {
                 .get(&channel)
                 .map(|u| u.iter().cloned().collect())
                 .unwrap_or_default();
-            let _ = self.jobs.send(Job::Presence {
+            self.queue(Job::Presence {
                 channel,
                 op: "refresh",
                 users,

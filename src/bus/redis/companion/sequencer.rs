@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::Value;
@@ -17,7 +19,7 @@ use crate::bus::redis::codec::{self, bytes_of, parse_epoch, u64_of};
 use crate::bus::redis::keys::{self, IdemKey};
 use crate::bus::redis::scripts::scripts;
 use crate::bus::redis::RedisStats;
-use crate::bus::{BusError, BusEvent, Position, ReplyTo};
+use crate::bus::{unix_us, BusError, BusEvent, Position, ReplyTo};
 
 /// Most publishes in one pipeline.
 const MAX_PIPELINE: usize = 256;
@@ -36,12 +38,22 @@ pub(super) struct PublishJob {
 
 /// Runs queued publishes and presence operations in order, one pipeline
 /// at a time (group commit: the next batch fills while one is in flight).
+///
+/// Every job carries the time its `redis.command_timeout_ms` counts from
+/// (a publish: when it reached the server). A job already past its deadline
+/// when its turn comes fails without being sent, and a pipeline is waited
+/// for only until the earliest deadline among its jobs: jobs queued behind
+/// a pipeline stuck on a dead Redis fail at their own deadline, not at the
+/// stuck pipeline's plus their own. A publish failed this way is not stored
+/// late either: the publish script refuses it past its deadline (in Redis'
+/// clock).
 pub(super) async fn sequencer(
     shared: Arc<Shared>,
     cmd: Client,
-    mut jobs: UnboundedReceiver<Job>,
+    mut jobs: UnboundedReceiver<(u64, Job)>,
     events: UnboundedSender<Vec<BusEvent>>,
 ) {
+    let timeout = shared.options.command_timeout;
     let mut batch = Vec::new();
     while let Some(job) = jobs.recv().await {
         batch.push(job);
@@ -51,47 +63,81 @@ pub(super) async fn sequencer(
                 Err(_) => break,
             }
         }
-        let calls: Vec<Call> = batch.iter().map(|j| job_call(&shared, j)).collect();
-        let results = run_pipelined(&cmd, calls).await;
+        let now_us = unix_us();
+        let now = Instant::now();
         let mut out = Vec::with_capacity(batch.len());
-        for (job, r) in batch.drain(..).zip(results) {
-            match job {
-                Job::Publish(job) => {
-                    let result = r
-                        .map_err(|e| e.to_string())
-                        .and_then(|v| parse_published(v).map_err(|e| e.to_string()));
-                    if let Err(e) = &result {
-                        RedisStats::bump(&shared.stats.publish_errors);
-                        tracing::debug!(channel = %job.channel, error = %e, "publish failed");
-                    }
-                    out.push(BusEvent::Published {
-                        reply_to: job.reply_to,
-                        channel: job.channel,
-                        result: result.map_err(BusError::Unavailable),
-                    });
+        let mut live = Vec::with_capacity(batch.len());
+        let mut earliest: Option<Instant> = None;
+        for (since_us, job) in batch.drain(..) {
+            let waited = Duration::from_micros(now_us.saturating_sub(since_us));
+            match timeout.checked_sub(waited).filter(|left| !left.is_zero()) {
+                Some(left) => {
+                    let at = now + left;
+                    earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                    live.push(job);
                 }
-                Job::Presence { channel, op, .. } => {
-                    // A failed join is redone by the next heartbeat; a
-                    // failed leave expires with its entry.
-                    if let Err(e) = r {
-                        tracing::debug!(channel = %channel, op, error = %e, "presence update failed");
-                    }
-                }
-                Job::Members { channel, request } => {
-                    let result = r
-                        .map_err(|e| e.to_string())
-                        .and_then(|v| parse_members(v).map_err(|e| e.to_string()))
-                        .map_err(BusError::Unavailable);
-                    out.push(BusEvent::Members {
-                        request,
-                        channel,
-                        result,
-                    });
-                }
+                None => answer(&shared, job, Err(timed_out(timeout)), &mut out),
+            }
+        }
+        if let Some(earliest) = earliest {
+            let calls: Vec<Call> = live.iter().map(|j| job_call(&shared, j)).collect();
+            let results = match tokio::time::timeout_at(earliest, run_pipelined(&cmd, calls)).await
+            {
+                Ok(results) => results
+                    .into_iter()
+                    .map(|r| r.map_err(|e| e.to_string()))
+                    .collect(),
+                Err(_) => vec![Err(timed_out(timeout)); live.len()],
+            };
+            for (job, r) in live.drain(..).zip(results) {
+                answer(&shared, job, r, &mut out);
             }
         }
         if !out.is_empty() && events.send(out).is_err() {
             return;
+        }
+    }
+}
+
+fn timed_out(timeout: Duration) -> String {
+    format!(
+        "Redis did not answer within redis.command_timeout_ms ({} ms)",
+        timeout.as_millis()
+    )
+}
+
+/// Turns a job's result into what the shard is told (publishes and member
+/// queries are answered; presence updates are not).
+fn answer(shared: &Shared, job: Job, r: Result<Value, String>, out: &mut Vec<BusEvent>) {
+    match job {
+        Job::Publish(job) => {
+            let result = r.and_then(|v| parse_published(v).map_err(|e| e.to_string()));
+            if let Err(e) = &result {
+                RedisStats::bump(&shared.stats.publish_errors);
+                tracing::debug!(channel = %job.channel, error = %e, "publish failed");
+            }
+            out.push(BusEvent::Published {
+                reply_to: job.reply_to,
+                channel: job.channel,
+                result: result.map_err(BusError::Unavailable),
+            });
+        }
+        Job::Presence { channel, op, .. } => {
+            // A failed join is redone by the next heartbeat; a failed
+            // leave expires with its entry.
+            if let Err(e) = r {
+                tracing::debug!(channel = %channel, op, error = %e, "presence update failed");
+            }
+        }
+        Job::Members { channel, request } => {
+            let result = r
+                .and_then(|v| parse_members(v).map_err(|e| e.to_string()))
+                .map_err(BusError::Unavailable);
+            out.push(BusEvent::Members {
+                request,
+                channel,
+                result,
+            });
         }
     }
 }
