@@ -1304,6 +1304,179 @@ async fn with_redis_down_requests_fail_fast_clients_stay_and_a_keyed_retry_is_st
     assert_eq!(got, want, "what the newcomer received");
 }
 
+/// Redis comes back with less than it acknowledged (restarted from an
+/// older snapshot): the lost offsets are never given again. The channel
+/// continues under a new epoch, live subscribers get the new publications
+/// in it, and recovery from a lost position answers `recovered = false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_back_from_an_older_snapshot_never_reuses_a_position() {
+    const CH: &str = "rollback";
+    let mut redis = RedisServer::start(false);
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let mut watch_a = Client::connect(a.addr).await;
+    let mut watch_b = Client::connect(b.addr).await;
+    let (p0, _) = watch_a.subscribe_from(CH, None).await;
+    watch_b.subscribe_from(CH, None).await;
+    let mut publisher = Client::connect(a.addr).await;
+    let first = payloads("kept", 10);
+    let kept = publish_all(&mut publisher, CH, &first).await;
+    assert_eq!(redis.cli_checked(&["SAVE"]).trim(), "OK");
+    let second = payloads("lost", 5);
+    let lost = publish_all(&mut publisher, CH, &second).await;
+    let all_acks: Vec<Position> = kept.iter().chain(&lost).copied().collect();
+    let all_sent: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();
+    for (w, who) in [(&mut watch_a, "a"), (&mut watch_b, "b")] {
+        let got = receive(w, CH, 15).await;
+        assert_exactly(&got, &all_acks, &all_sent, who);
+    }
+    let last_lost = *lost.last().unwrap();
+    assert_eq!(last_lost.offset, p0.offset + 15);
+
+    // SIGKILL, and back from the snapshot taken after the 10th.
+    redis.kill();
+    redis.restart();
+    let third = payloads("after", 5);
+    let until = Instant::now() + WAIT;
+    let mut after = Vec::new();
+    for p in &third {
+        loop {
+            match publish_within(&mut publisher, CH, p, None, WAIT).await {
+                Outcome::Ack(pos) => {
+                    after.push(pos);
+                    break;
+                }
+                Outcome::Error(code, _) => assert_eq!(code, ErrorCode::Unavailable as u16),
+            }
+            assert!(Instant::now() < until, "Redis never came back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let new_epoch = after[0].epoch;
+    assert_ne!(
+        new_epoch, p0.epoch,
+        "offsets 11-15 of the old epoch were given away"
+    );
+    assert_eq!(
+        after
+            .iter()
+            .map(|p| (p.epoch, p.offset))
+            .collect::<Vec<_>>(),
+        (1..=5).map(|o| (new_epoch, o)).collect::<Vec<_>>()
+    );
+    // Live subscribers on both nodes see the new epoch's publications.
+    for (w, who) in [(&mut watch_a, "a"), (&mut watch_b, "b")] {
+        let got = receive(w, CH, 5).await;
+        assert_exactly(&got, &after, &third, who);
+    }
+    // Recovery from a position in the lost tail, or in the kept part, of
+    // the old epoch is not recovered: never a silent gap.
+    for from in [last_lost, kept[9]] {
+        let mut c = Client::connect(b.addr).await;
+        let (at, recovered) = c.subscribe_from(CH, Some(from)).await;
+        assert!(!recovered, "recovered from {from:?} after the rollback");
+        assert_eq!(at, *after.last().unwrap());
+    }
+}
+
+/// The same loss with no publish afterwards: the subscribed nodes notice it
+/// when they catch up after reconnecting, so a resubscribe from the lost
+/// tail is answered `recovered = false` at once, and the next publication
+/// opens the new epoch at offset 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_is_noticed_by_subscribed_nodes_without_a_publish() {
+    const CH: &str = "rollback-quiet";
+    let mut redis = RedisServer::start(false);
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let mut watch_b = Client::connect(b.addr).await;
+    watch_b.subscribe_from(CH, None).await;
+    let mut publisher = Client::connect(a.addr).await;
+    publish_all(&mut publisher, CH, &payloads("kept", 3)).await;
+    assert_eq!(redis.cli_checked(&["SAVE"]).trim(), "OK");
+    let lost = publish_all(&mut publisher, CH, &payloads("lost", 2)).await;
+    receive(&mut watch_b, CH, 5).await;
+    redis.kill();
+    redis.restart();
+    // Node b's shards hear of the new epoch asynchronously (after their
+    // Pub/Sub reconnect and catch-up): wait until a resubscribe from the
+    // lost tail is answered not-recovered on every shard.
+    let from = *lost.last().unwrap();
+    let until = Instant::now() + WAIT;
+    for shard in 0..2 {
+        loop {
+            let mut c = connect_on_shard(b.addr, "", shard, false).await;
+            let (at, recovered) = c.subscribe_from(CH, Some(from)).await;
+            if !recovered {
+                assert_ne!(at.epoch, from.epoch);
+                assert_eq!(at.offset, 0);
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "shard {shard} never noticed the rollback"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let next = publisher.publish(CH, b"next").await;
+    assert_ne!(next.epoch, from.epoch);
+    assert_eq!(next.offset, 1);
+}
+
+/// Redis at `maxmemory` with `noeviction` refuses the publish script: the
+/// publisher gets `Error Unavailable` with Redis' reason, never an ack, and
+/// subscribers get nothing for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_redis_refuses_for_memory_fails_and_is_not_delivered() {
+    const CH: &str = "full";
+    let redis = RedisServer::start(false);
+    let used: u64 = redis
+        .cli_checked(&["INFO", "memory"])
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory");
+    let limit = (used + (4 << 20)).to_string();
+    assert_eq!(
+        redis
+            .cli_checked(&["CONFIG", "SET", "maxmemory", &limit])
+            .trim(),
+        "OK"
+    );
+    assert_eq!(
+        redis
+            .cli_checked(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+            .trim(),
+        "OK"
+    );
+    let a = node(&redis, &["--history-size", "100000"]);
+    let mut watcher = Client::connect(a.addr).await;
+    watcher.subscribe_from(CH, None).await;
+    let mut publisher = Client::connect(a.addr).await;
+    let mut acked = Vec::new();
+    let mut sent = Vec::new();
+    let refused = loop {
+        assert!(acked.len() < 1000, "64 MB stored under a 4 MB maxmemory");
+        let mut p = vec![b'm'; 60 << 10];
+        p[..8].copy_from_slice(&(acked.len() as u64).to_be_bytes());
+        match publish_within(&mut publisher, CH, &p, None, WAIT).await {
+            Outcome::Ack(pos) => {
+                acked.push(pos);
+                sent.push(p);
+            }
+            Outcome::Error(code, message) => break (code, message),
+        }
+    };
+    assert_eq!(refused.0, ErrorCode::Unavailable as u16, "{}", refused.1);
+    assert!(refused.1.contains("OOM"), "Redis' reason: {}", refused.1);
+    // The watcher gets exactly the acknowledged ones, and nothing after.
+    let got = receive(&mut watcher, CH, acked.len()).await;
+    assert_exactly(&got, &acked, &sent, "watcher");
+    let more = tokio::time::timeout(Duration::from_millis(500), watcher.publication()).await;
+    assert!(more.is_err(), "a refused publish was delivered: {more:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trimmed_or_expired_history_is_not_recovered() {
     let redis = RedisServer::start(false);

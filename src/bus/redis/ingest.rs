@@ -163,6 +163,10 @@ impl Consumer {
                         &c.key,
                         c.ingress_us,
                         0,
+                        // The ingest consumer keeps no positions: the
+                        // publishing and subscribed nodes check for a
+                        // rollback (see `publish_args`).
+                        None,
                     ));
                     ids.push(id);
                 }

@@ -13,22 +13,41 @@ use fred::types::Value;
 /// Shared prelude: the channel's epoch, creating a new one (and dropping
 /// any stream left from an older life) when the meta hash is gone.
 /// KEYS[1] = meta, KEYS[2] = stream; `fresh` = a new epoch to use.
+///
+/// `rolled_back(epoch, seen_epoch, seen_seq)`: a node has seen (delivered
+/// or acknowledged) offset `seen_seq` of `seen_epoch`, and Redis now holds
+/// fewer publications of that epoch: Redis lost acknowledged history (it
+/// came back from an older snapshot, lost an AOF tail, or failed over to a
+/// lagging replica). The next offsets were already given to publications
+/// clients may have seen, so the channel must continue under a new epoch:
+/// a position is never given to two publications.
 const ENSURE_EPOCH: &str = r#"
+local function new_epoch(fresh, ttl_ms)
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', fresh, 'seq', '0')
+  redis.call('PEXPIRE', KEYS[1], ttl_ms)
+  return fresh
+end
 local function ensure_epoch(fresh, ttl_ms)
   local epoch = redis.call('HGET', KEYS[1], 'epoch')
   if not epoch then
-    epoch = fresh
-    redis.call('DEL', KEYS[2])
-    redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', '0')
-    redis.call('PEXPIRE', KEYS[1], ttl_ms)
+    epoch = new_epoch(fresh, ttl_ms)
   end
   return epoch
+end
+local function rolled_back(epoch, seen_epoch, seen_seq)
+  if epoch ~= seen_epoch then return false end
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+  return seq < tonumber(seen_seq)
 end
 "#;
 
 /// Publish. KEYS: meta, stream, idempotency key. ARGV: payload, fresh
 /// epoch, history size, history ttl ms, idempotency ttl ms, ingress_us,
-/// Pub/Sub channel, deadline_us (0 = none).
+/// Pub/Sub channel, deadline_us (0 = none), the epoch hex and offset the
+/// publishing node has seen on the channel ('' and '0' if none): if Redis
+/// holds less of that epoch, the channel gets a new epoch first (see
+/// `rolled_back`).
 /// Returns `{epoch_hex, offset, published_us, duplicate(0|1)}`.
 const PUBLISH_BODY: &str = r#"
 local t = redis.call('TIME')
@@ -45,6 +64,9 @@ if prev then
   end
 end
 local epoch = ensure_epoch(ARGV[2], ARGV[4])
+if rolled_back(epoch, ARGV[9], ARGV[10]) then
+  epoch = new_epoch(ARGV[2], ARGV[4])
+end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local id = string.format('%d-1', seq)
 local now_s = string.format('%d', now)
@@ -67,11 +89,18 @@ return {epoch, seq}
 
 /// Read history. KEYS: meta, stream. ARGV: fresh epoch, history ttl ms,
 /// the reader's epoch hex, the reader's offset, page size, and `restart`
-/// ('1': if the epoch differs, read the current epoch from offset 1;
-/// '0': return no entries). Returns `{epoch_hex, seq, entries}`, where
-/// entries start at the first ID at or after the requested offset + 1.
+/// ('1': a node's catch-up: if the epoch differs, read the current epoch
+/// from offset 1; '0': a client's recovery: return no entries). Returns
+/// `{epoch_hex, seq, entries}`, where entries start at the first ID at or
+/// after the requested offset + 1. A catch-up's position is one the node
+/// saw in Redis, so one that Redis no longer reaches means Redis lost
+/// acknowledged history: the channel gets a new epoch (`rolled_back`). A
+/// client's position is not trusted with that: it could be made up.
 const READ_BODY: &str = r#"
 local epoch = ensure_epoch(ARGV[1], ARGV[2])
+if ARGV[6] == '1' and rolled_back(epoch, ARGV[3], ARGV[4]) then
+  epoch = new_epoch(ARGV[1], ARGV[2])
+end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local from = tonumber(ARGV[4]) + 1
 if epoch ~= ARGV[3] then

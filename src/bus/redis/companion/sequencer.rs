@@ -3,6 +3,7 @@
 //! shard. Also the publish script's arguments and reply (shared with the
 //! ingest consumer).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::pipeline::{run_pipelined, Call};
 use super::Shared;
-use crate::bus::redis::codec::{self, bytes_of, parse_epoch, u64_of};
+use crate::bus::redis::codec::{self, bytes_of, epoch_hex, parse_epoch, u64_of};
 use crate::bus::redis::keys::{self, IdemKey};
 use crate::bus::redis::scripts::scripts;
 use crate::bus::redis::RedisStats;
@@ -34,6 +35,45 @@ pub(super) struct PublishJob {
     pub(super) reply_to: ReplyTo,
     pub(super) ingress_us: u64,
     pub(super) deadline_us: u64,
+    /// The newest position this node's subscription to the channel has
+    /// seen, if it has one (see `publish_args`).
+    pub(super) seen: Option<Position>,
+}
+
+/// Most channels whose newest acknowledged position the sequencer
+/// remembers; beyond that it starts over (forgetting only weakens the
+/// rollback check of `publish_args` for channels this node publishes to
+/// without subscribing; their subscribers' nodes still catch it).
+const MAX_ACKED: usize = 65_536;
+
+/// The newest position acknowledged to this shard's publishers, per
+/// channel.
+#[derive(Default)]
+struct Acked(HashMap<Arc<str>, Position>);
+
+impl Acked {
+    fn record(&mut self, channel: &Arc<str>, p: Position) {
+        if self.0.len() >= MAX_ACKED && !self.0.contains_key(channel) {
+            self.0.clear();
+        }
+        let e = self.0.entry(channel.clone()).or_insert(p);
+        if p.epoch != e.epoch || p.offset > e.offset {
+            *e = p;
+        }
+    }
+
+    /// What the node has seen of `channel`: the newer of its
+    /// subscription's position and the last acknowledgement, when both are
+    /// of one epoch; else the acknowledgement (it is the more recent news).
+    fn seen(&self, channel: &str, subscribed: Option<Position>) -> Option<Position> {
+        match (self.0.get(channel).copied(), subscribed) {
+            (Some(a), Some(s)) if a.epoch == s.epoch => {
+                Some(if a.offset >= s.offset { a } else { s })
+            }
+            (Some(a), _) => Some(a),
+            (None, s) => s,
+        }
+    }
 }
 
 /// Runs queued publishes and presence operations in order, one pipeline
@@ -54,6 +94,7 @@ pub(super) async fn sequencer(
     events: UnboundedSender<Vec<BusEvent>>,
 ) {
     let timeout = shared.options.command_timeout;
+    let mut acked = Acked::default();
     let mut batch = Vec::new();
     while let Some(job) = jobs.recv().await {
         batch.push(job);
@@ -76,11 +117,11 @@ pub(super) async fn sequencer(
                     earliest = Some(earliest.map_or(at, |e| e.min(at)));
                     live.push(job);
                 }
-                None => answer(&shared, job, Err(timed_out(timeout)), &mut out),
+                None => answer(&shared, &mut acked, job, Err(timed_out(timeout)), &mut out),
             }
         }
         if let Some(earliest) = earliest {
-            let calls: Vec<Call> = live.iter().map(|j| job_call(&shared, j)).collect();
+            let calls: Vec<Call> = live.iter().map(|j| job_call(&shared, &acked, j)).collect();
             let results = match tokio::time::timeout_at(earliest, run_pipelined(&cmd, calls)).await
             {
                 Ok(results) => results
@@ -90,7 +131,7 @@ pub(super) async fn sequencer(
                 Err(_) => vec![Err(timed_out(timeout)); live.len()],
             };
             for (job, r) in live.drain(..).zip(results) {
-                answer(&shared, job, r, &mut out);
+                answer(&shared, &mut acked, job, r, &mut out);
             }
         }
         if !out.is_empty() && events.send(out).is_err() {
@@ -108,13 +149,22 @@ fn timed_out(timeout: Duration) -> String {
 
 /// Turns a job's result into what the shard is told (publishes and member
 /// queries are answered; presence updates are not).
-fn answer(shared: &Shared, job: Job, r: Result<Value, String>, out: &mut Vec<BusEvent>) {
+fn answer(
+    shared: &Shared,
+    acked: &mut Acked,
+    job: Job,
+    r: Result<Value, String>,
+    out: &mut Vec<BusEvent>,
+) {
     match job {
         Job::Publish(job) => {
             let result = r.and_then(|v| parse_published(v).map_err(|e| e.to_string()));
-            if let Err(e) = &result {
-                RedisStats::bump(&shared.stats.publish_errors);
-                tracing::debug!(channel = %job.channel, error = %e, "publish failed");
+            match &result {
+                Ok(p) => acked.record(&job.channel, *p),
+                Err(e) => {
+                    RedisStats::bump(&shared.stats.publish_errors);
+                    tracing::debug!(channel = %job.channel, error = %e, "publish failed");
+                }
             }
             out.push(BusEvent::Published {
                 reply_to: job.reply_to,
@@ -156,9 +206,9 @@ pub(super) enum Job {
     },
 }
 
-fn job_call(shared: &Shared, job: &Job) -> Call {
+fn job_call(shared: &Shared, acked: &Acked, job: &Job) -> Call {
     match job {
-        Job::Publish(p) => publish_call(shared, p),
+        Job::Publish(p) => publish_call(shared, p, acked.seen(&p.channel, p.seen)),
         Job::Presence { channel, op, users } => presence_call(shared, channel, op, users),
         Job::Members { channel, .. } => presence_call(shared, channel, "members", &[]),
     }
@@ -203,7 +253,7 @@ fn parse_members(v: Value) -> Result<Vec<Arc<str>>, codec::Malformed> {
 }
 
 /// The keys and arguments of the publish script.
-fn publish_call(shared: &Shared, job: &PublishJob) -> Call {
+fn publish_call(shared: &Shared, job: &PublishJob, seen: Option<Position>) -> Call {
     publish_args(
         shared,
         &job.channel,
@@ -211,9 +261,14 @@ fn publish_call(shared: &Shared, job: &PublishJob) -> Call {
         &job.key,
         job.ingress_us,
         job.deadline_us,
+        seen,
     )
 }
 
+/// The publish script's keys and arguments. `seen` is the newest position
+/// of the channel this node has seen (delivered or acknowledged): if Redis
+/// holds less of that epoch, it lost acknowledged publications, and the
+/// script starts a new epoch instead of giving their offsets again.
 pub fn publish_args(
     shared: &Shared,
     channel: &str,
@@ -221,6 +276,7 @@ pub fn publish_args(
     key: &IdemKey,
     ingress_us: u64,
     deadline_us: u64,
+    seen: Option<Position>,
 ) -> Call {
     let o = &shared.options;
     let key_ttl = match key {
@@ -241,6 +297,8 @@ pub fn publish_args(
         Value::from(ingress_us.to_string()),
         Value::from(keys::pubsub(channel)),
         Value::from(deadline_us.to_string()),
+        Value::from(seen.map_or(String::new(), |p| epoch_hex(p.epoch))),
+        Value::from(seen.map_or(0, |p| p.offset).to_string()),
     ];
     (&scripts().publish, keys, args)
 }

@@ -85,6 +85,15 @@ pub(super) struct Sub {
 }
 
 impl Sub {
+    /// The newest position delivered on this channel (or covered by its
+    /// `Subscribed`), once it is open.
+    pub(super) fn seen(&self) -> Option<Position> {
+        (!self.opening).then_some(Position {
+            epoch: self.epoch,
+            offset: self.last,
+        })
+    }
+
     fn retire(&mut self, epoch: u64) {
         if !self.dead.contains(&epoch) {
             if self.dead.len() == DEAD_EPOCHS {
