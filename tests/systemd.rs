@@ -70,6 +70,27 @@ impl NotifySocket {
         }
     }
 
+    /// Every datagram received within `limit`, with when it arrived.
+    fn collect_timed(&self, limit: Duration) -> Vec<(Instant, String)> {
+        let until = Instant::now() + limit;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return out;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            match self.sock.recv(&mut buf) {
+                Ok(n) => out.push((
+                    Instant::now(),
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                )),
+                Err(_) => return out,
+            }
+        }
+    }
+
     /// Datagrams up to and including the first with the line `want`.
     fn until(&self, want: &str) -> Vec<String> {
         let until = Instant::now() + WAIT;
@@ -212,21 +233,41 @@ fn abstract_notify_socket() {
 #[test]
 fn watchdog_pings_at_half_the_period() {
     let notify = NotifySocket::path("watchdog");
-    // 400 ms period: a ping every 200 ms.
+    // A 2 s period: a ping every second. systemd kills a service that
+    // goes a whole period without one, so that is what is checked: no gap
+    // (from READY, between pings) reaches 2 s.
+    let period = Duration::from_secs(2);
     let _server = Server::start(
         &[],
-        &[("NOTIFY_SOCKET", &notify.name), ("WATCHDOG_USEC", "400000")],
+        &[
+            ("NOTIFY_SOCKET", &notify.name),
+            ("WATCHDOG_USEC", "2000000"),
+        ],
         None,
     );
     notify.until("READY=1");
-    let pings = notify
-        .collect(Duration::from_millis(1500))
-        .iter()
-        .filter(|m| m.lines().any(|l| l == "WATCHDOG=1"))
-        .count();
-    // ~7 expected; generous for a loaded 2-core CI machine, but more than
-    // one ping per period would not fit and none means no watchdog.
-    assert!((2..=9).contains(&pings), "{pings} pings in 1.5 s at 200 ms");
+    let ready = Instant::now();
+    let pings: Vec<Instant> = notify
+        .collect_timed(Duration::from_millis(5500))
+        .into_iter()
+        .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
+        .map(|(at, _)| at)
+        .collect();
+    let mut last = ready;
+    for &at in &pings {
+        assert!(
+            at - last < period,
+            "{:?} without a watchdog ping; the period is {period:?}",
+            at - last
+        );
+        last = at;
+    }
+    // ~5 expected in 5.5 s; more than one per half period would be a bug.
+    assert!(
+        (4..=7).contains(&pings.len()),
+        "{} pings in 5.5 s at 1 s",
+        pings.len()
+    );
 }
 
 #[test]
