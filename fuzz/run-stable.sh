@@ -3,14 +3,14 @@
 # the same coverage instrumentation cargo-fuzz uses, minus AddressSanitizer
 # (a -Z flag; the code under test has no `unsafe`, so ASan adds little here).
 #
-#   fuzz/run-stable.sh <deframer|handshake> [seconds=60] [extra libFuzzer flags...]
+#   fuzz/run-stable.sh <deframer|handshake|envelope|zstd_inbound|jwt> [seconds=60] [extra libFuzzer flags...]
 #
 # Corpus grows in fuzz/corpus/<target>, crashes land in fuzz/artifacts/<target>;
 # reproduce one with: fuzz/run-stable.sh <target> 0 fuzz/artifacts/<target>/crash-...
 set -euo pipefail
 cd "$(dirname "$0")"
 
-target=${1:?usage: run-stable.sh <deframer|handshake> [seconds] [libFuzzer flags...]}
+target=${1:?usage: run-stable.sh <deframer|handshake|envelope|zstd_inbound|jwt> [seconds] [libFuzzer flags...]}
 seconds=${2:-60}
 shift $(( $# >= 2 ? 2 : 1 ))
 
@@ -32,4 +32,7 @@ bin="${CARGO_TARGET_DIR:-target}/$triple/debug/$target"
 if [[ $# -gt 0 && -f "$1" ]]; then
   exec "$bin" "$@"  # reproduce: run the given input files once
 fi
-exec "$bin" -max_total_time="$seconds" "${flags[@]}" "$@" "corpus/$target" "seeds/$target"
+# libFuzzer exits when a corpus directory is missing; not every target has seeds.
+seeds=()
+if [[ -d "seeds/$target" ]]; then seeds+=("seeds/$target"); fi
+exec "$bin" -max_total_time="$seconds" "${flags[@]}" "$@" "corpus/$target" ${seeds[@]+"${seeds[@]}"}

@@ -15,6 +15,8 @@ use std::ops::RangeInclusive;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::auth::jwt::MIN_HS256_SECRET_BYTES;
+
 /// Errors found while loading or validating configuration. Each names the
 /// key (or variable / flag) at fault so the operator knows what to fix.
 #[derive(Debug, Error)]
@@ -161,6 +163,9 @@ pub struct HistoryConfig {
     pub size: u32,
     /// How long a channel's history is kept after its last publication.
     pub ttl_secs: u32,
+    /// Embedded bus: MiB of history kept over all channels (payloads plus
+    /// 96 B per publication); over it the oldest publications go first.
+    pub max_mib: u32,
 }
 
 impl Default for HistoryConfig {
@@ -168,6 +173,7 @@ impl Default for HistoryConfig {
         HistoryConfig {
             size: 1000,
             ttl_secs: 3600,
+            max_mib: 256,
         }
     }
 }
@@ -249,7 +255,8 @@ pub struct AuthConfig {
     pub anonymous: bool,
     /// Whether anonymous clients may publish.
     pub anonymous_publish: bool,
-    /// Shared secret for HS256 tokens (empty = HS256 not accepted).
+    /// Shared secret for HS256 tokens (empty = HS256 not accepted); its
+    /// UTF-8 bytes are the key, at least 32 of them (RFC 7518 §3.2).
     pub hs256_secret: String,
     /// Ed25519 public key for EdDSA tokens: PEM (SPKI) or base64 of the
     /// 32 raw bytes (empty = EdDSA not accepted).
@@ -536,6 +543,7 @@ impl Config {
             l.ping_interval_ms.saturating_add(1)..=7_200_000,
         )?;
         check("history.size", self.history.size, 0..=1_000_000)?;
+        check("history.max_mib", self.history.max_mib, 1..=1 << 20)?;
         check(
             "redis.command_timeout_ms",
             self.redis.command_timeout_ms,
@@ -586,6 +594,7 @@ impl Config {
             1..=u32::MAX,
         )?;
         check("history.ttl_secs", self.history.ttl_secs, 1..=30 * 86_400)?;
+        check_hs256_secret(&self.auth.hs256_secret)?;
         check("auth.leeway_secs", self.auth.leeway_secs, 0..=300)?;
         check("auth.deadline_ms", self.auth.deadline_ms, 100..=600_000)?;
         self.admin_addr()?;
@@ -712,6 +721,24 @@ fn check(key: &'static str, value: u32, range: RangeInclusive<u32>) -> Result<()
             ),
         })
     }
+}
+
+/// `auth.hs256_secret` is empty (HS256 off) or at least
+/// [`MIN_HS256_SECRET_BYTES`] bytes long (its UTF-8 bytes are the key):
+/// RFC 7518 §3.2 says a key of the hash's size (256 bits) or larger MUST be
+/// used with HS256. The error never shows the secret.
+fn check_hs256_secret(secret: &str) -> Result<(), ConfigError> {
+    if secret.is_empty() || secret.len() >= MIN_HS256_SECRET_BYTES {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        key: "auth.hs256_secret",
+        value: "(redacted)".into(),
+        reason: format!(
+            "is {} bytes; an HS256 key must be at least {MIN_HS256_SECRET_BYTES} bytes (256 bits, RFC 7518 §3.2), e.g. the output of `openssl rand -base64 32`; empty turns HS256 off",
+            secret.len()
+        ),
+    })
 }
 
 fn default_table() -> toml::Table {
@@ -862,6 +889,28 @@ mod tests {
         let msg = Config::load(bad.to_str(), &[]).unwrap_err().to_string();
         assert!(msg.contains("shardz"), "{msg}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn short_hs256_secret_is_refused_without_echoing_it() {
+        let short = "31-byte-secret-xxxxxxxxxxxxxxxx";
+        assert_eq!(short.len(), 31);
+        let msg = Config::load(None, &[flag("auth.hs256_secret", short)])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("auth.hs256_secret"), "{msg}");
+        assert!(msg.contains("at least 32 bytes"), "{msg}");
+        assert!(msg.contains("31"), "{msg}");
+        assert!(!msg.contains(short), "the secret leaked: {msg}");
+        // Multi-byte characters count as their UTF-8 bytes, which are the key.
+        let eleven_chars = "ééééééééééé";
+        assert!(Config::load(None, &[flag("auth.hs256_secret", eleven_chars)]).is_err());
+        let c = Config::load(None, &[flag("auth.hs256_secret", &format!("{short}y"))]).unwrap();
+        assert_eq!(c.auth.hs256_secret.len(), 32);
+        assert!(
+            Config::load(None, &[flag("auth.hs256_secret", "")]).is_ok(),
+            "empty turns HS256 off"
+        );
     }
 
     #[test]

@@ -138,6 +138,9 @@ fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
         let retention = Retention {
             size: config.history.size as usize,
             ttl: secs(config.history.ttl_secs),
+            // Each shard owns a share of the channels: it gets the same
+            // share of the bound.
+            max_bytes: (config.history.max_mib as usize) * (1 << 20) / shards,
         };
         let buses = LocalBus::cluster(shards, retention)
             .into_iter()

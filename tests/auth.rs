@@ -10,7 +10,7 @@ use serde_json::json;
 use shardcast::auth::jwt::mint;
 use shardcast::protocol::wire::{ErrorCode, ServerMessage};
 
-const SECRET: &[u8] = b"test-secret-please-rotate";
+const SECRET: &[u8] = b"auth-test-secret-of-at-least-32-bytes";
 
 fn ed_key() -> ed25519_dalek::SigningKey {
     ed25519_dalek::SigningKey::from_bytes(&[42u8; 32])

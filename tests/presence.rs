@@ -12,7 +12,7 @@ use serde_json::json;
 use shardcast::auth::jwt::mint;
 use shardcast::protocol::wire::{ErrorCode, ServerMessage};
 
-const SECRET: &str = "presence-test-secret";
+const SECRET: &str = "presence-test-secret-of-at-least-32-bytes";
 const ROOM: &str = "presence-room";
 
 fn server() -> Server {

@@ -182,3 +182,71 @@ async fn a_position_ahead_of_the_shard_waits_for_it() {
     let (_, _, offset, _) = d.publication().await;
     assert_eq!(offset, last.offset);
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// `history.max_mib` bounds what all channels' history holds together:
+/// publishing 64 MB across 200 channels under a 16 MiB bound keeps the
+/// server near the bound, and recovery from a dropped position answers
+/// `recovered = false`, never a silent gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_history_is_bounded_over_all_channels() {
+    let s = Server::start(&[
+        "--history-max-mib",
+        "16",
+        "--limits-messages-per-second",
+        "100000",
+        "--limits-message-burst",
+        "100000",
+    ]);
+    let before = rss_kib(s.pid());
+    let mut publishers = Vec::new();
+    for _ in 0..4 {
+        publishers.push(Client::connect(s.addr).await);
+    }
+    let payload = vec![b'h'; 16 << 10];
+    let mut first = None;
+    for round in 0..20 {
+        for (k, p) in publishers.iter_mut().enumerate() {
+            let mut ids = Vec::new();
+            for ch in 0..50 {
+                let channel = format!("bounded-{}", k * 50 + ch);
+                ids.push(p.publish_nowait(&channel, &payload).await);
+            }
+            for id in ids {
+                match p.reply(id).await {
+                    ServerMessage::PublishAck { position, .. } => {
+                        if round == 0 && k == 0 {
+                            first.get_or_insert(position);
+                        }
+                    }
+                    other => panic!("expected PublishAck, got {other:?}"),
+                }
+            }
+        }
+    }
+    // 4,000 × 16 KiB = 64 MB published; the bound is 16 MiB.
+    let grown = rss_kib(s.pid()).saturating_sub(before);
+    assert!(
+        grown < 40 << 10,
+        "server RSS grew {grown} KiB holding history under a 16 MiB bound"
+    );
+    // The first channel's first publication was among the oldest: gone.
+    let first = first.unwrap();
+    let mut c = Client::connect(s.addr).await;
+    let (at, recovered) = c
+        .subscribe_from(
+            "bounded-0",
+            Some(Position {
+                epoch: first.epoch,
+                offset: first.offset - 1,
+            }),
+        )
+        .await;
+    assert!(!recovered, "recovered from an evicted position");
+    assert_eq!(at.offset, first.offset + 19);
+}

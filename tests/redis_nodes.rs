@@ -19,7 +19,7 @@ use serde_json::json;
 use shardcast::auth::jwt::mint;
 use shardcast::protocol::wire::{ErrorCode, Position, ServerMessage};
 
-const SECRET: &str = "redis-nodes-test-secret";
+const SECRET: &str = "redis-nodes-test-secret-of-32-bytes+";
 
 /// A shardcast node on `redis`, with the publish rate limit lifted.
 fn node(redis: &RedisServer, extra: &[&str]) -> Server {

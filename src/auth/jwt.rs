@@ -3,7 +3,9 @@
 //! Only compact JWS tokens with `HS256` or `EdDSA` (Ed25519) are accepted,
 //! and only for algorithms that have a configured key: the token's `alg`
 //! header selects among *configured* keys and can never switch verification
-//! off (`none`) or turn a public key into an HMAC secret.
+//! off (`none`) or turn a public key into an HMAC secret. A token whose
+//! header has `crit` is refused: no JWS extension is implemented
+//! (RFC 7515 §4.1.11). HS256 secrets are at least 32 bytes (RFC 7518 §3.2).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -20,6 +22,10 @@ pub enum TokenError {
     BadEncoding,
     #[error("token algorithm {0:?} is not accepted by this server")]
     AlgorithmNotAllowed(String),
+    /// The JOSE header has a `crit` parameter: the token depends on JWS
+    /// extensions, and this server implements none (RFC 7515 §4.1.11).
+    #[error("token header marks extensions critical (crit); none are supported")]
+    CriticalExtension,
     #[error("token signature does not verify")]
     BadSignature,
     #[error("token has expired")]
@@ -70,19 +76,43 @@ pub enum Audience {
     Many(Vec<String>),
 }
 
+/// The JOSE header fields shardcast looks at (RFC 7515 §4.1); others are
+/// ignored, as §4 allows, unless `crit` says they must be understood.
 #[derive(Deserialize)]
 struct Header {
     alg: String,
+    /// Whether the header has a `crit` parameter, whatever its value.
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
 }
+
+/// `true` for any value (`null` included): a field deserialized with this
+/// (and `#[serde(default)]`) tells "present" from "absent".
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
+/// The shortest HS256 secret accepted, in bytes: RFC 7518 §3.2 requires a
+/// key at least as long as the hash output (256 bits).
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
 /// Errors in the key configuration, reported at start.
 #[derive(Debug, Error)]
 pub enum KeyError {
     #[error("auth.ed25519_public_key: {0}")]
     Ed25519(String),
+    /// The HS256 secret's length in bytes (never its value).
+    #[error("auth.hs256_secret: is {0} bytes; an HS256 key must be at least {MIN_HS256_SECRET_BYTES} bytes (RFC 7518 §3.2)")]
+    Hs256TooShort(usize),
 }
 
 impl Verifier {
+    /// Empty `hs256_secret` / `ed25519_public_key` turn that algorithm off;
+    /// empty `issuer` / `audience` skip that check.
+    ///
+    /// Errors: [`KeyError::Hs256TooShort`] for a non-empty HS256 secret
+    /// under [`MIN_HS256_SECRET_BYTES`], [`KeyError::Ed25519`] for a key
+    /// that does not parse.
     pub fn new(
         hs256_secret: &str,
         ed25519_public_key: &str,
@@ -90,6 +120,9 @@ impl Verifier {
         audience: &str,
         leeway_secs: u32,
     ) -> Result<Self, KeyError> {
+        if !hs256_secret.is_empty() && hs256_secret.len() < MIN_HS256_SECRET_BYTES {
+            return Err(KeyError::Hs256TooShort(hs256_secret.len()));
+        }
         let ed25519 = if ed25519_public_key.trim().is_empty() {
             None
         } else {
@@ -119,6 +152,13 @@ impl Verifier {
             return Err(TokenError::Malformed);
         };
         let header: Header = decode_json(h)?;
+        // RFC 7515 §4.1.11: a recipient that does not understand every
+        // extension listed in `crit` must reject the JWS. We understand
+        // none, so any `crit` (even an empty or malformed one, itself
+        // invalid) is refused, before the signature is looked at.
+        if header.crit {
+            return Err(TokenError::CriticalExtension);
+        }
         let signature = URL_SAFE_NO_PAD
             .decode(s)
             .map_err(|_| TokenError::BadEncoding)?;
@@ -230,7 +270,22 @@ pub mod mint {
     }
 
     pub fn hs256(secret: &[u8], claims: &serde_json::Value) -> String {
-        let signed = encode(r#"{"alg":"HS256","typ":"JWT"}"#, claims);
+        hs256_raw(
+            secret,
+            br#"{"alg":"HS256","typ":"JWT"}"#,
+            claims.to_string().as_bytes(),
+        )
+    }
+
+    /// An HS256 signature over whatever `header` and `claims` bytes are
+    /// given (base64url-encoded here), valid JSON or not: for tests and
+    /// fuzzing of the header and claims checks behind the signature.
+    pub fn hs256_raw(secret: &[u8], header: &[u8], claims: &[u8]) -> String {
+        let signed = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header),
+            URL_SAFE_NO_PAD.encode(claims)
+        );
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any key length");
         mac.update(signed.as_bytes());
         let sig = mac.finalize().into_bytes();
@@ -257,6 +312,8 @@ mod tests {
     use serde_json::json;
 
     const NOW: u64 = 1_800_000_000;
+    /// 41 bytes: HS256 keys must have at least 32 (RFC 7518 §3.2).
+    const SECRET: &str = "jwt-unit-test-secret-of-at-least-32-bytes";
 
     fn signing_key() -> ed25519_dalek::SigningKey {
         ed25519_dalek::SigningKey::from_bytes(&[7u8; 32])
@@ -264,7 +321,7 @@ mod tests {
 
     fn verifier() -> Verifier {
         let public = STANDARD.encode(signing_key().verifying_key().to_bytes());
-        Verifier::new("s3cret", &public, "", "", 5).unwrap()
+        Verifier::new(SECRET, &public, "", "", 5).unwrap()
     }
 
     #[test]
@@ -272,7 +329,7 @@ mod tests {
         let v = verifier();
         let c = json!({"sub": "u1", "exp": NOW + 60});
         assert_eq!(
-            v.verify(&mint::hs256(b"s3cret", &c), NOW)
+            v.verify(&mint::hs256(SECRET.as_bytes(), &c), NOW)
                 .unwrap()
                 .sub
                 .as_deref(),
@@ -295,7 +352,7 @@ mod tests {
             v.verify(&mint::none(&c), NOW),
             Err(TokenError::AlgorithmNotAllowed(_))
         ));
-        let hs_only = Verifier::new("s3cret", "", "", "", 5).unwrap();
+        let hs_only = Verifier::new(SECRET, "", "", "", 5).unwrap();
         assert!(matches!(
             hs_only.verify(&mint::eddsa(&signing_key(), &c), NOW),
             Err(TokenError::AlgorithmNotAllowed(_))
@@ -309,7 +366,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            ed_only.verify(&mint::hs256(b"s3cret", &c), NOW),
+            ed_only.verify(&mint::hs256(SECRET.as_bytes(), &c), NOW),
             Err(TokenError::AlgorithmNotAllowed(_))
         ));
     }
@@ -317,8 +374,8 @@ mod tests {
     #[test]
     fn refuses_tampered_and_wrongly_signed_tokens() {
         let v = verifier();
-        let good = mint::hs256(b"s3cret", &json!({"sub": "u1"}));
-        let other = mint::hs256(b"s3cret", &json!({"sub": "admin"}));
+        let good = mint::hs256(SECRET.as_bytes(), &json!({"sub": "u1"}));
+        let other = mint::hs256(SECRET.as_bytes(), &json!({"sub": "admin"}));
         // Claims of one token with the signature of another.
         let (h, rest) = good.split_once('.').unwrap();
         let sig = rest.split_once('.').unwrap().1;
@@ -333,10 +390,53 @@ mod tests {
         assert_eq!(v.verify("!!.!!.!!", NOW), Err(TokenError::BadEncoding));
     }
 
+    /// A token signed with the test HS256 secret whose JOSE header is
+    /// `header` (JSON text).
+    fn hs256_with_header(header: &str, claims: &serde_json::Value) -> String {
+        mint::hs256_raw(
+            SECRET.as_bytes(),
+            header.as_bytes(),
+            claims.to_string().as_bytes(),
+        )
+    }
+
+    #[test]
+    fn refuses_any_critical_extension() {
+        let v = verifier();
+        let c = json!({"sub": "u1"});
+        assert!(
+            v.verify(&hs256_with_header(r#"{"alg":"HS256"}"#, &c), NOW)
+                .is_ok(),
+            "the helper signs correctly"
+        );
+        for header in [
+            r#"{"alg":"HS256","crit":["exp"],"exp":1}"#,
+            r#"{"alg":"HS256","b64":false,"crit":["b64"]}"#,
+            r#"{"alg":"HS256","crit":[]}"#,
+            r#"{"alg":"HS256","crit":"b64"}"#,
+            r#"{"alg":"HS256","crit":null}"#,
+            r#"{"crit":["x"],"alg":"HS256"}"#,
+        ] {
+            assert_eq!(
+                v.verify(&hs256_with_header(header, &c), NOW),
+                Err(TokenError::CriticalExtension),
+                "{header}"
+            );
+        }
+        let eddsa = mint::eddsa(&signing_key(), &c);
+        let (_, rest) = eddsa.split_once('.').unwrap();
+        let crit = URL_SAFE_NO_PAD.encode(r#"{"alg":"EdDSA","crit":["x"],"x":1}"#);
+        assert_eq!(
+            v.verify(&format!("{crit}.{rest}"), NOW),
+            Err(TokenError::CriticalExtension),
+            "refused before the signature is looked at"
+        );
+    }
+
     #[test]
     fn time_claims_with_leeway() {
         let v = verifier();
-        let t = |c| mint::hs256(b"s3cret", &c);
+        let t = |c| mint::hs256(SECRET.as_bytes(), &c);
         assert!(
             v.verify(&t(json!({"sub": "u", "exp": NOW - 3})), NOW)
                 .is_ok(),
@@ -354,8 +454,8 @@ mod tests {
 
     #[test]
     fn issuer_audience_and_subject() {
-        let v = Verifier::new("k", "", "https://app", "shardcast", 0).unwrap();
-        let t = |c| mint::hs256(b"k", &c);
+        let v = Verifier::new(SECRET, "", "https://app", "shardcast", 0).unwrap();
+        let t = |c| mint::hs256(SECRET.as_bytes(), &c);
         assert!(v
             .verify(
                 &t(json!({"sub": "u", "iss": "https://app", "aud": ["x", "shardcast"]})),
@@ -380,6 +480,22 @@ mod tests {
             v.verify(&t(json!({"iss": "https://app", "aud": "shardcast"})), NOW),
             Err(TokenError::NoSubject)
         );
+    }
+
+    #[test]
+    fn short_hs256_secrets_are_refused() {
+        let short = &SECRET[..MIN_HS256_SECRET_BYTES - 1];
+        assert!(matches!(
+            Verifier::new(short, "", "", "", 5),
+            Err(KeyError::Hs256TooShort(31))
+        ));
+        let msg = Verifier::new(short, "", "", "", 5)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(!msg.contains(short), "the secret leaked: {msg}");
+        assert!(Verifier::new(&SECRET[..MIN_HS256_SECRET_BYTES], "", "", "", 5).is_ok());
+        assert!(!Verifier::new("", "", "", "", 5).unwrap().has_keys());
     }
 
     #[test]

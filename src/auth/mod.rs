@@ -141,7 +141,7 @@ mod tests {
         Auth::from_config(&AuthConfig {
             anonymous,
             anonymous_publish,
-            hs256_secret: "k".into(),
+            hs256_secret: "auth-unit-test-secret-of-32-bytes".into(),
             ..AuthConfig::default()
         })
         .unwrap()

@@ -119,6 +119,31 @@ pub struct Retention {
     /// A channel nobody subscribes to is forgotten this long after its last
     /// publication.
     pub ttl: Duration,
+    /// Bytes of history this shard keeps over all the channels it owns
+    /// (payloads plus [`ENTRY_OVERHEAD`] each); over it the oldest
+    /// publications, whatever their channel, are dropped first.
+    pub max_bytes: usize,
+}
+
+/// What one retained publication costs besides its payload: the
+/// `Publication` in its channel's history and its slot in the shard's
+/// eviction order (measured sizes, rounded up).
+pub const ENTRY_OVERHEAD: usize = 96;
+
+/// The shard's retained history in the order it was stored, for evicting
+/// the oldest publications first across channels. Entries whose
+/// publication already left its channel's history (trimmed to
+/// `Retention::size`, channel forgotten) are skipped when reached, and
+/// compacted away once they outnumber the live ones.
+#[derive(Default)]
+struct Retained {
+    bytes: usize,
+    live: usize,
+    order: VecDeque<(Arc<str>, u64, u64)>,
+}
+
+fn cost(p: &Publication) -> usize {
+    p.payload.len() + ENTRY_OVERHEAD
 }
 
 /// Sequencer state for a channel this shard owns.
@@ -193,6 +218,7 @@ pub struct LocalBus {
     epoch_seed: u64,
     epoch_counter: u64,
     retention: Retention,
+    retained: Retained,
     last_expiry: Instant,
 }
 
@@ -221,6 +247,7 @@ impl LocalBus {
                 epoch_seed: seed ^ ((i as u64) << 48),
                 epoch_counter: 0,
                 retention,
+                retained: Retained::default(),
                 last_expiry: Instant::now(),
             })
             .collect()
@@ -513,9 +540,19 @@ impl LocalBus {
         }
         let keep = self.retention.size;
         if keep > 0 {
-            ch.history.extend(ch.pending.iter().cloned());
+            for p in &ch.pending {
+                ch.history.push_back(p.clone());
+                self.retained.bytes += cost(p);
+                self.retained.live += 1;
+                self.retained
+                    .order
+                    .push_back((channel.clone(), ch.epoch, p.offset));
+            }
             while ch.history.len() > keep {
-                ch.history.pop_front();
+                if let Some(p) = ch.history.pop_front() {
+                    self.retained.bytes -= cost(&p);
+                    self.retained.live -= 1;
+                }
             }
         }
         let items: Arc<[Publication]> = ch.pending.drain(..).collect();
@@ -532,6 +569,44 @@ impl LocalBus {
                 out,
             );
         }
+        self.evict_over_budget();
+    }
+
+    /// Drops the oldest retained publications, across channels, until the
+    /// shard is within `Retention::max_bytes`. A channel keeps its epoch and
+    /// offsets: recovery from a dropped position answers `Lost` (the next
+    /// publication is gone), never a silent gap.
+    fn evict_over_budget(&mut self) {
+        let r = &mut self.retained;
+        while r.bytes > self.retention.max_bytes {
+            let Some((channel, epoch, offset)) = r.order.pop_front() else {
+                break;
+            };
+            let Some(ch) = self.owned.get_mut(&channel) else {
+                continue;
+            };
+            if ch.epoch != epoch || ch.history.front().map(|p| p.offset) != Some(offset) {
+                continue; // already gone
+            }
+            if let Some(p) = ch.history.pop_front() {
+                r.bytes -= cost(&p);
+                r.live -= 1;
+            }
+        }
+        if r.order.len() > 1024 && r.order.len() > 2 * r.live {
+            let owned = &self.owned;
+            r.order.retain(|(channel, epoch, offset)| {
+                owned.get(channel).is_some_and(|ch| {
+                    ch.epoch == *epoch && ch.history.front().is_some_and(|f| f.offset <= *offset)
+                })
+            });
+        }
+    }
+
+    /// Accounts for a channel's history leaving with the channel.
+    fn forget(retained: &mut Retained, ch: &Owned) {
+        retained.bytes -= ch.history.iter().map(cost).sum::<usize>();
+        retained.live -= ch.history.len();
     }
 
     /// A channel nobody listens to and without history worth keeping needs
@@ -540,7 +615,9 @@ impl LocalBus {
     fn retire_if_unused(&mut self, channel: &Arc<str>) {
         let ttl = self.retention.ttl;
         if self.owned.get(channel).is_some_and(|ch| !ch.in_use(ttl)) {
-            self.owned.remove(channel);
+            if let Some(ch) = self.owned.remove(channel) {
+                Self::forget(&mut self.retained, &ch);
+            }
         }
     }
 
@@ -552,11 +629,16 @@ impl LocalBus {
         }
         self.last_expiry = Instant::now();
         let ttl = self.retention.ttl;
+        let retained = &mut self.retained;
         self.owned.retain(|_, ch| {
-            !ch.interested.is_empty()
+            let keep = !ch.interested.is_empty()
                 || !ch.pending.is_empty()
                 || !ch.members.is_empty()
-                || ch.last_publish.elapsed() < ttl
+                || ch.last_publish.elapsed() < ttl;
+            if !keep {
+                Self::forget(retained, ch);
+            }
+            keep
         });
     }
 }
@@ -727,6 +809,7 @@ mod tests {
     const NO_HISTORY: Retention = Retention {
         size: 0,
         ttl: Duration::from_secs(60),
+        max_bytes: usize::MAX,
     };
 
     fn history_of(events: &[BusEvent]) -> Vec<&History> {
@@ -744,6 +827,7 @@ mod tests {
         let retention = Retention {
             size: 5,
             ttl: Duration::from_secs(60),
+            max_bytes: usize::MAX,
         };
         let mut buses = LocalBus::cluster(2, retention);
         for i in 0..8u32 {
@@ -785,6 +869,64 @@ mod tests {
         assert!(matches!(answers[1], History::Items { items, .. } if items.is_empty()));
         assert!(matches!(answers[2], History::Lost { current } if current.offset == 8));
         assert!(matches!(answers[3], History::Lost { .. }));
+    }
+
+    /// `history.max_mib`: over the shard's byte bound the oldest
+    /// publications go first, whatever their channel; recovery from a
+    /// dropped one says `Lost`, never a silent gap.
+    #[test]
+    fn retained_history_is_bounded_in_bytes_oldest_first() {
+        let one = 100 + ENTRY_OVERHEAD;
+        let retention = Retention {
+            size: 1000,
+            ttl: Duration::from_secs(60),
+            max_bytes: 10 * one,
+        };
+        let mut buses = LocalBus::cluster(1, retention);
+        let mut positions = HashMap::new();
+        for (ch, n) in [("old", 5u32), ("new", 8), ("old", 2)] {
+            for i in 0..n {
+                buses[0].publish(ch, Bytes::from(vec![i as u8; 100]), None, reply(i), 0);
+                for e in settle(&mut buses).remove(0) {
+                    if let BusEvent::Published {
+                        channel,
+                        result: Ok(p),
+                        ..
+                    } = e
+                    {
+                        positions
+                            .entry(channel.to_string())
+                            .or_insert_with(Vec::new)
+                            .push(p);
+                    }
+                }
+            }
+        }
+        // 15 stored, 10 fit: the first five (all of "old"'s first batch)
+        // went, "new" and the two newer of "old" stayed.
+        assert_eq!(buses[0].retained.bytes, 10 * one);
+        assert_eq!(buses[0].retained.live, 10);
+        let old = &positions["old"];
+        let new = &positions["new"];
+        buses[0].history("old", old[0], 1); // wants 2..: 2..=5 were dropped
+        buses[0].history("old", old[4], 2); // wants 6..=7: kept
+        buses[0].history(
+            "new",
+            Position {
+                epoch: new[0].epoch,
+                offset: 0,
+            },
+            3,
+        );
+        let ev = settle(&mut buses);
+        let answers = history_of(&ev[0]);
+        assert!(matches!(answers[0], History::Lost { current } if current.offset == 7));
+        let offsets = |h: &History| match h {
+            History::Items { items, .. } => items.iter().map(|p| p.offset).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(offsets(answers[1]), vec![6, 7]);
+        assert_eq!(offsets(answers[2]), (1..=8).collect::<Vec<_>>());
     }
 
     fn reply(request: u32) -> ReplyTo {

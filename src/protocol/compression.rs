@@ -195,11 +195,25 @@ impl Decompressor {
         match ctx.decompress_to_buffer(body, &mut self.out) {
             Ok(n) if n > self.max_output => Err(CompressionError::TooLarge(self.max_output)),
             Ok(_) => Ok(&self.out),
-            Err(e) if e.to_string().contains("too small") => {
-                Err(CompressionError::TooLarge(self.max_output))
-            }
-            Err(e) => Err(CompressionError::Corrupt(e.to_string())),
+            Err(e) => Err(decompress_error(&e, self.max_output)),
         }
+    }
+}
+
+/// What a failed one-shot decompression into a buffer of `max_output + 1`
+/// bytes means, decided by zstd's error code (the `zstd::Error` the crate
+/// wraps in its `io::Error`), never by the wording of its message:
+/// `ZSTD_error_dstSize_tooSmall` (the buffer filled up) is content over the
+/// cap; any other error is the client's bad frame, described by zstd's
+/// error name.
+fn decompress_error(e: &io::Error, max_output: usize) -> CompressionError {
+    use zstd::zstd_safe::zstd_sys::ZSTD_ErrorCode;
+    let code = e.get_ref().and_then(|e| e.downcast_ref::<zstd::Error>());
+    match code {
+        Some(z) if z.is(ZSTD_ErrorCode::ZSTD_error_dstSize_tooSmall) => {
+            CompressionError::TooLarge(max_output)
+        }
+        _ => CompressionError::Corrupt(e.to_string()),
     }
 }
 
@@ -286,6 +300,42 @@ mod tests {
         assert_eq!(
             no_dict.open(&z),
             Err(CompressionError::UnknownDictionary(7))
+        );
+    }
+
+    #[test]
+    fn decompression_errors_are_classified_by_zstd_error_code() {
+        use zstd::zstd_safe::zstd_sys::ZSTD_ErrorCode;
+        let zstd_error = |e: &io::Error| {
+            *e.get_ref()
+                .and_then(|e| e.downcast_ref::<zstd::Error>())
+                .expect("the zstd crate wraps its errors")
+        };
+        let frame = zstd::bulk::compress(&[7u8; 100], 1).unwrap();
+
+        // A real "output buffer full" from zstd: over the cap.
+        let mut small = Vec::with_capacity(10);
+        let full = zstd::bulk::decompress_to_buffer(&frame, &mut small).unwrap_err();
+        assert!(zstd_error(&full).is(ZSTD_ErrorCode::ZSTD_error_dstSize_tooSmall));
+        assert_eq!(decompress_error(&full, 10), CompressionError::TooLarge(10));
+
+        // A real bad frame (wrong magic number): rejected, with zstd's
+        // description.
+        let mut bad = frame.clone();
+        bad[0] ^= 0xff;
+        let mut out = Vec::with_capacity(1000);
+        let corrupt = zstd::bulk::decompress_to_buffer(&bad, &mut out).unwrap_err();
+        assert!(zstd_error(&corrupt).is(ZSTD_ErrorCode::ZSTD_error_prefix_unknown));
+        assert!(matches!(
+            decompress_error(&corrupt, 1000),
+            CompressionError::Corrupt(m) if m == corrupt.to_string()
+        ));
+
+        // The words in a message decide nothing: only zstd's code does.
+        let lookalike = io::Error::other("Destination buffer is too small");
+        assert_eq!(
+            decompress_error(&lookalike, 10),
+            CompressionError::Corrupt("Destination buffer is too small".into())
         );
     }
 
