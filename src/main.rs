@@ -348,14 +348,14 @@ fn serve(config: Config) -> Result<(), String> {
     let shards = config.shard_count();
     let (buses, bus_kind, bus_metrics) = build_buses(&config, shards)?;
     let dictionary = load_dictionary(&config)?;
-    let server = shardcast::shard::start(&config, buses, dictionary.clone(), inherited)
+    let server = shardcast::shard::start(&config, buses, dictionary, inherited)
         .map_err(|e| e.to_string())?;
     if let Some(c) = bus_metrics {
         server.registry.add_collector(c);
     }
     let admin = match config.admin_addr().map_err(|e| e.to_string())? {
         Some(addr) => Some(
-            shardcast::api::admin::spawn(addr, server.registry.clone(), dictionary)
+            shardcast::api::admin::spawn(addr, server.registry.clone())
                 .map_err(|e| format!("cannot listen on admin.listen {addr}: {e}"))?,
         ),
         None => None,

@@ -119,3 +119,40 @@ async fn health_readiness_and_metrics_match_activity() {
     assert_eq!(inf, 5.0);
     assert_eq!(total(&m, "shardcast_ready"), 1.0);
 }
+
+/// One slow or stalled client cannot hold up the admin endpoint: requests
+/// are served concurrently, and every connection has a total deadline
+/// (`REQUEST_DEADLINE`, 5 s) after which it is closed.
+#[test]
+fn a_stalled_admin_client_holds_up_nobody_and_is_cut_at_the_deadline() {
+    use std::io::{Read, Write};
+    let s = Server::start(&[]);
+    let admin = s.admin.unwrap();
+    // Half a request head, then nothing; and a connection that sends
+    // nothing at all.
+    let mut half = std::net::TcpStream::connect(admin).unwrap();
+    half.write_all(b"GET /metrics HTTP/1.1\r\nHo").unwrap();
+    let silent = std::net::TcpStream::connect(admin).unwrap();
+    let opened = Instant::now();
+    for path in ["/healthz", "/metrics", "/readyz"] {
+        let asked = Instant::now();
+        let (status, _) = http_get(admin, path);
+        assert!(status == 200 || status == 503, "{path}: {status}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "{path} waited {:?} behind a stalled client",
+            asked.elapsed()
+        );
+    }
+    for mut c in [half, silent] {
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 512];
+        // The server closes it (maybe after a 408-style error): read to EOF.
+        while c.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+        let took = opened.elapsed();
+        assert!(
+            took >= Duration::from_secs(4) && took < Duration::from_secs(8),
+            "a stalled admin connection was closed after {took:?}; the deadline is 5 s"
+        );
+    }
+}

@@ -90,11 +90,18 @@ async fn dictionary_compressed_single_message_round_trips() {
         "--compression-dictionary-id",
         "9",
     ]);
-    // Clients fetch the dictionary from the admin port.
-    let (status, dict) = http_get_bytes(s.admin.unwrap(), "/dictionaries/9");
+    // Clients fetch the dictionary where they connect (the admin port is
+    // private).
+    let (status, dict) = http_get_bytes(s.addr, "/dictionaries/9");
     assert_eq!(status, 200);
     assert_eq!(dict, std::fs::read(&dict_path).unwrap());
-    assert_eq!(http_get_bytes(s.admin.unwrap(), "/dictionaries/8").0, 404);
+    assert_eq!(http_get_bytes(s.addr, "/dictionaries/8").0, 404);
+    assert_eq!(
+        http_get_bytes(s.addr, "/ws").0,
+        426,
+        "the WebSocket endpoint wants an upgrade"
+    );
+    assert_eq!(http_get_bytes(s.admin.unwrap(), "/dictionaries/9").0, 404);
 
     let zstd = Zstd {
         dictionary: Some((9, dict)),

@@ -1,78 +1,105 @@
 //! The admin endpoint: `/healthz`, `/readyz` and `/metrics` on a separate,
 //! by default loopback-only, port.
 //!
-//! It runs on its own plain thread with blocking sockets: scrapes are rare
-//! and tiny, and keeping them off the shards means a slow scraper can never
-//! delay a delivery.
+//! It runs on its own thread (a tokio current-thread runtime serving HTTP/1.1
+//! with hyper), off the shards: a slow scraper can never delay a delivery.
+//! Connections are served concurrently (at most [`MAX_CONNECTIONS`] at once)
+//! and each gets [`REQUEST_DEADLINE`] in all, head, handler and response
+//! together, so one slow or stalled client cannot hold up `/healthz` or
+//! `/metrics` for anyone else. zstd dictionaries are not served here (this
+//! port is private): clients fetch them from the main listener.
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::metrics::{self, Registry};
-use crate::protocol::compression::Dictionary;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::sync::Semaphore;
 
-/// Largest request head read from a scraper.
+use crate::metrics::{self, Registry};
+
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Total time one connection may take, from accept to the last byte of
+/// its response.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Largest request head read from a client (hyper's buffer limit), bytes.
 const MAX_HEAD: usize = 8192;
 
 /// Binds the endpoint and serves it on a background thread.
-pub fn spawn(
-    addr: SocketAddr,
-    registry: Arc<Registry>,
-    dictionary: Option<Dictionary>,
-) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
+pub fn spawn(addr: SocketAddr, registry: Arc<Registry>) -> io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
     std::thread::Builder::new()
         .name("admin".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(s) => {
-                        if let Err(e) = serve(s, &registry, dictionary.as_ref()) {
-                            tracing::debug!(error = %e, "admin request failed");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                }
-            }
-        })?;
+        .spawn(move || runtime.block_on(serve(listener, registry)))?;
     Ok(local)
 }
 
-fn serve(mut s: TcpStream, registry: &Registry, dictionary: Option<&Dictionary>) -> io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
+async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "admin endpoint cannot start");
+            return;
         }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_HEAD {
-            return respond(&mut s, 431, "text/plain", "request head too large\n");
-        }
+    };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        // Wait for a free slot before accepting: the backlog holds the rest.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let registry = registry.clone();
+                async move { Ok::<_, Infallible>(route(&req, &registry)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .max_buf_size(MAX_HEAD)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(REQUEST_DEADLINE, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "admin request failed"),
+                Err(_) => tracing::debug!("admin request over its deadline; closed"),
+            }
+            drop(slot);
+        });
     }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut words = line.split(' ');
-    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    if method != "GET" {
-        return respond(&mut s, 405, "text/plain", "only GET is supported\n");
+}
+
+/// Answers one request. The query string is ignored (and never logged).
+fn route(req: &Request<Incoming>, registry: &Registry) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
     }
-    // The query string is ignored (and never logged).
-    let path = target.split('?').next().unwrap_or("");
-    match path {
-        "/healthz" => respond(&mut s, 200, "text/plain", "ok\n"),
-        "/readyz" if registry.is_ready() => respond(&mut s, 200, "text/plain", "ready\n"),
-        "/readyz" if registry.is_draining() => respond(&mut s, 503, "text/plain", "draining\n"),
-        "/readyz" => respond(&mut s, 503, "text/plain", "starting\n"),
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if registry.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" if registry.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
         "/metrics" => {
             let body = metrics::render(
                 &registry.snapshot(),
@@ -80,49 +107,25 @@ fn serve(mut s: TcpStream, registry: &Registry, dictionary: Option<&Dictionary>)
                 registry.is_draining(),
                 &registry.collected(),
             );
-            respond(&mut s, 200, "text/plain; version=0.0.4", &body)
+            response(StatusCode::OK, "text/plain; version=0.0.4", body)
         }
-        p if p.starts_with("/dictionaries/") => {
-            let id = p["/dictionaries/".len()..].parse::<u32>().ok();
-            match dictionary {
-                Some(d) if Some(d.id) == id => {
-                    respond_bytes(&mut s, "application/octet-stream", &d.bytes)
-                }
-                _ => respond(&mut s, 404, "text/plain", "no such dictionary\n"),
-            }
-        }
-        _ => respond(
-            &mut s,
-            404,
-            "text/plain",
-            "not found: try /healthz, /readyz, /metrics or /dictionaries/<id>\n",
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz or /metrics\n",
         ),
     }
 }
 
-fn respond_bytes(s: &mut TcpStream, content_type: &str, body: &[u8]) -> io::Result<()> {
-    write!(
-        s,
-        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    s.write_all(body)?;
-    s.flush()
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    response(status, "text/plain", body.to_string())
 }
 
-fn respond(s: &mut TcpStream, status: u16, content_type: &str, body: &str) -> io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "",
-    };
-    write!(
-        s,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    s.flush()
+fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("close"));
+    r
 }

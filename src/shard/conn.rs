@@ -116,6 +116,11 @@ fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, byt
                     *input = Input::Draining;
                     return;
                 }
+                if !request.websocket {
+                    state.reject_upgrade(id, plain_get(&request, &shard.settings));
+                    *input = Input::Draining;
+                    return;
+                }
                 let checked = check_route(&request)
                     .and_then(|()| check_origin(&request, &shard.settings.allowed_origins));
                 if let Err((status, message)) = checked {
@@ -152,6 +157,39 @@ fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, byt
         }
         Input::Draining => {}
     }
+}
+
+/// Where zstd dictionaries are served on the main port (`/dictionaries/<id>`):
+/// clients fetch them where they connect, not from the private admin port.
+pub const DICTIONARY_PATH: &str = "/dictionaries/";
+
+/// The answer to a plain `GET` (no upgrade asked): a zstd dictionary, or
+/// 426 on the WebSocket endpoint, or 404.
+fn plain_get(request: &ws::Request, settings: &super::Settings) -> Vec<u8> {
+    if let Some(id) = request.path.strip_prefix(DICTIONARY_PATH) {
+        return match &settings.dictionary {
+            Some(d) if id.parse::<u32>().ok() == Some(d.id) => ws::ok_response(
+                "application/octet-stream",
+                // An id names one dictionary for good: a new one gets a new id.
+                &[("Cache-Control", "public, max-age=31536000, immutable")],
+                &d.bytes,
+            ),
+            _ => ws::error_response(404, &format!("no dictionary with id {id}")),
+        };
+    }
+    if request.path == NATIVE_PATH {
+        return ws::error_response(
+            426,
+            "this endpoint speaks WebSocket: send an upgrade request (RFC 6455)",
+        );
+    }
+    ws::error_response(
+        404,
+        &format!(
+            "no endpoint at {}; the WebSocket endpoint is {NATIVE_PATH}, dictionaries are at {DICTIONARY_PATH}<id>",
+            request.path
+        ),
+    )
 }
 
 fn check_route(request: &ws::Request) -> Result<(), (u16, String)> {

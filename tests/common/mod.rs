@@ -593,7 +593,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// A plain HTTP GET returning (status, body bytes).
 pub fn http_get_bytes(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(WAIT)).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut raw = Vec::new();

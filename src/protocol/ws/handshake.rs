@@ -56,9 +56,16 @@ impl Default for HandshakeLimits {
     }
 }
 
-/// A validated WebSocket upgrade request.
+/// A validated WebSocket upgrade request, or a plain `GET` (see
+/// [`Request::websocket`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
+    /// `false` for a plain HTTP `GET` that asks for no upgrade at all (none
+    /// of `Upgrade`, `Connection: upgrade`, `Sec-WebSocket-Key`,
+    /// `Sec-WebSocket-Version`): the caller may answer it as an HTTP
+    /// request; `key` and `subprotocols` are then empty. A request with any
+    /// of them is validated as an upgrade (RFC 6455 §4.2.1).
+    pub websocket: bool,
     /// The request-target path, without the query, exactly as sent (not percent-decoded).
     pub path: String,
     /// The part after `?`, if any, exactly as sent.
@@ -371,6 +378,21 @@ impl HandshakeParser {
         if !seen.host {
             return Err(HandshakeError::MissingHeader("Host"));
         }
+        let asks_upgrade = seen.upgrade_present
+            || seen.connection_upgrade
+            || seen.key.is_some()
+            || seen.version.is_some();
+        if !asks_upgrade {
+            return Ok(Request {
+                websocket: false,
+                path: seen.path,
+                query: seen.query,
+                key: String::new(),
+                subprotocols: Vec::new(),
+                origin: seen.origin,
+                leftover: Vec::new(),
+            });
+        }
         if !seen.upgrade_present {
             return Err(HandshakeError::MissingHeader("Upgrade"));
         }
@@ -393,6 +415,7 @@ impl HandshakeParser {
             return Err(HandshakeError::InvalidKey);
         }
         Ok(Request {
+            websocket: true,
             path: seen.path,
             query: seen.query,
             key,
@@ -471,6 +494,26 @@ pub fn accept_response(key: &str, subprotocol: Option<&str>) -> Vec<u8> {
 }
 
 /// A plain-text error response that closes the connection.
+/// A `200 OK` carrying `body` (`content_type`), closing the connection
+/// after it: the answer to a plain `GET` on the WebSocket port.
+pub fn ok_response(content_type: &str, extra_headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = String::with_capacity(160);
+    let _ = write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in extra_headers {
+        if !name.is_empty() && name.bytes().all(is_tchar) && value.bytes().all(is_field_vchar) {
+            let _ = write!(out, "{name}: {value}\r\n");
+        }
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
 pub fn error_response(status: u16, message: &str) -> Vec<u8> {
     error_response_with(status, message, &[])
 }
@@ -884,6 +927,32 @@ mod tests {
                 "{line:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_plain_get_is_not_an_upgrade_but_a_partial_upgrade_is_refused() {
+        let r = parse(b"GET /dictionaries/9?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!r.websocket);
+        assert_eq!(
+            (r.path.as_str(), r.query.as_deref()),
+            ("/dictionaries/9", Some("x=1"))
+        );
+        // Any upgrade header makes it an upgrade attempt, checked in full.
+        for h in [
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+            "Connection: Upgrade",
+        ] {
+            let bytes = format!("GET /ws HTTP/1.1\r\nHost: x\r\n{h}\r\n\r\n");
+            assert_eq!(
+                parse(bytes.as_bytes()),
+                Err(HandshakeError::MissingHeader("Upgrade")),
+                "{h}"
+            );
+        }
+        assert!(parse(&valid()).unwrap().unwrap().websocket);
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub use frame::{
     Message, OpCode, WsError,
 };
 pub use handshake::{
-    accept_key, accept_response, error_response, error_response_with, HandshakeError,
+    accept_key, accept_response, error_response, error_response_with, ok_response, HandshakeError,
     HandshakeLimits, HandshakeParser, Request,
 };
 pub use session::{Event, Session};
