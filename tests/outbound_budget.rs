@@ -192,6 +192,7 @@ async fn catch_up_is_produced_as_the_socket_drains() {
         grown = grown.max(rss_kib(s.pid()).saturating_sub(before));
         std::thread::sleep(Duration::from_millis(50));
     }
+    eprintln!("RSS grew {grown} KiB for {READERS} idle catch-ups");
     // Queued all at once, each would hold ~9.6 MB (96 MB in all); paced,
     // each holds the 64 KiB budget plus what the kernel buffers.
     assert!(

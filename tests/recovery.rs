@@ -231,6 +231,7 @@ async fn retained_history_is_bounded_over_all_channels() {
     }
     // 4,000 × 16 KiB = 64 MB published; the bound is 16 MiB.
     let grown = rss_kib(s.pid()).saturating_sub(before);
+    eprintln!("RSS grew {grown} KiB under a 16 MiB history bound");
     assert!(
         grown < 40 << 10,
         "server RSS grew {grown} KiB holding history under a 16 MiB bound"
