@@ -234,3 +234,43 @@ async fn queries_need_permission_a_subscription_and_a_presence_channel() {
     bob.subscribe(ROOM).await;
     assert_eq!(members(&mut bob).await, ["bob"]);
 }
+
+/// A member list larger than the asking connection's outbound budget is
+/// refused with `PayloadTooLarge`, never queued past the budget (README,
+/// "Memory per connection"); a smaller one is answered in full.
+#[tokio::test]
+async fn a_member_list_over_the_outbound_budget_is_refused() {
+    let s = Server::start(&[
+        "--auth-anonymous",
+        "false",
+        "--auth-hs256-secret",
+        SECRET,
+        "--fanout-outbound-budget-bytes",
+        "4096",
+    ]);
+    // 40 users with 150-byte ids: about 6 KB of member list.
+    let mut conns = Vec::new();
+    let mut users = Vec::new();
+    for i in 0..40 {
+        let user = format!("{i:03}{}", "u".repeat(147));
+        let mut c = try_connect(s.addr, Some(&token(&user, &[ROOM])))
+            .await
+            .unwrap();
+        c.subscribe(ROOM).await;
+        users.push(user);
+        conns.push(c);
+        if i == 19 {
+            // 20 users, about 3 KB: within the budget.
+            let asker = conns.last_mut().unwrap();
+            assert_eq!(members(asker).await, users);
+        }
+    }
+    let asker = conns.last_mut().unwrap();
+    assert_eq!(
+        query(asker, ROOM).await,
+        Err(ErrorCode::PayloadTooLarge.as_u16())
+    );
+    // The connection is fine afterwards.
+    let id = asker.request(|e, id| e.ping(id)).await;
+    assert!(matches!(asker.reply(id).await, ServerMessage::Pong));
+}

@@ -93,6 +93,18 @@ impl State {
                 let data =
                     self.encoder
                         .presence_members(request, &channel, users.iter().map(|u| &**u));
+                // One answer may not exceed the connection's outbound
+                // budget: a member list that large is refused, not queued
+                // (README, "Memory per connection").
+                let budget = self.settings.outbound_budget;
+                if data.len() > budget {
+                    let msg = format!(
+                        "the member list of {channel} is {} bytes ({} users), over this connection's outbound budget of {budget} bytes",
+                        data.len(),
+                        users.len()
+                    );
+                    return self.reply_error(id, request, ErrorCode::PayloadTooLarge, &msg);
+                }
                 let frame = binary_frame(zstd, data);
                 self.enqueue(id, frame);
             }
