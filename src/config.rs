@@ -201,6 +201,9 @@ pub struct RedisConfig {
     /// (sent every third of it): a dead node's members are removed within
     /// 4/3 of it.
     pub presence_ttl_ms: u32,
+    /// Replicas that must confirm a publish (Redis `WAIT`) before it is
+    /// acknowledged; 0 = acknowledged once the primary stored it.
+    pub wait_replicas: u32,
 }
 
 impl Default for RedisConfig {
@@ -213,6 +216,7 @@ impl Default for RedisConfig {
             ingest: true,
             ingest_claim_idle_secs: 30,
             presence_ttl_ms: 15_000,
+            wait_replicas: 0,
         }
     }
 }
@@ -564,6 +568,7 @@ impl Config {
             self.redis.presence_ttl_ms,
             300..=600_000,
         )?;
+        check("redis.wait_replicas", self.redis.wait_replicas, 0..=64)?;
         if !self.redis.url.is_empty() {
             // TLS (rediss://) is not built in: refuse it rather than fail
             // to connect later.

@@ -162,6 +162,7 @@ fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
         ingest_claim_idle: secs(config.redis.ingest_claim_idle_secs),
         max_payload_bytes: config.websocket.max_message_bytes as usize,
         presence_ttl: Duration::from_millis(u64::from(config.redis.presence_ttl_ms)),
+        wait_replicas: config.redis.wait_replicas,
     };
     let handles = RedisBus::cluster(&config.redis.url, shards, options)
         .map_err(|e| format!("redis.url {}: {e}", redact(&config.redis.url)))?;

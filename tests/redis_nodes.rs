@@ -1408,6 +1408,56 @@ async fn a_publish_redis_refuses_for_memory_fails_and_is_not_delivered() {
     assert!(more.is_err(), "a refused publish was delivered: {more:?}");
 }
 
+/// `redis.wait_replicas`: a publish is acknowledged only once that many
+/// replicas confirmed it; without them it fails with `Unavailable`, saying
+/// it may still be kept, and a retry with the same key after the replica
+/// caught up is acknowledged at the same position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_replicas_a_publish_is_acked_only_once_replicated() {
+    const CH: &str = "replicated";
+    let primary = RedisServer::start(false);
+    let a = node(&primary, &["--redis-wait-replicas", "1"]);
+    let mut publisher = Client::connect(a.addr).await;
+    // No replica yet: not confirmed within the command timeout.
+    let out = publish_within(&mut publisher, CH, b"one", Some("k1"), WAIT).await;
+    match &out {
+        Outcome::Error(code, message) => {
+            assert_eq!(*code, ErrorCode::Unavailable as u16);
+            assert!(message.contains("replicas"), "{message}");
+        }
+        other => panic!("acknowledged without a replica: {other:?}"),
+    }
+    // A replica joins; once it is in sync the retry is confirmed, stored once.
+    let replica = RedisServer::start(false);
+    let port = primary.port.to_string();
+    assert_eq!(
+        replica
+            .cli_checked(&["REPLICAOF", "127.0.0.1", &port])
+            .trim(),
+        "OK"
+    );
+    wait_until("the replica in sync", WAIT, || {
+        primary
+            .cli_checked(&["INFO", "replication"])
+            .lines()
+            .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
+    })
+    .await;
+    let retried = publish_within(&mut publisher, CH, b"one", Some("k1"), WAIT).await;
+    let Outcome::Ack(first) = retried else {
+        panic!("not acknowledged with a replica in sync: {retried:?}");
+    };
+    assert_eq!(
+        first.offset, 1,
+        "the first try was stored; the retry is that publish"
+    );
+    let second = publisher.publish(CH, b"two").await;
+    assert_eq!((second.epoch, second.offset), (first.epoch, 2));
+    // The replica has both.
+    let len = replica.cli_checked(&["XLEN", &format!("sc:{{{CH}}}:s")]);
+    assert_eq!(len.trim(), "2", "stream on the replica");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trimmed_or_expired_history_is_not_recovered() {
     let redis = RedisServer::start(false);

@@ -119,6 +119,9 @@ pub struct RedisOptions {
     /// been refreshed, and the sweep that finds it expired comes at most a
     /// third later), plus one Redis round trip.
     pub presence_ttl: Duration,
+    /// Replicas that must confirm a publish (Redis `WAIT`) before it is
+    /// acknowledged; 0 = none (acknowledged once the primary ran it).
+    pub wait_replicas: u32,
 }
 
 impl Default for RedisOptions {
@@ -133,6 +136,7 @@ impl Default for RedisOptions {
             ingest_claim_idle: Duration::from_secs(30),
             max_payload_bytes: 1 << 20,
             presence_ttl: Duration::from_secs(15),
+            wait_replicas: 0,
         }
     }
 }

@@ -122,20 +122,61 @@ pub(super) async fn sequencer(
         }
         if let Some(earliest) = earliest {
             let calls: Vec<Call> = live.iter().map(|j| job_call(&shared, &acked, j)).collect();
-            let results = match tokio::time::timeout_at(earliest, run_pipelined(&cmd, calls)).await
-            {
-                Ok(results) => results
-                    .into_iter()
-                    .map(|r| r.map_err(|e| e.to_string()))
-                    .collect(),
-                Err(_) => vec![Err(timed_out(timeout)); live.len()],
-            };
+            let mut results: Vec<Result<Value, String>> =
+                match tokio::time::timeout_at(earliest, run_pipelined(&cmd, calls)).await {
+                    Ok(results) => results
+                        .into_iter()
+                        .map(|r| r.map_err(|e| e.to_string()))
+                        .collect(),
+                    Err(_) => vec![Err(timed_out(timeout)); live.len()],
+                };
+            let replicas = shared.options.wait_replicas;
+            if replicas > 0 {
+                wait_for_replicas(&cmd, replicas, earliest, &live, &mut results).await;
+            }
             for (job, r) in live.drain(..).zip(results) {
                 answer(&shared, &mut acked, job, r, &mut out);
             }
         }
         if !out.is_empty() && events.send(out).is_err() {
             return;
+        }
+    }
+}
+
+/// `redis.wait_replicas`: the publishes of a pipeline are acknowledged
+/// only once `replicas` replicas confirm them (Redis `WAIT`, which covers
+/// every write sent before it on this connection), within the pipeline's
+/// deadline; otherwise each fails with a message saying it may still be
+/// stored. Costs one more round trip per pipeline plus the replication lag.
+async fn wait_for_replicas(
+    cmd: &Client,
+    replicas: u32,
+    deadline: Instant,
+    jobs: &[Job],
+    results: &mut [Result<Value, String>],
+) {
+    let stored = |(j, r): (&Job, &Result<Value, String>)| matches!(j, Job::Publish(_)) && r.is_ok();
+    if !jobs.iter().zip(results.iter()).any(stored) {
+        return;
+    }
+    let left_ms = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis()
+        .max(1) as i64;
+    let wait = cmd.wait::<i64>(i64::from(replicas), left_ms);
+    let confirmed = match tokio::time::timeout_at(deadline, wait).await {
+        Ok(Ok(n)) if n >= i64::from(replicas) => return,
+        Ok(Ok(n)) => n.to_string(),
+        Ok(Err(e)) => format!("none known ({e})"),
+        Err(_) => "none known (WAIT timed out)".to_string(),
+    };
+    let why = format!(
+        "stored on the Redis primary but confirmed by {confirmed} of the {replicas} replicas redis.wait_replicas asks for within redis.command_timeout_ms; it may still be kept: retry with the same idempotency_key"
+    );
+    for (j, r) in jobs.iter().zip(results.iter_mut()) {
+        if matches!(j, Job::Publish(_)) && r.is_ok() {
+            *r = Err(why.clone());
         }
     }
 }
