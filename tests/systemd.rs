@@ -54,20 +54,10 @@ impl NotifySocket {
 
     /// Every datagram received within `limit`.
     fn collect(&self, limit: Duration) -> Vec<String> {
-        let until = Instant::now() + limit;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return out;
-            }
-            self.sock.set_read_timeout(Some(left)).unwrap();
-            match self.sock.recv(&mut buf) {
-                Ok(n) => out.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
-                Err(_) => return out,
-            }
-        }
+        self.collect_timed(limit)
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect()
     }
 
     /// Every datagram received within `limit`, with when it arrived.
