@@ -183,3 +183,28 @@ async fn requests_before_connect_are_refused() {
         "{msgs:?}"
     );
 }
+
+/// A ping and a refused frame in one read: the pong owed for the ping must
+/// not follow the close frame, nor keep the shard flushing forever (it
+/// did: the pong could never be sent once closing, and the flush looped).
+#[tokio::test]
+async fn a_ping_then_a_refused_frame_closes_cleanly() {
+    let server = Server::start(&["--server-shards", "1"]);
+    for _ in 0..3 {
+        let mut c = RawClient::upgrade(server.addr);
+        let mut both =
+            shardcast::protocol::ws::encode_client_frame(OpCode::Ping, true, b"hi", [1, 2, 3, 4]);
+        both.extend(shardcast::protocol::ws::encode_client_frame(
+            OpCode::Text,
+            true,
+            b"text is refused on /ws",
+            [5, 6, 7, 8],
+        ));
+        c.write(&both);
+        let (code, reason) = c.expect_close();
+        assert_eq!(code, 1003, "{reason}");
+        // Nothing after the close frame: the server shuts the socket.
+        assert!(c.is_closed_by_peer());
+    }
+    assert_serving(server.addr).await;
+}

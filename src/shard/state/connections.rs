@@ -249,6 +249,8 @@ impl State {
         if let Some(conn) = self.conns.get_mut(id) {
             conn.phase = Phase::Closing { deadline };
             conn.shutdown_after_flush = true;
+            // Nothing may follow the close frame (RFC 6455 §5.5.1).
+            conn.pong = None;
         }
         self.detach(id);
         self.watched.push(id);

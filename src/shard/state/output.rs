@@ -73,21 +73,18 @@ impl State {
         let conn = self.conns.get_mut(id)?;
         conn.dirty = false;
         let mut before = conn.out.queued_bytes();
-        let result = loop {
-            // The owed pong joins the queue only while the socket takes
-            // what we write; on a blocked socket it waits in its slot,
-            // replaced by newer ones, until the queue drains.
-            if conn.out.blocked_since().is_none() && matches!(conn.phase, Phase::Open { .. }) {
-                if let Some(pong) = conn.pong.take() {
-                    before += pong.len();
-                    conn.out.push(pong);
-                }
+        // The owed pong joins the queue only while the socket takes what we
+        // write (on a blocked socket it waits in its slot, replaced by newer
+        // ones); a flush that empties the queue makes room for it, so at
+        // most one more round. Never after our close frame.
+        let mut result = conn.out.flush(conn.fd, now);
+        if matches!(result, Ok(Flushed::All)) && matches!(conn.phase, Phase::Open { .. }) {
+            if let Some(pong) = conn.pong.take() {
+                before += pong.len();
+                conn.out.push(pong);
+                result = conn.out.flush(conn.fd, now);
             }
-            let result = conn.out.flush(conn.fd, now);
-            if !(matches!(result, Ok(Flushed::All)) && conn.pong.is_some()) {
-                break result;
-            }
-        };
+        }
         self.counters.bytes_out += (before - conn.out.queued_bytes()) as u64;
         match result {
             Ok(Flushed::All) => {
