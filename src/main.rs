@@ -141,6 +141,7 @@ fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
             // Each shard owns a share of the channels: it gets the same
             // share of the bound.
             max_bytes: (config.history.max_mib as usize) * (1 << 20) / shards,
+            page_bytes: config.fanout.outbound_budget_bytes as usize,
         };
         let buses = LocalBus::cluster(shards, retention)
             .into_iter()
@@ -163,6 +164,7 @@ fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
         max_payload_bytes: config.websocket.max_message_bytes as usize,
         presence_ttl: Duration::from_millis(u64::from(config.redis.presence_ttl_ms)),
         wait_replicas: config.redis.wait_replicas,
+        history_page_bytes: config.fanout.outbound_budget_bytes as usize,
     };
     let handles = RedisBus::cluster(&config.redis.url, shards, options)
         .map_err(|e| format!("redis.url {}: {e}", redact(&config.redis.url)))?;

@@ -5,38 +5,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::time::Duration;
 
-use common::{Client, RawClient, Server, UPGRADE, WAIT};
-use shardcast::protocol::wire::{
-    decode_server_frame, ClientEncoder, DecodeLimits, Position, ServerMessage,
-};
+use common::{raw_small_window, Server};
+use shardcast::protocol::wire::ClientEncoder;
 use shardcast::protocol::ws::{encode_client_frame, OpCode};
-
-/// A raw client whose receive buffer is 4 KiB (no autotuning), so the
-/// server's writes block as soon as the kernel's small buffers fill.
-fn raw_small_window(addr: SocketAddr) -> RawClient {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&addr.into()).unwrap();
-    let sock: std::net::TcpStream = sock.into();
-    sock.set_read_timeout(Some(WAIT)).unwrap();
-    let mut c = RawClient { sock };
-    c.write(UPGRADE.as_bytes());
-    let head = c.read_http_head();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let connect = ClientEncoder::new().connect(1, None);
-    c.send(OpCode::Binary, true, &connect);
-    c
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
 
 /// RFC 6455 §5.5.3: a server may answer only the most recent ping. A client
 /// that floods pings and never reads gets at most what the kernel buffers
@@ -142,101 +116,8 @@ fn replies_to_a_client_that_never_reads_stay_within_the_budget() {
 /// the history; once they read they get all of it, in order, once.
 #[tokio::test]
 async fn catch_up_is_produced_as_the_socket_drains() {
-    let s = Server::start(&[
-        "--server-shards",
-        "1",
-        "--fanout-outbound-budget-bytes",
-        "65536",
-        "--fanout-outbound-max-age-ms",
-        "60000",
-        "--limits-messages-per-second",
-        "100000",
-        "--limits-message-burst",
-        "100000",
-    ]);
-    const N: usize = 300;
-    const SIZE: usize = 32 << 10;
-    let mut publisher = Client::connect(s.addr).await;
-    let mut acks = Vec::new();
-    for i in 0..N {
-        let mut p = vec![b'x'; SIZE];
-        p[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        // Acknowledged one by one: the acks (small) stay within the budget.
-        acks.push(publisher.publish("big", &p).await);
-    }
-    let start = Position {
-        epoch: acks[0].epoch,
-        offset: acks[0].offset - 1,
-    };
-    drop(publisher);
-    let before = rss_kib(s.pid());
-    // Ten clients ask for the whole 9.6 MB history and do not read.
-    const READERS: usize = 10;
-    let mut readers = Vec::new();
-    for _ in 0..READERS {
-        let mut c = raw_small_window(s.addr);
-        let sub = ClientEncoder::new().subscribe(
-            2,
-            "big",
-            Some(Position {
-                epoch: start.epoch,
-                offset: start.offset,
-            }),
-        );
-        c.send(OpCode::Binary, true, &sub);
-        readers.push(c);
-    }
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let mut grown = 0;
-    while Instant::now() < deadline {
-        grown = grown.max(rss_kib(s.pid()).saturating_sub(before));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!("RSS grew {grown} KiB for {READERS} idle catch-ups");
-    // Queued all at once, each would hold ~9.6 MB (96 MB in all); paced,
-    // each holds the 64 KiB budget plus what the kernel buffers.
-    assert!(
-        grown < 30 << 10,
-        "server RSS grew {grown} KiB for {READERS} idle catch-ups"
-    );
-    // Now they read: every publication, in order, exactly once.
-    let t0 = Instant::now();
-    let mut threads = Vec::new();
-    for c in readers {
-        threads.push(std::thread::spawn(move || read_catch_up(c, N, SIZE)));
-    }
-    for t in threads {
-        t.join().unwrap();
-    }
-    eprintln!("caught up in {:?}", t0.elapsed());
-}
-
-/// Reads Subscribed and then `n` publications of `size` bytes numbered 0..n
-/// from a raw native connection.
-fn read_catch_up(mut c: RawClient, n: usize, size: usize) {
-    let mut next = 0u64;
-    while next < n as u64 {
-        let (op, payload) = c.read_frame().expect("closed during catch-up");
-        if op == 0x9 {
-            continue; // keepalive ping
-        }
-        assert_eq!(op, 0x2, "binary frames only, got {op}: {payload:?}");
-        let msgs = decode_server_frame(&payload, &DecodeLimits::default()).unwrap();
-        for (_, m) in msgs {
-            if let ServerMessage::Publication { payload, .. } = m {
-                assert_eq!(payload.len(), size);
-                let i = u64::from_be_bytes(payload[..8].try_into().unwrap());
-                assert_eq!(i, next, "publication out of order or repeated");
-                next += 1;
-            }
-        }
-    }
-    let mut rest = [0u8; 1];
-    c.sock
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    assert!(
-        c.sock.read(&mut rest).is_err(),
-        "nothing may follow the last publication"
-    );
+    let mut args = vec!["--server-shards", "1"];
+    args.extend_from_slice(&common::PACED_CATCH_UP);
+    let s = Server::start(&args);
+    common::check_paced_catch_up(&s).await;
 }

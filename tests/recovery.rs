@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Client, Server, BULK_PUBLISHER};
+use common::{rss_kib, Client, Server, BULK_PUBLISHER};
 use shardcast::protocol::wire::{Position, ServerMessage};
 
 /// Receives `n` publications of `channel` and returns their offsets and
@@ -181,12 +181,6 @@ async fn a_position_ahead_of_the_shard_waits_for_it() {
     let last = publisher.publish("ahead", b"five").await;
     let (_, _, offset, _) = d.publication().await;
     assert_eq!(offset, last.offset);
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// `history.max_mib` bounds what all channels' history holds together:

@@ -1458,6 +1458,18 @@ async fn with_wait_replicas_a_publish_is_acked_only_once_replicated() {
     assert_eq!(len.trim(), "2", "stream on the replica");
 }
 
+/// Through Redis too, a catch-up is read a page (about one outbound
+/// budget) at a time as the client's socket drains: idle recovering
+/// clients do not make the node hold the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_through_redis_is_read_as_the_socket_drains() {
+    let redis = RedisServer::start(false);
+    let mut args = vec!["--server-shards", "1"];
+    args.extend_from_slice(&common::PACED_CATCH_UP);
+    let a = node(&redis, &args);
+    common::check_paced_catch_up(&a).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trimmed_or_expired_history_is_not_recovered() {
     let redis = RedisServer::start(false);

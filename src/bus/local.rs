@@ -123,6 +123,10 @@ pub struct Retention {
     /// (payloads plus [`ENTRY_OVERHEAD`] each); over it the oldest
     /// publications, whatever their channel, are dropped first.
     pub max_bytes: usize,
+    /// Payload bytes one history answer carries at most (at least one
+    /// publication): a recovering client reads its history in pages of
+    /// about its outbound budget, so a catch-up never holds more of it.
+    pub page_bytes: usize,
 }
 
 /// What one retained publication costs besides its payload: the
@@ -408,7 +412,7 @@ impl LocalBus {
                 // reaches `from` after every publication it covers.
                 self.forward(&channel, out);
                 let result = match self.owned.get(&channel) {
-                    Some(ch) => read_history(ch, after),
+                    Some(ch) => read_history(ch, after, self.retention.page_bytes),
                     // Never published or forgotten: nothing to continue from.
                     None => History::Lost {
                         current: Position {
@@ -752,8 +756,9 @@ impl Bus for LocalBus {
     }
 }
 
-/// Continues a channel's history after `after`, or says it cannot.
-fn read_history(ch: &Owned, after: Position) -> History {
+/// Continues a channel's history after `after` (a page of at most
+/// `page_bytes` of payload, at least one publication), or says it cannot.
+fn read_history(ch: &Owned, after: Position, page_bytes: usize) -> History {
     let current = Position {
         epoch: ch.epoch,
         offset: ch.last_offset,
@@ -770,9 +775,21 @@ fn read_history(ch: &Owned, after: Position) -> History {
     match ch.history.front() {
         Some(first) if first.offset <= after.offset + 1 => {
             let skip = (after.offset + 1 - first.offset) as usize;
+            let mut bytes = 0;
+            let items = ch
+                .history
+                .iter()
+                .skip(skip)
+                .take_while(|p| {
+                    let first = bytes == 0;
+                    bytes += p.payload.len().max(1);
+                    first || bytes <= page_bytes
+                })
+                .cloned()
+                .collect();
             History::Items {
                 epoch: ch.epoch,
-                items: ch.history.iter().skip(skip).cloned().collect(),
+                items,
             }
         }
         _ => History::Lost { current },
@@ -810,6 +827,7 @@ mod tests {
         size: 0,
         ttl: Duration::from_secs(60),
         max_bytes: usize::MAX,
+        page_bytes: usize::MAX,
     };
 
     fn history_of(events: &[BusEvent]) -> Vec<&History> {
@@ -828,6 +846,7 @@ mod tests {
             size: 5,
             ttl: Duration::from_secs(60),
             max_bytes: usize::MAX,
+            page_bytes: usize::MAX,
         };
         let mut buses = LocalBus::cluster(2, retention);
         for i in 0..8u32 {
@@ -881,6 +900,7 @@ mod tests {
             size: 1000,
             ttl: Duration::from_secs(60),
             max_bytes: 10 * one,
+            page_bytes: usize::MAX,
         };
         let mut buses = LocalBus::cluster(1, retention);
         let mut positions = HashMap::new();

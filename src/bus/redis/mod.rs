@@ -122,6 +122,9 @@ pub struct RedisOptions {
     /// Replicas that must confirm a publish (Redis `WAIT`) before it is
     /// acknowledged; 0 = none (acknowledged once the primary ran it).
     pub wait_replicas: u32,
+    /// Payload bytes one history answer carries at most (at least one
+    /// publication; see `local::Retention::page_bytes`).
+    pub history_page_bytes: usize,
 }
 
 impl Default for RedisOptions {
@@ -137,6 +140,7 @@ impl Default for RedisOptions {
             max_payload_bytes: 1 << 20,
             presence_ttl: Duration::from_secs(15),
             wait_replicas: 0,
+            history_page_bytes: 4 << 20,
         }
     }
 }

@@ -96,6 +96,9 @@ return {epoch, seq}
 /// saw in Redis, so one that Redis no longer reaches means Redis lost
 /// acknowledged history: the channel gets a new epoch (`rolled_back`). A
 /// client's position is not trusted with that: it could be made up.
+/// ARGV[7]: most payload bytes to return (0 = no limit; at least one entry
+/// is returned), so that a client's catch-up is sent a page of about its
+/// outbound budget rather than up to `page size` large entries.
 const READ_BODY: &str = r#"
 local epoch = ensure_epoch(ARGV[1], ARGV[2])
 if ARGV[6] == '1' and rolled_back(epoch, ARGV[3], ARGV[4]) then
@@ -112,7 +115,31 @@ end
 if from > seq then
   return {epoch, seq, {}}
 end
-local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', from), '+', 'COUNT', ARGV[5])
+local count, limit = tonumber(ARGV[5]), tonumber(ARGV[7])
+local start = string.format('%d-0', from)
+if limit <= 0 then
+  return {epoch, seq, redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', count)}
+end
+-- Read in small chunks so that a page of a few large entries does not
+-- copy a thousand of them.
+local entries, bytes = {}, 0
+while #entries < count do
+  local chunk = redis.call('XRANGE', KEYS[2], start, '+', 'COUNT', 16)
+  for _, e in ipairs(chunk) do
+    local size = 0
+    local f = e[2]
+    for j = 1, #f, 2 do
+      if f[j] == 'p' then size = #f[j + 1] end
+    end
+    if #entries > 0 and bytes + size > limit then
+      return {epoch, seq, entries}
+    end
+    bytes = bytes + size
+    entries[#entries + 1] = e
+    start = '(' .. e[1]
+  end
+  if #chunk < 16 then break end
+end
 return {epoch, seq, entries}
 "#;
 

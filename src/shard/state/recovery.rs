@@ -24,9 +24,11 @@ pub(super) struct Recovery {
     pub(super) at: Position,
     /// `Subscribed { recovered: true }` was sent.
     pub(super) announced: bool,
-    /// Publications read from history and not yet queued (`pending[next..]`):
-    /// they are queued as the connection's socket drains, so a catch-up never
-    /// takes its queue past the outbound budget.
+    /// Publications read from history (a page of about one outbound budget)
+    /// and not yet queued (`pending[next..]`). They are queued while they fit
+    /// the budget; when the next does not, the rest is dropped and read again
+    /// from `at` once the socket drained, so a catch-up never takes its queue
+    /// past the budget nor keeps history in memory while it waits.
     pub(super) pending: Vec<Publication>,
     pub(super) next: usize,
 }
@@ -281,6 +283,10 @@ impl State {
                 n /= 2;
             };
             let Some(frame) = frame else {
+                // Keep only the position: what is left is read again once
+                // the socket drained, so a paused catch-up pins no history.
+                rec.pending = Vec::new();
+                rec.next = 0;
                 self.paced.push(token);
                 self.recoveries.insert(token, rec);
                 return;

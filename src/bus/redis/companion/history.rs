@@ -33,6 +33,7 @@ async fn read_page(
     epoch: u64,
     after: u64,
     restart: bool,
+    max_bytes: usize,
 ) -> Result<Page, String> {
     let keys = vec![keys::meta(channel), keys::stream(channel)];
     let args = vec![
@@ -42,6 +43,7 @@ async fn read_page(
         Value::from(after.to_string()),
         Value::from(PAGE.to_string()),
         Value::from(if restart { "1" } else { "0" }),
+        Value::from(max_bytes.to_string()),
     ];
     let v = scripts()
         .read
@@ -84,8 +86,9 @@ async fn read_page(
     })
 }
 
-/// Answers a history read: everything after `after` up to the newest
-/// publication when the read started, or `Lost`.
+/// Answers a history read: what follows `after`, up to the newest
+/// publication when the read started and about
+/// `RedisOptions::history_page_bytes` of payload (at least one), or `Lost`.
 pub(super) async fn read_history(
     shared: &Shared,
     cmd: &Client,
@@ -93,10 +96,13 @@ pub(super) async fn read_history(
     after: Position,
 ) -> History {
     let mut items: Vec<Publication> = Vec::new();
+    let mut bytes = 0;
+    let page_bytes = shared.options.history_page_bytes;
     let mut at = after.offset;
     let mut target: Option<u64> = None;
-    loop {
-        let page = match read_page(shared, cmd, channel, after.epoch, at, false).await {
+    'pages: loop {
+        let left = page_bytes.saturating_sub(bytes).max(1);
+        let page = match read_page(shared, cmd, channel, after.epoch, at, false, left).await {
             Ok(p) => p,
             Err(e) if items.is_empty() => return History::Unavailable(e),
             // Keep what was read; the shard asks again for the rest.
@@ -127,6 +133,10 @@ pub(super) async fn read_history(
             if p.offset != at + 1 || p.offset > target {
                 break;
             }
+            if !items.is_empty() && bytes + p.payload.len() > page_bytes {
+                break 'pages; // the caller reads on as its socket drains
+            }
+            bytes += p.payload.len();
             at = p.offset;
             items.push(p);
         }
@@ -171,7 +181,7 @@ pub(super) async fn catch_up(
     let mut items = Vec::new();
     let mut target = None;
     loop {
-        let page = read_page(shared, cmd, channel, cur_epoch, at, true).await;
+        let page = read_page(shared, cmd, channel, cur_epoch, at, true, 0).await;
         let page = match page {
             Ok(p) => p,
             Err(e) if target.is_none() => return Err(e),
