@@ -1154,8 +1154,9 @@ async fn with_redis_down_requests_fail_fast_clients_stay_and_a_keyed_retry_is_st
     }
     // README: a subscribe to a channel the node does not follow yet is held
     // while Redis is down, and answered once it is back; a subscribe whose
-    // position is the node's live one needs no history and is answered now.
-    let mut newcomer = Client::connect(b.addr).await;
+    // position is the node's live one needs no history and is answered now
+    // (on the watcher's shard, which follows CH).
+    let mut newcomer = connect_on_shard(b.addr, "", watcher.shard, false).await;
     let plain = newcomer
         .request(|e, id| e.subscribe(id, "elsewhere", None))
         .await;
@@ -1270,9 +1271,12 @@ async fn redis_back_from_an_older_snapshot_never_reuses_a_position() {
     let third = payloads("after", 5);
     let until = Instant::now() + WAIT;
     let mut after = Vec::new();
-    for p in &third {
+    for (i, p) in third.iter().enumerate() {
+        // Keyed: a retry of a publish that failed while Redis came back is
+        // stored once.
+        let key = format!("after-{i}");
         loop {
-            match publish_within(&mut publisher, CH, p, None, WAIT).await {
+            match publish_within(&mut publisher, CH, p, Some(&key), WAIT).await {
                 Outcome::Ack(pos) => {
                     after.push(pos);
                     break;
@@ -1338,8 +1342,11 @@ async fn a_rollback_is_noticed_by_subscribed_nodes_without_a_publish() {
         loop {
             let mut c = connect_on_shard(b.addr, "", shard, false).await;
             let (at, recovered) = c.subscribe_from(CH, Some(from)).await;
-            if !recovered {
-                assert_ne!(at.epoch, from.epoch);
+            // A shard that opened the channel before the node's catch-up
+            // noticed the rollback still sees the old epoch (and answers
+            // not-recovered once the 5 s wait for the position ends): not
+            // yet what is checked.
+            if !recovered && at.epoch != from.epoch {
                 assert_eq!(at.offset, 0);
                 break;
             }

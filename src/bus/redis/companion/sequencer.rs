@@ -84,9 +84,11 @@ impl Acked {
 /// when its turn comes fails without being sent, and a pipeline is waited
 /// for only until the earliest deadline among its jobs: jobs queued behind
 /// a pipeline stuck on a dead Redis fail at their own deadline, not at the
-/// stuck pipeline's plus their own. A publish failed this way is not stored
-/// late either: the publish script refuses it past its deadline (in Redis'
-/// clock).
+/// stuck pipeline's plus their own, while the pipeline is still awaited for
+/// the jobs whose deadline has not come. A publish that failed this way may
+/// still have been stored (the error says so: retry with the same
+/// idempotency key); the publish script refuses it once its deadline, plus
+/// a slack for the measured clock offset, has passed in Redis' clock.
 pub(super) async fn sequencer(
     shared: Arc<Shared>,
     cmd: Client,
@@ -108,34 +110,64 @@ pub(super) async fn sequencer(
         let now = Instant::now();
         let mut out = Vec::with_capacity(batch.len());
         let mut live = Vec::with_capacity(batch.len());
-        let mut earliest: Option<Instant> = None;
+        let mut deadlines = Vec::with_capacity(batch.len());
         for (since_us, job) in batch.drain(..) {
             let waited = Duration::from_micros(now_us.saturating_sub(since_us));
             match timeout.checked_sub(waited).filter(|left| !left.is_zero()) {
                 Some(left) => {
-                    let at = now + left;
-                    earliest = Some(earliest.map_or(at, |e| e.min(at)));
-                    live.push(job);
+                    deadlines.push(now + left);
+                    live.push(Some(job));
                 }
                 None => answer(&shared, &mut acked, job, Err(timed_out(timeout)), &mut out),
             }
         }
-        if let Some(earliest) = earliest {
-            let calls: Vec<Call> = live.iter().map(|j| job_call(&shared, &acked, j)).collect();
-            let mut results: Vec<Result<Value, String>> =
-                match tokio::time::timeout_at(earliest, run_pipelined(&cmd, calls)).await {
-                    Ok(results) => results
-                        .into_iter()
-                        .map(|r| r.map_err(|e| e.to_string()))
-                        .collect(),
-                    Err(_) => vec![Err(timed_out(timeout)); live.len()],
-                };
-            let replicas = shared.options.wait_replicas;
-            if replicas > 0 {
-                wait_for_replicas(&cmd, replicas, earliest, &live, &mut results).await;
-            }
-            for (job, r) in live.drain(..).zip(results) {
-                answer(&shared, &mut acked, job, r, &mut out);
+        if !live.is_empty() {
+            let calls: Vec<Call> = live
+                .iter()
+                .flatten()
+                .map(|j| job_call(&shared, &acked, j))
+                .collect();
+            // Each job is answered by its own deadline; the pipeline is
+            // awaited for the others while any of them is still waiting.
+            let mut order: Vec<usize> = (0..live.len()).collect();
+            order.sort_by_key(|&i| deadlines[i]);
+            let mut next = 0;
+            let pipeline = run_pipelined(&cmd, calls);
+            tokio::pin!(pipeline);
+            let results = loop {
+                let now = Instant::now();
+                while next < order.len() && deadlines[order[next]] <= now {
+                    if let Some(job) = live[order[next]].take() {
+                        answer(&shared, &mut acked, job, Err(timed_out(timeout)), &mut out);
+                    }
+                    next += 1;
+                }
+                if next == order.len() {
+                    break None;
+                }
+                if !out.is_empty() && events.send(std::mem::take(&mut out)).is_err() {
+                    return;
+                }
+                tokio::select! {
+                    r = &mut pipeline => break Some(r),
+                    _ = tokio::time::sleep_until(deadlines[order[next]]) => {}
+                }
+            };
+            if let Some(results) = results {
+                let mut results: Vec<Result<Value, String>> = results
+                    .into_iter()
+                    .map(|r| r.map_err(|e| e.to_string()))
+                    .collect();
+                let replicas = shared.options.wait_replicas;
+                if replicas > 0 {
+                    let by = deadlines[order[next]];
+                    wait_for_replicas(&cmd, replicas, by, &live, &mut results).await;
+                }
+                for (job, r) in live.into_iter().zip(results) {
+                    if let Some(job) = job {
+                        answer(&shared, &mut acked, job, r, &mut out);
+                    }
+                }
             }
         }
         if !out.is_empty() && events.send(out).is_err() {
@@ -153,10 +185,12 @@ async fn wait_for_replicas(
     cmd: &Client,
     replicas: u32,
     deadline: Instant,
-    jobs: &[Job],
+    jobs: &[Option<Job>],
     results: &mut [Result<Value, String>],
 ) {
-    let stored = |(j, r): (&Job, &Result<Value, String>)| matches!(j, Job::Publish(_)) && r.is_ok();
+    let stored = |(j, r): (&Option<Job>, &Result<Value, String>)| {
+        matches!(j, Some(Job::Publish(_))) && r.is_ok()
+    };
     if !jobs.iter().zip(results.iter()).any(stored) {
         return;
     }
@@ -175,7 +209,7 @@ async fn wait_for_replicas(
         "stored on the Redis primary but confirmed by {confirmed} of the {replicas} replicas redis.wait_replicas asks for within redis.command_timeout_ms; it may still be kept: retry with the same idempotency_key"
     );
     for (j, r) in jobs.iter().zip(results.iter_mut()) {
-        if matches!(j, Job::Publish(_)) && r.is_ok() {
+        if matches!(j, Some(Job::Publish(_))) && r.is_ok() {
             *r = Err(why.clone());
         }
     }
@@ -183,7 +217,7 @@ async fn wait_for_replicas(
 
 fn timed_out(timeout: Duration) -> String {
     format!(
-        "Redis did not answer within redis.command_timeout_ms ({} ms)",
+        "Redis did not answer within redis.command_timeout_ms ({} ms); a publish may still be stored: retry with the same idempotency_key",
         timeout.as_millis()
     )
 }
