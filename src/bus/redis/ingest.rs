@@ -166,7 +166,7 @@ impl Consumer {
                         // The ingest consumer keeps no positions: the
                         // publishing and subscribed nodes check for a
                         // rollback (see `publish_args`).
-                        None,
+                        [None, None],
                     ));
                     ids.push(id);
                 }

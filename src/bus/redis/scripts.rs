@@ -44,10 +44,10 @@ end
 
 /// Publish. KEYS: meta, stream, idempotency key. ARGV: payload, fresh
 /// epoch, history size, history ttl ms, idempotency ttl ms, ingress_us,
-/// Pub/Sub channel, deadline_us (0 = none), the epoch hex and offset the
-/// publishing node has seen on the channel ('' and '0' if none): if Redis
-/// holds less of that epoch, the channel gets a new epoch first (see
-/// `rolled_back`).
+/// Pub/Sub channel, deadline_us (0 = none), then two (epoch hex, offset)
+/// pairs the publishing node has seen on the channel ('' and '0' if none):
+/// if Redis holds less of either's epoch, the channel gets a new epoch first
+/// (see `rolled_back`).
 /// Returns `{epoch_hex, offset, published_us, duplicate(0|1)}`.
 const PUBLISH_BODY: &str = r#"
 local t = redis.call('TIME')
@@ -64,7 +64,7 @@ if prev then
   end
 end
 local epoch = ensure_epoch(ARGV[2], ARGV[4])
-if rolled_back(epoch, ARGV[9], ARGV[10]) then
+if rolled_back(epoch, ARGV[9], ARGV[10]) or rolled_back(epoch, ARGV[11], ARGV[12]) then
   epoch = new_epoch(ARGV[2], ARGV[4])
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)

@@ -62,17 +62,12 @@ impl Acked {
         }
     }
 
-    /// What the node has seen of `channel`: the newer of its
-    /// subscription's position and the last acknowledgement, when both are
-    /// of one epoch; else the acknowledgement (it is the more recent news).
-    fn seen(&self, channel: &str, subscribed: Option<Position>) -> Option<Position> {
-        match (self.0.get(channel).copied(), subscribed) {
-            (Some(a), Some(s)) if a.epoch == s.epoch => {
-                Some(if a.offset >= s.offset { a } else { s })
-            }
-            (Some(a), _) => Some(a),
-            (None, s) => s,
-        }
+    /// What the node has seen of `channel`: its subscription's position and
+    /// the last acknowledgement. Both go to the publish script, which checks
+    /// each against Redis: which of two epochs is the current one is not
+    /// known here.
+    fn seen(&self, channel: &str, subscribed: Option<Position>) -> [Option<Position>; 2] {
+        [subscribed, self.0.get(channel).copied()]
     }
 }
 
@@ -328,7 +323,7 @@ fn parse_members(v: Value) -> Result<Vec<Arc<str>>, codec::Malformed> {
 }
 
 /// The keys and arguments of the publish script.
-fn publish_call(shared: &Shared, job: &PublishJob, seen: Option<Position>) -> Call {
+fn publish_call(shared: &Shared, job: &PublishJob, seen: [Option<Position>; 2]) -> Call {
     publish_args(
         shared,
         &job.channel,
@@ -340,9 +335,9 @@ fn publish_call(shared: &Shared, job: &PublishJob, seen: Option<Position>) -> Ca
     )
 }
 
-/// The publish script's keys and arguments. `seen` is the newest position
-/// of the channel this node has seen (delivered or acknowledged): if Redis
-/// holds less of that epoch, it lost acknowledged publications, and the
+/// The publish script's keys and arguments. `seen` are positions of the
+/// channel this node has seen (delivered, acknowledged): if Redis holds
+/// less of either's epoch, it lost acknowledged publications, and the
 /// script starts a new epoch instead of giving their offsets again.
 pub fn publish_args(
     shared: &Shared,
@@ -351,7 +346,7 @@ pub fn publish_args(
     key: &IdemKey,
     ingress_us: u64,
     deadline_us: u64,
-    seen: Option<Position>,
+    seen: [Option<Position>; 2],
 ) -> Call {
     let o = &shared.options;
     let key_ttl = match key {
@@ -363,7 +358,7 @@ pub fn publish_args(
         keys::stream(channel),
         keys::idempotency(channel, key),
     ];
-    let args = vec![
+    let mut args = vec![
         Value::Bytes(payload),
         Value::from(shared.fresh_epoch()),
         Value::from(o.history_size.to_string()),
@@ -372,9 +367,11 @@ pub fn publish_args(
         Value::from(ingress_us.to_string()),
         Value::from(keys::pubsub(channel)),
         Value::from(deadline_us.to_string()),
-        Value::from(seen.map_or(String::new(), |p| epoch_hex(p.epoch))),
-        Value::from(seen.map_or(0, |p| p.offset).to_string()),
     ];
+    for p in seen {
+        args.push(Value::from(p.map_or(String::new(), |p| epoch_hex(p.epoch))));
+        args.push(Value::from(p.map_or(0, |p| p.offset).to_string()));
+    }
     (&scripts().publish, keys, args)
 }
 
