@@ -156,3 +156,27 @@ fn a_stalled_admin_client_holds_up_nobody_and_is_cut_at_the_deadline() {
         );
     }
 }
+
+/// With every connection slot held (32 stalled clients), a new request is
+/// answered 503 at once instead of waiting; once the stalled ones are cut
+/// at their deadline it is served again.
+#[test]
+fn a_full_admin_endpoint_answers_503_at_once() {
+    let s = Server::start(&[]);
+    let admin = s.admin.unwrap();
+    let stalled: Vec<_> = (0..32)
+        .map(|_| std::net::TcpStream::connect(admin).unwrap())
+        .collect();
+    // Let the endpoint accept all of them first.
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let (status, body) = http_get(admin, "/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(asked.elapsed() < Duration::from_secs(2));
+    let until = Instant::now() + Duration::from_secs(20);
+    while http_get(admin, "/healthz").0 != 200 {
+        assert!(Instant::now() < until, "never served again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(stalled);
+}

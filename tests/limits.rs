@@ -147,8 +147,9 @@ const LATE: Duration = Duration::from_millis(1500);
 #[tokio::test]
 async fn slowloris_handshake_is_cut_at_the_deadline() {
     let s = Server::start(&["--limits-handshake-timeout-ms", "500"]);
-    let mut slow = RawClient::connect(s.addr);
+    // Before the connect: the deadline runs from the server's accept.
     let started = Instant::now();
+    let mut slow = RawClient::connect(s.addr);
     // Dribble one byte every 100 ms from another thread: the whole head
     // would take ~20 s.
     let mut writer = slow.sock.try_clone().unwrap();

@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use crate::metrics::{self, Registry};
 
-/// Connections served at once; more wait in the listen backlog.
+/// Connections served at once; more are answered 503 at once.
 pub const MAX_CONNECTIONS: usize = 32;
 /// Total time one connection may take, from accept to the last byte of
 /// its response.
@@ -58,10 +58,6 @@ async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
     };
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        // Wait for a free slot before accepting: the backlog holds the rest.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
@@ -69,6 +65,12 @@ async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Every slot is held (by stalled clients, say): answer at once
+            // rather than make this request wait for one.
+            tokio::spawn(busy(stream));
+            continue;
         };
         let registry = registry.clone();
         tokio::spawn(async move {
@@ -88,6 +90,23 @@ async fn serve(listener: std::net::TcpListener, registry: Arc<Registry>) {
             drop(slot);
         });
     }
+}
+
+/// The answer when every slot is held: 503, then the request is read and
+/// dropped for a moment (closing with unread input would reset the
+/// connection and could lose the answer), all within a second.
+async fn busy(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer = async {
+        stream
+            .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 20\r\nRetry-After: 1\r\nConnection: close\r\n\r\nadmin endpoint busy\n")
+            .await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
 /// Answers one request. The query string is ignored (and never logged).

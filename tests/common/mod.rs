@@ -755,8 +755,13 @@ pub fn read_catch_up(mut c: RawClient, n: usize, size: usize) {
 }
 
 /// The server flags [`check_paced_catch_up`] needs (a 64 KiB outbound
-/// budget, no age limit in the way, publishers not throttled).
-pub const PACED_CATCH_UP: [&str; 8] = [
+/// budget, no age limit in the way, publishers not throttled, no keepalive
+/// ping to the silent readers).
+pub const PACED_CATCH_UP: [&str; 12] = [
+    "--limits-ping-interval-ms",
+    "3600000",
+    "--limits-idle-timeout-ms",
+    "7200000",
     "--fanout-outbound-budget-bytes",
     "65536",
     "--fanout-outbound-max-age-ms",

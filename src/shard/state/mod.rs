@@ -87,7 +87,7 @@ pub struct State {
     recoveries: HashMap<u64, Recovery>,
     /// Recoveries paused until their connection's queue drains (tokens
     /// into `recoveries`).
-    paced: Vec<u64>,
+    paced: HashMap<ConnId, Vec<u64>>,
     /// Connections whose position is ahead of this shard, waiting for it.
     ahead: Vec<Ahead>,
     next_recovery: u64,
@@ -139,7 +139,7 @@ impl State {
             registry,
             drain: None,
             recoveries: HashMap::new(),
-            paced: Vec::new(),
+            paced: HashMap::new(),
             ahead: Vec::new(),
             next_recovery: 0,
             presence_queries: HashMap::new(),

@@ -287,7 +287,7 @@ impl State {
                 // the socket drained, so a paused catch-up pins no history.
                 rec.pending = Vec::new();
                 rec.next = 0;
-                self.paced.push(token);
+                self.paced.entry(id).or_default().push(token);
                 self.recoveries.insert(token, rec);
                 return;
             };
@@ -325,16 +325,9 @@ impl State {
 
     /// `id`'s queue drained: its paused recoveries go on.
     pub(super) fn resume_paced(&mut self, id: ConnId) {
-        let mine: Vec<u64> = self
-            .paced
-            .iter()
-            .copied()
-            .filter(|t| self.recoveries.get(t).is_some_and(|r| r.conn == id))
-            .collect();
-        if mine.is_empty() {
+        let Some(mine) = self.paced.remove(&id) else {
             return;
-        }
-        self.paced.retain(|t| !mine.contains(t));
+        };
         for token in mine {
             let Some(rec) = self.recoveries.remove(&token) else {
                 continue;

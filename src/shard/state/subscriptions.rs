@@ -68,11 +68,19 @@ impl State {
         if ch.recovering.contains(&id) {
             ch.recovering.retain(|&c| c != id);
             self.ahead.retain(|w| !w.is(id, name));
-            // Forget its catch-up there (a paused one would be kept forever).
+            // Forget its catch-up there: a paused one would be kept forever,
+            // and the answer to one in flight must not feed a later
+            // subscription of this connection to the channel. (Rare: only
+            // connections leaving while they catch up get here.)
             self.recoveries
                 .retain(|_, r| !(r.conn == id && r.channel == *name));
-            let recoveries = &self.recoveries;
-            self.paced.retain(|t| recoveries.contains_key(t));
+            if let Some(tokens) = self.paced.get_mut(&id) {
+                let recoveries = &self.recoveries;
+                tokens.retain(|t| recoveries.contains_key(t));
+                if tokens.is_empty() {
+                    self.paced.remove(&id);
+                }
+            }
         }
         if let ChannelState::Pending { waiters } = &mut ch.state {
             waiters.retain(|w| w.0 != id);
