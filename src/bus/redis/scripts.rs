@@ -60,6 +60,10 @@ local prev = redis.call('GET', KEYS[3])
 if prev then
   local sep = string.find(prev, ':', 1, true)
   if sep then
+    -- A write even for a duplicate: a WAIT after it on this connection
+    -- (redis.wait_replicas) then covers the original write, which the
+    -- replication stream carries before it.
+    redis.call('PEXPIRE', KEYS[3], ARGV[5])
     return {string.sub(prev, 1, sep - 1), tonumber(string.sub(prev, sep + 1)), 0, 1}
   end
 end

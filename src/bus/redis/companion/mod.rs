@@ -127,21 +127,19 @@ struct Companion {
 }
 
 impl Companion {
+    /// `seq` is the sequencer's connection (`cmd` itself unless
+    /// `redis.wait_replicas` asks for one of its own).
     fn new(
         shared: Arc<Shared>,
         cmd: Client,
+        seq: Client,
         sub: Client,
         events: UnboundedSender<Vec<BusEvent>>,
     ) -> Companion {
         let (internal_tx, internal_rx) = unbounded_channel();
         let (jobs, jobs_rx) = unbounded_channel();
         let (subctl_tx, subctl_rx) = unbounded_channel();
-        tokio::spawn(sequencer(
-            shared.clone(),
-            cmd.clone(),
-            jobs_rx,
-            events.clone(),
-        ));
+        tokio::spawn(sequencer(shared.clone(), seq, jobs_rx, events.clone()));
         tokio::spawn(subscription_controller(
             shared.clone(),
             cmd.clone(),

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use bytes::Bytes;
 use fred::prelude::*;
 use fred::types::Value;
+use tokio::sync::broadcast::error::TryRecvError;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::pipeline::{run_pipelined, Call};
@@ -92,6 +93,9 @@ pub(super) async fn sequencer(
 ) {
     let timeout = shared.options.command_timeout;
     let mut acked = Acked::default();
+    // WAIT counts only writes made on its own connection: a reconnect
+    // between a pipeline and its WAIT would confirm nothing.
+    let mut reconnects = cmd.reconnect_rx();
     let mut batch = Vec::new();
     while let Some(job) = jobs.recv().await {
         batch.push(job);
@@ -127,6 +131,10 @@ pub(super) async fn sequencer(
             let mut order: Vec<usize> = (0..live.len()).collect();
             order.sort_by_key(|&i| deadlines[i]);
             let mut next = 0;
+            while !matches!(
+                reconnects.try_recv(),
+                Err(TryRecvError::Empty | TryRecvError::Closed)
+            ) {}
             let pipeline = run_pipelined(&cmd, calls);
             tokio::pin!(pipeline);
             let results = loop {
@@ -157,6 +165,18 @@ pub(super) async fn sequencer(
                 if replicas > 0 {
                     let by = deadlines[order[next]];
                     wait_for_replicas(&cmd, replicas, by, &live, &mut results).await;
+                    if !matches!(
+                        reconnects.try_recv(),
+                        Err(TryRecvError::Empty | TryRecvError::Closed)
+                    ) {
+                        // The writes and the WAIT may not share a connection.
+                        unconfirmed(
+                            replicas,
+                            "none known (reconnected to Redis meanwhile)",
+                            &live,
+                            &mut results,
+                        );
+                    }
                 }
                 for (job, r) in live.into_iter().zip(results) {
                     if let Some(job) = job {
@@ -200,6 +220,17 @@ async fn wait_for_replicas(
         Ok(Err(e)) => format!("none known ({e})"),
         Err(_) => "none known (WAIT timed out)".to_string(),
     };
+    unconfirmed(replicas, &confirmed, jobs, results);
+}
+
+/// Fails the stored publishes of a pipeline that `replicas` replicas did
+/// not confirm (`confirmed` says how many did).
+fn unconfirmed(
+    replicas: u32,
+    confirmed: &str,
+    jobs: &[Option<Job>],
+    results: &mut [Result<Value, String>],
+) {
     let why = format!(
         "stored on the Redis primary but confirmed by {confirmed} of the {replicas} replicas redis.wait_replicas asks for within redis.command_timeout_ms; it may still be kept: retry with the same idempotency_key"
     );

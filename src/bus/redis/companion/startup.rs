@@ -146,6 +146,23 @@ pub fn run(
                 return;
             }
         };
+        // With redis.wait_replicas, WAIT holds its connection up to the
+        // command timeout: the sequencer gets a connection of its own, so
+        // that history reads and catch-ups do not queue behind it.
+        let seq_client = if setup.options.wait_replicas > 0 {
+            match connect(&builder(&setup.config, timeout)).await {
+                Ok(c) => {
+                    preload(&c).await;
+                    Some(c)
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let ingest_client = if setup.ingest {
             // XREADGROUP BLOCK holds its connection: a client of its own,
             // with a timeout above the block time.
@@ -170,7 +187,8 @@ pub fn run(
         let ingest_task = ingest_client
             .as_ref()
             .map(|ic| tokio::spawn(ingest::run(shared.clone(), ic.clone(), cmd.clone())));
-        let mut companion = Companion::new(shared, cmd.clone(), sub.clone(), events);
+        let seq = seq_client.clone().unwrap_or_else(|| cmd.clone());
+        let mut companion = Companion::new(shared, cmd.clone(), seq, sub.clone(), events);
         companion.run(requests).await;
         if let Some(t) = ingest_task {
             t.abort();
@@ -179,6 +197,9 @@ pub fn run(
         let _ = cmd.quit().await;
         if let Some(ic) = ingest_client {
             let _ = ic.quit().await;
+        }
+        if let Some(sc) = seq_client {
+            let _ = sc.quit().await;
         }
     });
 }
