@@ -404,6 +404,7 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
         drain_secs: drain.as_secs_f64(),
         latency: measure::percentiles(&total_rec.latency),
         send_lag: measure::percentiles(&total_rec.send_lag),
+        ack: measure::percentiles(&total_rec.ack),
         distribution: measure::distribution(&total_rec.latency),
         counts: c,
         lost: c.lost(),

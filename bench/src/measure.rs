@@ -68,6 +68,9 @@ pub struct Recorder {
     /// How late the generator actually sent measured publications
     /// (actual send − intended), µs: the generator's share of `latency`.
     pub send_lag: Histogram<u64>,
+    /// Publish → acknowledgement (or error) at the publisher, intended send
+    /// → answer, µs, of measured publications (protocols with acks).
+    pub ack: Histogram<u64>,
     pub counts: Counts,
 }
 
@@ -165,6 +168,7 @@ impl Recorder {
             latency: new_histogram(),
             setup: new_histogram(),
             send_lag: new_histogram(),
+            ack: new_histogram(),
             counts: Counts::default(),
         }
     }
@@ -217,6 +221,15 @@ impl Recorder {
         }
     }
 
+    /// The answer (ack or error) to a publication intended at `intended_ns`
+    /// arrived at `recv_ns`.
+    pub fn on_answer(&mut self, intended_ns: u64, recv_ns: u64) {
+        if self.window.contains(intended_ns) {
+            let us = (recv_ns.saturating_sub(intended_ns) / 1000).clamp(1, MAX_LATENCY_US);
+            self.ack.record(us).expect("clamped into range");
+        }
+    }
+
     /// A connection's setup took `us` microseconds.
     pub fn on_setup(&mut self, us: u64) {
         self.counts.connections += 1;
@@ -229,6 +242,7 @@ impl Recorder {
             latency: hist_to_pairs(&self.latency),
             setup: hist_to_pairs(&self.setup),
             send_lag: hist_to_pairs(&self.send_lag),
+            ack: hist_to_pairs(&self.ack),
             counts: self.counts,
         }
     }
@@ -237,6 +251,7 @@ impl Recorder {
         add_pairs(&mut self.latency, &w.latency);
         add_pairs(&mut self.setup, &w.setup);
         add_pairs(&mut self.send_lag, &w.send_lag);
+        add_pairs(&mut self.ack, &w.ack);
         self.counts.add(&w.counts);
     }
 }
@@ -248,6 +263,8 @@ pub struct RecorderWire {
     pub latency: Vec<(u64, u64)>,
     pub setup: Vec<(u64, u64)>,
     pub send_lag: Vec<(u64, u64)>,
+    #[serde(default)]
+    pub ack: Vec<(u64, u64)>,
     pub counts: Counts,
 }
 

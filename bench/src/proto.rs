@@ -259,6 +259,13 @@ impl Conn {
         }
     }
 
+    /// Whether the server answers every publish on this connection, in
+    /// order, with an ack or an error (the native protocol does; the others
+    /// send no acks over the WebSocket).
+    pub fn acks_publishes(&self) -> bool {
+        matches!(self.proto, Proto::Native)
+    }
+
     /// One publication of `payload` (ASCII) on `channel`.
     pub fn publish(&mut self, channel: &str, payload: &[u8]) -> Message {
         match self.proto {

@@ -102,6 +102,10 @@ pub struct Report {
     /// How late the generator sent (actual − intended), µs: its own
     /// contribution to `latency`.
     pub send_lag: Percentiles,
+    /// Publish → acknowledgement at the publisher (intended send → ack or
+    /// error), µs; empty for protocols without acks.
+    #[serde(default)]
+    pub ack: Percentiles,
     /// (quantile, µs) points of the latency distribution.
     pub distribution: Vec<(f64, u64)>,
     pub counts: Counts,
@@ -420,6 +424,19 @@ fn rows(r: &Report) -> Vec<(String, String)> {
             "generator send lag (actual − intended)",
             format!("p50 {}  p99 {}  max {}", ms(g.p50), ms(g.p99), ms(g.max)),
         );
+        let a = &r.ack;
+        if a.count > 0 {
+            add(
+                "publish → ack (at the publisher)",
+                format!(
+                    "p50 {}  p90 {}  p99 {}  max {}",
+                    ms(a.p50),
+                    ms(a.p90),
+                    ms(a.p99),
+                    ms(a.max)
+                ),
+            );
+        }
         let c = &r.counts;
         add(
             "deliveries",
@@ -928,6 +945,7 @@ mod tests {
             window_secs: 10.0,
             drain_secs: 2.0,
             send_lag: Percentiles::default(),
+            ack: Percentiles::default(),
             latency: Percentiles {
                 count: 2_000_000,
                 p50: 800,

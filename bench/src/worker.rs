@@ -348,6 +348,9 @@ async fn run_conn(
         })
         .collect();
     let mut tracker = StreamTracker::default();
+    // Intended send times of WebSocket publishes not answered yet: the
+    // server answers a connection's publishes in order (ack or error).
+    let mut unanswered: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
     let mut buf = Vec::with_capacity(payload_bytes + 64);
     // Timers are created once and re-armed: registering a fresh timer per
     // received frame costs more than the frame itself.
@@ -413,7 +416,13 @@ async fn run_conn(
                                 h.queue(&s.channel, &buf);
                                 true
                             }
-                            None => c.ws.feed(c.conn.publish(&s.channel, &buf)).await.is_ok(),
+                            None => {
+                                let sent = c.ws.feed(c.conn.publish(&s.channel, &buf)).await.is_ok();
+                                if sent && c.conn.acks_publishes() {
+                                    unanswered.push_back(due);
+                                }
+                                sent
+                            }
                         };
                         if !sent {
                             failed = true;
@@ -476,8 +485,16 @@ async fn run_conn(
                             delivered = true;
                             sh.rec.on_delivery(payload::decode(p), now, &mut tracker);
                         }
-                        Event::Ack => sh.rec.counts.acks += 1,
-                        Event::Error(s) => sh.error(s),
+                        Event::Ack => {
+                            sh.rec.counts.acks += 1;
+                            if let Some(intended) = unanswered.pop_front() {
+                                sh.rec.on_answer(intended, now);
+                            }
+                        }
+                        Event::Error(s) => {
+                            unanswered.pop_front();
+                            sh.error(s)
+                        }
                         Event::Reply(r) => replies.push(r),
                         Event::Ready => {}
                     });
