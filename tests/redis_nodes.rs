@@ -1362,6 +1362,44 @@ async fn a_rollback_is_noticed_by_subscribed_nodes_without_a_publish() {
     assert_eq!(next.offset, 1);
 }
 
+/// After a rollback, a shard that never saw the channel (no subscriber
+/// there, no publish of its own) still does not reuse a lost position: it
+/// brings what another shard of its node saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_never_saw_the_channel_does_not_reuse_a_lost_position() {
+    const CH: &str = "rollback-other-shard";
+    let mut redis = RedisServer::start(false);
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let mut watcher = connect_on_shard(b.addr, "", 0, false).await;
+    watcher.subscribe_from(CH, None).await;
+    let mut publisher = Client::connect(a.addr).await;
+    publish_all(&mut publisher, CH, &payloads("kept", 3)).await;
+    assert_eq!(redis.cli_checked(&["SAVE"]).trim(), "OK");
+    let lost = publish_all(&mut publisher, CH, &payloads("lost", 2)).await;
+    receive(&mut watcher, CH, 5).await;
+    redis.kill();
+    redis.restart();
+    // Node b's shard 1 publishes as soon as Redis answers.
+    let mut other = connect_on_shard(b.addr, "", 1, false).await;
+    let until = Instant::now() + WAIT;
+    let pos = loop {
+        match publish_within(&mut other, CH, b"next", Some("next"), WAIT).await {
+            Outcome::Ack(pos) => break pos,
+            Outcome::Error(code, _) => assert_eq!(code, ErrorCode::Unavailable as u16),
+        }
+        assert!(Instant::now() < until, "Redis never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let last = lost.last().unwrap();
+    assert_ne!(
+        pos.epoch, last.epoch,
+        "offset {} of the old epoch was given again",
+        pos.offset
+    );
+    assert_eq!(pos.offset, 1);
+}
+
 /// Redis at `maxmemory` with `noeviction` refuses the publish script: the
 /// publisher gets `Error Unavailable` with Redis' reason, never an ack, and
 /// subscribers get nothing for it.

@@ -266,6 +266,7 @@ impl RedisBus {
         let stats = Arc::new(RedisStats::default());
         let mut buses = Vec::with_capacity(shards);
         let mut readies = Vec::with_capacity(shards);
+        let seen = Arc::new(companion::NodeSeen::default());
         for shard in 0..shards {
             let (req_tx, req_rx) = unbounded_channel();
             let (ev_tx, ev_rx) = unbounded_channel();
@@ -276,6 +277,7 @@ impl RedisBus {
                 options: options.clone(),
                 stats: stats.clone(),
                 ingest: options.ingest && shard == 0,
+                seen: seen.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("sc-redis-{shard}"))

@@ -84,9 +84,14 @@ return {epoch, seq, now, 0}
 "#;
 
 /// Open (and read position). KEYS: meta, stream. ARGV: fresh epoch,
-/// history ttl ms. Returns `{epoch_hex, seq}`.
+/// history ttl ms, and the (epoch hex, offset) the node has seen of the
+/// channel ('' and '0' if none; see `rolled_back`). Returns
+/// `{epoch_hex, seq}`.
 const OPEN_BODY: &str = r#"
 local epoch = ensure_epoch(ARGV[1], ARGV[2])
+if rolled_back(epoch, ARGV[3], ARGV[4]) then
+  epoch = new_epoch(ARGV[1], ARGV[2])
+end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 return {epoch, seq}
 "#;

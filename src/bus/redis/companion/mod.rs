@@ -30,6 +30,7 @@ mod history;
 mod outbox;
 mod pipeline;
 mod pubsub;
+mod seen;
 mod sequencer;
 mod startup;
 mod subscriptions;
@@ -57,6 +58,7 @@ use startup::{measure_clock, preload};
 use subscriptions::{Internal, Sub};
 
 pub use pipeline::run_pipelined;
+pub use seen::NodeSeen;
 pub use sequencer::{parse_published, publish_args};
 pub use startup::{run, Setup, CONNECT_TIMEOUT};
 
@@ -75,6 +77,8 @@ pub struct Shared {
     clock_offset_us: AtomicI64,
     /// This companion's name in presence entries (unique per start).
     pub instance: String,
+    /// What this node has seen of each channel (all its companions).
+    pub seen: Arc<NodeSeen>,
 }
 
 impl Shared {

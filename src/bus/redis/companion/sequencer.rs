@@ -3,7 +3,6 @@
 //! shard. Also the publish script's arguments and reply (shared with the
 //! ingest consumer).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,37 +40,6 @@ pub(super) struct PublishJob {
     pub(super) seen: Option<Position>,
 }
 
-/// Most channels whose newest acknowledged position the sequencer
-/// remembers; beyond that it starts over (forgetting only weakens the
-/// rollback check of `publish_args` for channels this node publishes to
-/// without subscribing; their subscribers' nodes still catch it).
-const MAX_ACKED: usize = 65_536;
-
-/// The newest position acknowledged to this shard's publishers, per
-/// channel.
-#[derive(Default)]
-struct Acked(HashMap<Arc<str>, Position>);
-
-impl Acked {
-    fn record(&mut self, channel: &Arc<str>, p: Position) {
-        if self.0.len() >= MAX_ACKED && !self.0.contains_key(channel) {
-            self.0.clear();
-        }
-        let e = self.0.entry(channel.clone()).or_insert(p);
-        if p.epoch != e.epoch || p.offset > e.offset {
-            *e = p;
-        }
-    }
-
-    /// What the node has seen of `channel`: its subscription's position and
-    /// the last acknowledgement. Both go to the publish script, which checks
-    /// each against Redis: which of two epochs is the current one is not
-    /// known here.
-    fn seen(&self, channel: &str, subscribed: Option<Position>) -> [Option<Position>; 2] {
-        [subscribed, self.0.get(channel).copied()]
-    }
-}
-
 /// Runs queued publishes and presence operations in order, one pipeline
 /// at a time (group commit: the next batch fills while one is in flight).
 ///
@@ -92,7 +60,6 @@ pub(super) async fn sequencer(
     events: UnboundedSender<Vec<BusEvent>>,
 ) {
     let timeout = shared.options.command_timeout;
-    let mut acked = Acked::default();
     // WAIT counts only writes made on its own connection: a reconnect
     // between a pipeline and its WAIT would confirm nothing.
     let mut reconnects = cmd.reconnect_rx();
@@ -117,14 +84,14 @@ pub(super) async fn sequencer(
                     deadlines.push(now + left);
                     live.push(Some(job));
                 }
-                None => answer(&shared, &mut acked, job, Err(timed_out(timeout)), &mut out),
+                None => answer(&shared, job, Err(timed_out(timeout)), &mut out),
             }
         }
         if !live.is_empty() {
             let calls: Vec<Call> = live
                 .iter()
                 .flatten()
-                .map(|j| job_call(&shared, &acked, j))
+                .map(|j| job_call(&shared, j))
                 .collect();
             // Each job is answered by its own deadline; the pipeline is
             // awaited for the others while any of them is still waiting.
@@ -141,7 +108,7 @@ pub(super) async fn sequencer(
                 let now = Instant::now();
                 while next < order.len() && deadlines[order[next]] <= now {
                     if let Some(job) = live[order[next]].take() {
-                        answer(&shared, &mut acked, job, Err(timed_out(timeout)), &mut out);
+                        answer(&shared, job, Err(timed_out(timeout)), &mut out);
                     }
                     next += 1;
                 }
@@ -180,7 +147,7 @@ pub(super) async fn sequencer(
                 }
                 for (job, r) in live.into_iter().zip(results) {
                     if let Some(job) = job {
-                        answer(&shared, &mut acked, job, r, &mut out);
+                        answer(&shared, job, r, &mut out);
                     }
                 }
             }
@@ -250,18 +217,12 @@ fn timed_out(timeout: Duration) -> String {
 
 /// Turns a job's result into what the shard is told (publishes and member
 /// queries are answered; presence updates are not).
-fn answer(
-    shared: &Shared,
-    acked: &mut Acked,
-    job: Job,
-    r: Result<Value, String>,
-    out: &mut Vec<BusEvent>,
-) {
+fn answer(shared: &Shared, job: Job, r: Result<Value, String>, out: &mut Vec<BusEvent>) {
     match job {
         Job::Publish(job) => {
             let result = r.and_then(|v| parse_published(v).map_err(|e| e.to_string()));
             match &result {
-                Ok(p) => acked.record(&job.channel, *p),
+                Ok(p) => shared.seen.record(&job.channel, *p),
                 Err(e) => {
                     RedisStats::bump(&shared.stats.publish_errors);
                     tracing::debug!(channel = %job.channel, error = %e, "publish failed");
@@ -307,9 +268,12 @@ pub(super) enum Job {
     },
 }
 
-fn job_call(shared: &Shared, acked: &Acked, job: &Job) -> Call {
+fn job_call(shared: &Shared, job: &Job) -> Call {
     match job {
-        Job::Publish(p) => publish_call(shared, p, acked.seen(&p.channel, p.seen)),
+        // This shard's subscription and what the node saw (which of two
+        // epochs is the current one is not known here: the script checks
+        // each against Redis).
+        Job::Publish(p) => publish_call(shared, p, [p.seen, shared.seen.get(&p.channel)]),
         Job::Presence { channel, op, users } => presence_call(shared, channel, op, users),
         Job::Members { channel, .. } => presence_call(shared, channel, "members", &[]),
     }

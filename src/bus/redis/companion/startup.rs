@@ -12,6 +12,7 @@ use fred::prelude::*;
 use fred::types::{ClusterHash, CustomCommand, Value};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
+use super::NodeSeen;
 use super::{Companion, Shared};
 use crate::bus::redis::codec::u64_of;
 use crate::bus::redis::scripts::scripts;
@@ -27,6 +28,8 @@ pub struct Setup {
     pub options: RedisOptions,
     pub stats: Arc<RedisStats>,
     pub ingest: bool,
+    /// Shared by every companion of this node.
+    pub seen: Arc<NodeSeen>,
 }
 
 fn builder(config: &Config, timeout: Duration) -> Builder {
@@ -124,6 +127,7 @@ pub fn run(
             random: RandomState::new(),
             counter: AtomicU64::new(0),
             clock_offset_us: AtomicI64::new(0),
+            seen: setup.seen.clone(),
             instance: format!(
                 "{}#{}#{:08x}",
                 setup.options.node_id,

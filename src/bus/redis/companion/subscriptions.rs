@@ -240,6 +240,7 @@ impl Companion {
         s.opening = false;
         s.epoch = position.epoch;
         s.last = position.offset;
+        self.shared.seen.record(channel, position);
         self.out.event(BusEvent::Subscribed {
             channel: channel.clone(),
             position,
@@ -310,6 +311,7 @@ impl Companion {
             }
             if offset == s.last + 1 {
                 s.last = offset;
+                self.shared.seen.record(channel, Position { epoch, offset });
                 if let Live::Pub { publication, .. } = live {
                     self.out.publication(channel, epoch, publication);
                 }
@@ -410,6 +412,13 @@ impl Companion {
             self.out.publication(channel, epoch, p);
         }
         let s = self.subs.get_mut(channel).expect("current");
+        self.shared.seen.record(
+            channel,
+            Position {
+                epoch: s.epoch,
+                offset: s.last,
+            },
+        );
         if cu.complete && cu.seq > s.last {
             // The stream lacks its newest entries (deleted by hand).
             RedisStats::bump(&stats.unfillable_gaps);
