@@ -7,7 +7,7 @@
 //! never given again.
 //!
 //! Shared by the node's companion threads (never by the shards): one short
-//! lock per delivered batch or acknowledgement.
+//! lock per delivered publication or acknowledgement.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
