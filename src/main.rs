@@ -132,6 +132,14 @@ fn signal_channel(set: libc::sigset_t) -> mpsc::Receiver<i32> {
 type Buses = (Vec<Box<dyn Bus>>, &'static str, Option<Collector>);
 
 /// The embedded bus, or the Redis bus when `redis.url` is set.
+/// Payload bytes per history page for a catching-up client: a quarter of
+/// its outbound budget, so that a page nearly always fits the room left in
+/// its queue and is sent whole (a page that does not fit is dropped and
+/// read again once the socket drained).
+fn history_page_bytes(config: &Config) -> usize {
+    (config.fanout.outbound_budget_bytes as usize / 4).max(1)
+}
+
 fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
     let secs = |s: u32| Duration::from_secs(u64::from(s));
     if config.redis.url.is_empty() {
@@ -141,7 +149,7 @@ fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
             // Each shard owns a share of the channels: it gets the same
             // share of the bound.
             max_bytes: (config.history.max_mib as usize) * (1 << 20) / shards,
-            page_bytes: config.fanout.outbound_budget_bytes as usize,
+            page_bytes: history_page_bytes(config),
         };
         let buses = LocalBus::cluster(shards, retention)
             .into_iter()
@@ -164,7 +172,7 @@ fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
         max_payload_bytes: config.websocket.max_message_bytes as usize,
         presence_ttl: Duration::from_millis(u64::from(config.redis.presence_ttl_ms)),
         wait_replicas: config.redis.wait_replicas,
-        history_page_bytes: config.fanout.outbound_budget_bytes as usize,
+        history_page_bytes: history_page_bytes(config),
     };
     let handles = RedisBus::cluster(&config.redis.url, shards, options)
         .map_err(|e| format!("redis.url {}: {e}", redact(&config.redis.url)))?;

@@ -163,12 +163,11 @@ impl Consumer {
                         &c.key,
                         c.ingress_us,
                         0,
-                        // The ingest consumer keeps no positions: the
-                        // publishing and subscribed nodes check for a
-                        // rollback (see `publish_args`).
-                        [None, None],
+                        // What this node saw of the channel: Redis holding
+                        // less of it means lost history (see `publish_args`).
+                        [None, self.shared.seen.get(&c.channel)],
                     ));
-                    ids.push(id);
+                    ids.push((id, std::sync::Arc::<str>::from(c.channel)));
                 }
                 Err(why) => {
                     RedisStats::bump(&stats.malformed);
@@ -179,12 +178,13 @@ impl Consumer {
         }
         let mut all_ok = true;
         let results = run_pipelined(&self.cmd, calls).await;
-        for (id, r) in ids.into_iter().zip(results) {
+        for ((id, channel), r) in ids.into_iter().zip(results) {
             match r
                 .map_err(|e| e.to_string())
                 .and_then(|v| parse_published(v).map_err(|e| e.to_string()))
             {
-                Ok(_) => {
+                Ok(position) => {
+                    self.shared.seen.record(&channel, position);
                     RedisStats::bump(&stats.ingest_executed);
                     self.failures.remove(&id);
                     ack.push(id);

@@ -195,6 +195,23 @@ impl State {
         let ChannelState::Active { last: live } = ch.state else {
             return;
         };
+        // What the client lacks, up to what this shard delivers live;
+        // anything newer reaches it live once it joins. A page with none of
+        // it while the client is behind means the next publication is gone
+        // from history (Redis lost it): that is `Lost`, not a page to ask
+        // for again and again.
+        let behind = rec.at.offset < live.offset;
+        let result = match result {
+            History::Items { epoch, mut items } if epoch == live.epoch => {
+                items.retain(|p| p.offset > rec.at.offset && p.offset <= live.offset);
+                if items.is_empty() && behind {
+                    History::Lost { current: live }
+                } else {
+                    History::Items { epoch, items }
+                }
+            }
+            other => other,
+        };
         let items = match result {
             History::Items { epoch, items } if epoch == live.epoch => items,
             History::Items { .. } | History::Lost { .. } if !rec.announced => {
@@ -215,11 +232,7 @@ impl State {
             rec.announced = true;
             self.reply_subscribed(id, rec.request, &name, rec.at, true);
         }
-        // Send what the client lacks, up to what this shard delivers live;
-        // anything newer reaches it live once it joins.
         rec.pending = items;
-        rec.pending
-            .retain(|p| p.offset > rec.at.offset && p.offset <= live.offset);
         rec.next = 0;
         self.pump_recovery(token, rec);
     }

@@ -93,35 +93,16 @@ pub(super) async fn sequencer(
                 .flatten()
                 .map(|j| job_call(&shared, j))
                 .collect();
-            // Each job is answered by its own deadline; the pipeline is
-            // awaited for the others while any of them is still waiting.
-            let mut order: Vec<usize> = (0..live.len()).collect();
-            order.sort_by_key(|&i| deadlines[i]);
-            let mut next = 0;
+            // Each job is answered by its own deadline; the pipeline (and
+            // the WAIT) is awaited for the others while any is waiting.
+            let mut waiting = Waiting::new(live, deadlines);
             while !matches!(
                 reconnects.try_recv(),
                 Err(TryRecvError::Empty | TryRecvError::Closed)
             ) {}
             let pipeline = run_pipelined(&cmd, calls);
-            tokio::pin!(pipeline);
-            let results = loop {
-                let now = Instant::now();
-                while next < order.len() && deadlines[order[next]] <= now {
-                    if let Some(job) = live[order[next]].take() {
-                        answer(&shared, job, Err(timed_out(timeout)), &mut out);
-                    }
-                    next += 1;
-                }
-                if next == order.len() {
-                    break None;
-                }
-                if !out.is_empty() && events.send(std::mem::take(&mut out)).is_err() {
-                    return;
-                }
-                tokio::select! {
-                    r = &mut pipeline => break Some(r),
-                    _ = tokio::time::sleep_until(deadlines[order[next]]) => {}
-                }
+            let Ok(results) = waiting.until(pipeline, &shared, &mut out, &events).await else {
+                return;
             };
             if let Some(results) = results {
                 let mut results: Vec<Result<Value, String>> = results
@@ -129,22 +110,30 @@ pub(super) async fn sequencer(
                     .map(|r| r.map_err(|e| e.to_string()))
                     .collect();
                 let replicas = shared.options.wait_replicas;
-                if replicas > 0 {
-                    let by = deadlines[order[next]];
-                    wait_for_replicas(&cmd, replicas, by, &live, &mut results).await;
-                    if !matches!(
+                if replicas > 0 && waiting.any_stored(&results) {
+                    let wait = wait_for_replicas(&cmd, replicas, waiting.last_deadline());
+                    let Ok(confirmed) = waiting.until(wait, &shared, &mut out, &events).await
+                    else {
+                        return;
+                    };
+                    let reconnected = !matches!(
                         reconnects.try_recv(),
                         Err(TryRecvError::Empty | TryRecvError::Closed)
-                    ) {
+                    );
+                    let failed = match confirmed {
                         // The writes and the WAIT may not share a connection.
-                        unconfirmed(
-                            replicas,
-                            "none known (reconnected to Redis meanwhile)",
-                            &live,
-                            &mut results,
-                        );
+                        Some(Ok(())) if reconnected => {
+                            Some("none known (reconnected to Redis meanwhile)".to_string())
+                        }
+                        Some(Ok(())) => None,
+                        Some(Err(confirmed)) => Some(confirmed),
+                        None => None, // every job timed out meanwhile
+                    };
+                    if let Some(confirmed) = failed {
+                        unconfirmed(replicas, &confirmed, &waiting.live, &mut results);
                     }
                 }
+                let live = std::mem::take(&mut waiting.live);
                 for (job, r) in live.into_iter().zip(results) {
                     if let Some(job) = job {
                         answer(&shared, job, r, &mut out);
@@ -158,36 +147,96 @@ pub(super) async fn sequencer(
     }
 }
 
+/// Jobs of one pipeline still waiting for their answer, each with its
+/// deadline.
+struct Waiting {
+    live: Vec<Option<Job>>,
+    deadlines: Vec<Instant>,
+    /// Indices into `live` by deadline; `order[next..]` may still wait.
+    order: Vec<usize>,
+    next: usize,
+}
+
+impl Waiting {
+    fn new(live: Vec<Option<Job>>, deadlines: Vec<Instant>) -> Self {
+        let mut order: Vec<usize> = (0..live.len()).collect();
+        order.sort_by_key(|&i| deadlines[i]);
+        Waiting {
+            live,
+            deadlines,
+            order,
+            next: 0,
+        }
+    }
+
+    /// Awaits `fut`, answering each waiting job whose deadline passes
+    /// meanwhile (timed out; the answers go to the shard at once).
+    /// `Ok(None)` when every job was answered that way first; `Err` when
+    /// the shard is gone.
+    async fn until<F: std::future::Future>(
+        &mut self,
+        fut: F,
+        shared: &Shared,
+        out: &mut Vec<BusEvent>,
+        events: &UnboundedSender<Vec<BusEvent>>,
+    ) -> Result<Option<F::Output>, ()> {
+        tokio::pin!(fut);
+        let timeout = shared.options.command_timeout;
+        loop {
+            let now = Instant::now();
+            while self.next < self.order.len() && self.deadlines[self.order[self.next]] <= now {
+                if let Some(job) = self.live[self.order[self.next]].take() {
+                    answer(shared, job, Err(timed_out(timeout)), out);
+                }
+                self.next += 1;
+            }
+            if self.next == self.order.len() {
+                return Ok(None);
+            }
+            if !out.is_empty() && events.send(std::mem::take(out)).is_err() {
+                return Err(());
+            }
+            tokio::select! {
+                r = &mut fut => return Ok(Some(r)),
+                _ = tokio::time::sleep_until(self.deadlines[self.order[self.next]]) => {}
+            }
+        }
+    }
+
+    /// Whether a publish still waiting was stored.
+    fn any_stored(&self, results: &[Result<Value, String>]) -> bool {
+        self.live
+            .iter()
+            .zip(results)
+            .any(|(j, r)| matches!(j, Some(Job::Publish(_))) && r.is_ok())
+    }
+
+    /// The latest deadline of a job still waiting.
+    fn last_deadline(&self) -> Instant {
+        self.order[self.next..]
+            .iter()
+            .map(|&i| self.deadlines[i])
+            .max()
+            .unwrap_or_else(Instant::now)
+    }
+}
+
 /// `redis.wait_replicas`: the publishes of a pipeline are acknowledged
 /// only once `replicas` replicas confirm them (Redis `WAIT`, which covers
-/// every write sent before it on this connection), within the pipeline's
-/// deadline; otherwise each fails with a message saying it may still be
-/// stored. Costs one more round trip per pipeline plus the replication lag.
-async fn wait_for_replicas(
-    cmd: &Client,
-    replicas: u32,
-    deadline: Instant,
-    jobs: &[Option<Job>],
-    results: &mut [Result<Value, String>],
-) {
-    let stored = |(j, r): (&Option<Job>, &Result<Value, String>)| {
-        matches!(j, Some(Job::Publish(_))) && r.is_ok()
-    };
-    if !jobs.iter().zip(results.iter()).any(stored) {
-        return;
-    }
+/// every write sent before it on this connection), by `deadline` (jobs
+/// whose own deadline comes first are answered then, see
+/// [`Waiting::until`]). `Err` says how many did. Costs the replication
+/// round trip per pipeline.
+async fn wait_for_replicas(cmd: &Client, replicas: u32, deadline: Instant) -> Result<(), String> {
     let left_ms = deadline
         .saturating_duration_since(Instant::now())
         .as_millis()
         .max(1) as i64;
-    let wait = cmd.wait::<i64>(i64::from(replicas), left_ms);
-    let confirmed = match tokio::time::timeout_at(deadline, wait).await {
-        Ok(Ok(n)) if n >= i64::from(replicas) => return,
-        Ok(Ok(n)) => n.to_string(),
-        Ok(Err(e)) => format!("none known ({e})"),
-        Err(_) => "none known (WAIT timed out)".to_string(),
-    };
-    unconfirmed(replicas, &confirmed, jobs, results);
+    match cmd.wait::<i64>(i64::from(replicas), left_ms).await {
+        Ok(n) if n >= i64::from(replicas) => Ok(()),
+        Ok(n) => Err(n.to_string()),
+        Err(e) => Err(format!("none known ({e})")),
+    }
 }
 
 /// Fails the stored publishes of a pipeline that `replicas` replicas did
