@@ -135,10 +135,13 @@ pub enum Event<'a> {
     Ready,
     /// A publication's payload.
     Delivery(&'a [u8]),
-    /// A publish was acknowledged.
-    Ack,
+    /// A publish was acknowledged (native protocol: with its request id;
+    /// 0 for protocols without ids).
+    Ack(u32),
     /// The server reported an error.
     Error(String),
+    /// The server refused request `id` (native protocol).
+    Failed(u32, String),
     /// The protocol requires this answer (NATS `PING` → `PONG`).
     Reply(Message),
 }
@@ -259,11 +262,11 @@ impl Conn {
         }
     }
 
-    /// Whether the server answers every publish on this connection, in
-    /// order, with an ack or an error (the native protocol does; the others
-    /// send no acks over the WebSocket).
-    pub fn acks_publishes(&self) -> bool {
-        matches!(self.proto, Proto::Native)
+    /// The request id of the last publish, if the server answers each
+    /// publish on this connection with an ack or an error carrying it (the
+    /// native protocol does; the others send no acks over the WebSocket).
+    pub fn last_publish_id(&self) -> Option<u32> {
+        matches!(self.proto, Proto::Native).then_some(self.next_id)
     }
 
     /// One publication of `payload` (ASCII) on `channel`.
@@ -401,15 +404,15 @@ impl Conn {
 fn native_frame(b: &[u8], limits: &DecodeLimits, on: &mut dyn FnMut(Event<'_>)) {
     match wire::decode_server_frame(b, limits) {
         Ok(msgs) => {
-            for (_, m) in msgs {
+            for (id, m) in msgs {
                 match m {
                     ServerMessage::Connected { .. } | ServerMessage::Subscribed { .. } => {
                         on(Event::Ready)
                     }
                     ServerMessage::Publication { payload, .. } => on(Event::Delivery(&payload)),
-                    ServerMessage::PublishAck { .. } => on(Event::Ack),
+                    ServerMessage::PublishAck { .. } => on(Event::Ack(id)),
                     ServerMessage::Error { code, message } => {
-                        on(Event::Error(format!("error {code}: {message}")))
+                        on(Event::Failed(id, format!("error {code}: {message}")))
                     }
                     _ => {} // Unsubscribed, Pong, and anything newer
                 }

@@ -281,9 +281,9 @@ async fn setup_one(
         let mut replies = Vec::new();
         conn.handle(&m, &mut |e| match e {
             Event::Ready => want -= 1,
-            Event::Error(s) => err = Some(s),
+            Event::Error(s) | Event::Failed(_, s) => err = Some(s),
             Event::Reply(r) => replies.push(r),
-            Event::Delivery(_) | Event::Ack => {}
+            Event::Delivery(_) | Event::Ack(_) => {}
         });
         if let Some(e) = err {
             return Err(format!("server error during setup: {e}"));
@@ -348,9 +348,9 @@ async fn run_conn(
         })
         .collect();
     let mut tracker = StreamTracker::default();
-    // Intended send times of WebSocket publishes not answered yet: the
-    // server answers a connection's publishes in order (ack or error).
-    let mut unanswered: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+    // Intended send times of WebSocket publishes not answered yet, by
+    // request id.
+    let mut unanswered: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
     let mut buf = Vec::with_capacity(payload_bytes + 64);
     // Timers are created once and re-armed: registering a fresh timer per
     // received frame costs more than the frame itself.
@@ -418,8 +418,8 @@ async fn run_conn(
                             }
                             None => {
                                 let sent = c.ws.feed(c.conn.publish(&s.channel, &buf)).await.is_ok();
-                                if sent && c.conn.acks_publishes() {
-                                    unanswered.push_back(due);
+                                if let (true, Some(id)) = (sent, c.conn.last_publish_id()) {
+                                    unanswered.insert(id, due);
                                 }
                                 sent
                             }
@@ -485,16 +485,19 @@ async fn run_conn(
                             delivered = true;
                             sh.rec.on_delivery(payload::decode(p), now, &mut tracker);
                         }
-                        Event::Ack => {
+                        Event::Ack(id) => {
                             sh.rec.counts.acks += 1;
-                            if let Some(intended) = unanswered.pop_front() {
+                            if let Some(intended) = unanswered.remove(&id) {
                                 sh.rec.on_answer(intended, now);
                             }
                         }
-                        Event::Error(s) => {
-                            unanswered.pop_front();
+                        Event::Failed(id, s) => {
+                            if let Some(intended) = unanswered.remove(&id) {
+                                sh.rec.on_answer(intended, now);
+                            }
                             sh.error(s)
                         }
+                        Event::Error(s) => sh.error(s),
                         Event::Reply(r) => replies.push(r),
                         Event::Ready => {}
                     });
