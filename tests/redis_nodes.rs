@@ -1314,6 +1314,25 @@ async fn redis_back_from_an_older_snapshot_never_reuses_a_position() {
     }
 }
 
+/// Publishes 3 on `ch`, snapshots Redis, publishes 2 more (the `watcher`
+/// sees all 5), then SIGKILLs Redis and restarts it from the snapshot: the
+/// last 2 acknowledged publications are lost. Returns the last one's
+/// position.
+async fn roll_back(
+    redis: &mut RedisServer,
+    publisher: &mut Client,
+    watcher: &mut Client,
+    ch: &str,
+) -> Position {
+    publish_all(publisher, ch, &payloads("kept", 3)).await;
+    assert_eq!(redis.cli_checked(&["SAVE"]).trim(), "OK");
+    let lost = publish_all(publisher, ch, &payloads("lost", 2)).await;
+    receive(watcher, ch, 5).await;
+    redis.kill();
+    redis.restart();
+    *lost.last().unwrap()
+}
+
 /// The same loss with no publish afterwards: the subscribed nodes notice it
 /// when they catch up after reconnecting, so a resubscribe from the lost
 /// tail is answered `recovered = false` at once, and the next publication
@@ -1327,16 +1346,11 @@ async fn a_rollback_is_noticed_by_subscribed_nodes_without_a_publish() {
     let mut watch_b = Client::connect(b.addr).await;
     watch_b.subscribe_from(CH, None).await;
     let mut publisher = Client::connect(a.addr).await;
-    publish_all(&mut publisher, CH, &payloads("kept", 3)).await;
-    assert_eq!(redis.cli_checked(&["SAVE"]).trim(), "OK");
-    let lost = publish_all(&mut publisher, CH, &payloads("lost", 2)).await;
-    receive(&mut watch_b, CH, 5).await;
-    redis.kill();
-    redis.restart();
+    let lost = roll_back(&mut redis, &mut publisher, &mut watch_b, CH).await;
     // Node b's shards hear of the new epoch asynchronously (after their
     // Pub/Sub reconnect and catch-up): wait until a resubscribe from the
     // lost tail is answered not-recovered on every shard.
-    let from = *lost.last().unwrap();
+    let from = lost;
     let until = Instant::now() + WAIT;
     for shard in 0..2 {
         loop {
@@ -1374,12 +1388,7 @@ async fn a_shard_that_never_saw_the_channel_does_not_reuse_a_lost_position() {
     let mut watcher = connect_on_shard(b.addr, "", 0, false).await;
     watcher.subscribe_from(CH, None).await;
     let mut publisher = Client::connect(a.addr).await;
-    publish_all(&mut publisher, CH, &payloads("kept", 3)).await;
-    assert_eq!(redis.cli_checked(&["SAVE"]).trim(), "OK");
-    let lost = publish_all(&mut publisher, CH, &payloads("lost", 2)).await;
-    receive(&mut watcher, CH, 5).await;
-    redis.kill();
-    redis.restart();
+    let last = roll_back(&mut redis, &mut publisher, &mut watcher, CH).await;
     // Node b's shard 1 publishes as soon as Redis answers.
     let mut other = connect_on_shard(b.addr, "", 1, false).await;
     let until = Instant::now() + WAIT;
@@ -1391,7 +1400,6 @@ async fn a_shard_that_never_saw_the_channel_does_not_reuse_a_lost_position() {
         assert!(Instant::now() < until, "Redis never came back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let last = lost.last().unwrap();
     assert_ne!(
         pos.epoch, last.epoch,
         "offset {} of the old epoch was given again",
