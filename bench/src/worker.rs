@@ -67,7 +67,8 @@ pub enum Report {
         setup_secs: f64,
     },
     Result {
-        recorder: RecorderWire,
+        // Boxed: it is much larger than the other reports.
+        recorder: Box<RecorderWire>,
         first_error: Option<String>,
     },
 }
@@ -240,7 +241,7 @@ async fn run(job: Job) -> Result<(), String> {
     }
     let s = shared.borrow();
     emit(&Report::Result {
-        recorder: s.rec.to_wire(),
+        recorder: Box::new(s.rec.to_wire()),
         first_error: s.first_error.clone(),
     });
     Ok(())
