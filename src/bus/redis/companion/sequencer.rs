@@ -101,7 +101,11 @@ pub(super) async fn sequencer(
                 Err(TryRecvError::Empty | TryRecvError::Closed)
             ) {}
             let pipeline = run_pipelined(&cmd, calls);
-            let Ok(results) = waiting.until(pipeline, &shared, &mut out, &events).await else {
+            let late = timed_out(timeout);
+            let Ok(results) = waiting
+                .until(pipeline, &late, &shared, &mut out, &events)
+                .await
+            else {
                 return;
             };
             if let Some(results) = results {
@@ -111,8 +115,20 @@ pub(super) async fn sequencer(
                     .collect();
                 let replicas = shared.options.wait_replicas;
                 if replicas > 0 && waiting.any_stored(&results) {
+                    // Only stored publishes wait for the replicas: answer
+                    // the rest (presence, failed publishes) now.
+                    for (slot, r) in waiting.live.iter_mut().zip(results.iter_mut()) {
+                        if !(matches!(slot, Some(Job::Publish(_))) && r.is_ok()) {
+                            if let Some(job) = slot.take() {
+                                let r = std::mem::replace(r, Err(String::new()));
+                                answer(&shared, job, r, &mut out);
+                            }
+                        }
+                    }
                     let wait = wait_for_replicas(&cmd, replicas, waiting.last_deadline());
-                    let Ok(confirmed) = waiting.until(wait, &shared, &mut out, &events).await
+                    let late = not_confirmed(replicas, "none known (WAIT still running)");
+                    let Ok(confirmed) =
+                        waiting.until(wait, &late, &shared, &mut out, &events).await
                     else {
                         return;
                     };
@@ -170,23 +186,23 @@ impl Waiting {
     }
 
     /// Awaits `fut`, answering each waiting job whose deadline passes
-    /// meanwhile (timed out; the answers go to the shard at once).
-    /// `Ok(None)` when every job was answered that way first; `Err` when
-    /// the shard is gone.
+    /// meanwhile with the error `late` (the answers go to the shard at
+    /// once). `Ok(None)` when every job was answered that way first; `Err`
+    /// when the shard is gone.
     async fn until<F: std::future::Future>(
         &mut self,
         fut: F,
+        late: &str,
         shared: &Shared,
         out: &mut Vec<BusEvent>,
         events: &UnboundedSender<Vec<BusEvent>>,
     ) -> Result<Option<F::Output>, ()> {
         tokio::pin!(fut);
-        let timeout = shared.options.command_timeout;
         loop {
             let now = Instant::now();
             while self.next < self.order.len() && self.deadlines[self.order[self.next]] <= now {
                 if let Some(job) = self.live[self.order[self.next]].take() {
-                    answer(shared, job, Err(timed_out(timeout)), out);
+                    answer(shared, job, Err(late.to_string()), out);
                 }
                 self.next += 1;
             }
@@ -228,10 +244,9 @@ impl Waiting {
 /// [`Waiting::until`]). `Err` says how many did. Costs the replication
 /// round trip per pipeline.
 async fn wait_for_replicas(cmd: &Client, replicas: u32, deadline: Instant) -> Result<(), String> {
-    let left_ms = deadline
-        .saturating_duration_since(Instant::now())
-        .as_millis()
-        .max(1) as i64;
+    // A tenth early, so that the count reaches us before the deadline.
+    let left = deadline.saturating_duration_since(Instant::now());
+    let left_ms = (left.as_millis() * 9 / 10).max(1) as i64;
     match cmd.wait::<i64>(i64::from(replicas), left_ms).await {
         Ok(n) if n >= i64::from(replicas) => Ok(()),
         Ok(n) => Err(n.to_string()),
@@ -247,14 +262,18 @@ fn unconfirmed(
     jobs: &[Option<Job>],
     results: &mut [Result<Value, String>],
 ) {
-    let why = format!(
-        "stored on the Redis primary but confirmed by {confirmed} of the {replicas} replicas redis.wait_replicas asks for within redis.command_timeout_ms; it may still be kept: retry with the same idempotency_key"
-    );
+    let why = not_confirmed(replicas, confirmed);
     for (j, r) in jobs.iter().zip(results.iter_mut()) {
         if matches!(j, Some(Job::Publish(_))) && r.is_ok() {
             *r = Err(why.clone());
         }
     }
+}
+
+fn not_confirmed(replicas: u32, confirmed: &str) -> String {
+    format!(
+        "stored on the Redis primary but confirmed by {confirmed} of the {replicas} replicas redis.wait_replicas asks for within redis.command_timeout_ms; it may still be kept: retry with the same idempotency_key"
+    )
 }
 
 fn timed_out(timeout: Duration) -> String {
