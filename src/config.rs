@@ -15,8 +15,6 @@ use std::ops::RangeInclusive;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::auth::jwt::MIN_HS256_SECRET_BYTES;
-
 /// Errors found while loading or validating configuration. Each names the
 /// key (or variable / flag) at fault so the operator knows what to fix.
 #[derive(Debug, Error)]
@@ -599,7 +597,12 @@ impl Config {
             1..=u32::MAX,
         )?;
         check("history.ttl_secs", self.history.ttl_secs, 1..=30 * 86_400)?;
-        check_hs256_secret(&self.auth.hs256_secret)?;
+        // The keys as the server will use them: one rule, here and at start.
+        crate::auth::Auth::from_config(&self.auth).map_err(|e| ConfigError::Invalid {
+            key: e.key(),
+            value: "(redacted)".into(),
+            reason: e.reason(),
+        })?;
         check("auth.leeway_secs", self.auth.leeway_secs, 0..=300)?;
         check("auth.deadline_ms", self.auth.deadline_ms, 100..=600_000)?;
         self.admin_addr()?;
@@ -726,24 +729,6 @@ fn check(key: &'static str, value: u32, range: RangeInclusive<u32>) -> Result<()
             ),
         })
     }
-}
-
-/// `auth.hs256_secret` is empty (HS256 off) or at least
-/// [`MIN_HS256_SECRET_BYTES`] bytes long (its UTF-8 bytes are the key):
-/// RFC 7518 §3.2 says a key of the hash's size (256 bits) or larger MUST be
-/// used with HS256. The error never shows the secret.
-fn check_hs256_secret(secret: &str) -> Result<(), ConfigError> {
-    if secret.is_empty() || secret.len() >= MIN_HS256_SECRET_BYTES {
-        return Ok(());
-    }
-    Err(ConfigError::Invalid {
-        key: "auth.hs256_secret",
-        value: "(redacted)".into(),
-        reason: format!(
-            "is {} bytes; an HS256 key must be at least {MIN_HS256_SECRET_BYTES} bytes (256 bits, RFC 7518 §3.2), e.g. the output of `openssl rand -base64 32`; empty turns HS256 off",
-            secret.len()
-        ),
-    })
 }
 
 fn default_table() -> toml::Table {

@@ -96,14 +96,34 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
 /// key at least as long as the hash output (256 bits).
 pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
-/// Errors in the key configuration, reported at start.
+/// Errors in the key configuration, reported at start (and by
+/// `check-config`, which validates through [`Verifier::new`]).
 #[derive(Debug, Error)]
+#[error("{}: {}", self.key(), self.reason())]
 pub enum KeyError {
-    #[error("auth.ed25519_public_key: {0}")]
     Ed25519(String),
     /// The HS256 secret's length in bytes (never its value).
-    #[error("auth.hs256_secret: is {0} bytes; an HS256 key must be at least {MIN_HS256_SECRET_BYTES} bytes (RFC 7518 §3.2)")]
     Hs256TooShort(usize),
+}
+
+impl KeyError {
+    /// The config key at fault.
+    pub fn key(&self) -> &'static str {
+        match self {
+            KeyError::Ed25519(_) => "auth.ed25519_public_key",
+            KeyError::Hs256TooShort(_) => "auth.hs256_secret",
+        }
+    }
+
+    /// What is wrong with it (never its value).
+    pub fn reason(&self) -> String {
+        match self {
+            KeyError::Ed25519(why) => why.clone(),
+            KeyError::Hs256TooShort(n) => format!(
+                "is {n} bytes; an HS256 key must be at least {MIN_HS256_SECRET_BYTES} bytes (256 bits, RFC 7518 §3.2), e.g. the output of `openssl rand -base64 32`; empty turns HS256 off"
+            ),
+        }
+    }
 }
 
 impl Verifier {
