@@ -7,7 +7,7 @@ use bytes::{Buf, Bytes};
 use fred::types::Value;
 use thiserror::Error;
 
-use crate::bus::Publication;
+use crate::bus::{Position, Publication};
 
 /// Version byte opening every Pub/Sub announcement.
 pub const ANNOUNCEMENT_V1: u8 = 1;
@@ -137,6 +137,16 @@ pub fn decode_announced(bytes: Bytes, max_payload: usize) -> Result<Announced, M
 /// numbers are doubles, never does arithmetic on them).
 pub fn epoch_hex(epoch: u64) -> String {
     format!("{epoch:016x}")
+}
+
+/// A position the node has seen, as the two script arguments the
+/// `rolled_back` check takes (`scripts::ENSURE_EPOCH`): epoch hex and
+/// offset, or `''` and `0` for none.
+pub fn seen_args(p: Option<Position>) -> [Value; 2] {
+    [
+        Value::from(p.map_or(String::new(), |p| epoch_hex(p.epoch))),
+        Value::from(p.map_or(0, |p| p.offset).to_string()),
+    ]
 }
 
 pub fn parse_epoch(s: &[u8]) -> Result<u64, Malformed> {

@@ -271,9 +271,6 @@ impl Companion {
                             )
                         }
                     };
-                    // The bound counts from when the publish reached the
-                    // server, not from when it reached the companion.
-                    let deadline_us = self.shared.deadline_us(ingress_us);
                     let seen = self.subs.get(&channel).and_then(Sub::seen);
                     self.queue(Job::Publish(PublishJob {
                         channel,
@@ -281,7 +278,6 @@ impl Companion {
                         key,
                         reply_to,
                         ingress_us,
-                        deadline_us,
                         seen,
                     }));
                 }

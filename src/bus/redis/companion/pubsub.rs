@@ -11,7 +11,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use super::pipeline::run_pipelined;
 use super::subscriptions::Internal;
 use super::Shared;
-use crate::bus::redis::codec::{self, bytes_of, epoch_hex, parse_epoch, u64_of};
+use crate::bus::redis::codec::{self, bytes_of, parse_epoch, u64_of};
 use crate::bus::redis::keys;
 use crate::bus::redis::scripts::scripts;
 use crate::bus::Position;
@@ -126,17 +126,14 @@ async fn open_channels(
     let calls = group
         .iter()
         .map(|(c, _)| {
-            (&scripts().open, vec![keys::meta(c), keys::stream(c)], {
-                // What the node saw of the channel: Redis holding less
-                // of that epoch means it lost acknowledged history.
-                let seen = shared.seen.get(c);
-                vec![
-                    Value::from(shared.fresh_epoch()),
-                    Value::from(shared.ttl_ms().to_string()),
-                    Value::from(seen.map_or(String::new(), |p| epoch_hex(p.epoch))),
-                    Value::from(seen.map_or(0, |p| p.offset).to_string()),
-                ]
-            })
+            let mut args = vec![
+                Value::from(shared.fresh_epoch()),
+                Value::from(shared.ttl_ms().to_string()),
+            ];
+            // What the node saw of the channel: Redis holding less of that
+            // epoch means it lost acknowledged history.
+            args.extend(codec::seen_args(shared.seen.get(c)));
+            (&scripts().open, vec![keys::meta(c), keys::stream(c)], args)
         })
         .collect();
     run_pipelined(cmd, calls)

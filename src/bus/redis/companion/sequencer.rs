@@ -16,7 +16,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use super::pipeline::{run_pipelined, Call};
 use super::Shared;
-use crate::bus::redis::codec::{self, bytes_of, epoch_hex, parse_epoch, u64_of};
+use crate::bus::redis::codec::{self, bytes_of, parse_epoch, u64_of};
 use crate::bus::redis::keys::{self, IdemKey};
 use crate::bus::redis::scripts::scripts;
 use crate::bus::redis::RedisStats;
@@ -34,7 +34,6 @@ pub(super) struct PublishJob {
     pub(super) key: IdemKey,
     pub(super) reply_to: ReplyTo,
     pub(super) ingress_us: u64,
-    pub(super) deadline_us: u64,
     /// The newest position this node's subscription to the channel has
     /// seen, if it has one (see `publish_args`).
     pub(super) seen: Option<Position>,
@@ -45,11 +44,12 @@ pub(super) struct PublishJob {
 ///
 /// Every job carries the time its `redis.command_timeout_ms` counts from
 /// (a publish: when it reached the server). A job already past its deadline
-/// when its turn comes fails without being sent, and a pipeline is waited
-/// for only until the earliest deadline among its jobs: jobs queued behind
-/// a pipeline stuck on a dead Redis fail at their own deadline, not at the
-/// stuck pipeline's plus their own, while the pipeline is still awaited for
-/// the jobs whose deadline has not come. A publish that failed this way may
+/// when its turn comes fails without being sent, and each job of a
+/// pipeline is answered at its own deadline if the pipeline (or, with
+/// `redis.wait_replicas`, the WAIT after it) has not answered by then,
+/// while the others wait on ([`Waiting::until`]): jobs queued behind a
+/// pipeline stuck on a dead Redis fail at their own deadline, not at the
+/// stuck pipeline's plus their own. A publish that failed this way may
 /// still have been stored (the error says so: retry with the same
 /// idempotency key); the publish script refuses it once its deadline, plus
 /// a slack for the measured clock offset, has passed in Redis' clock.
@@ -60,6 +60,7 @@ pub(super) async fn sequencer(
     events: UnboundedSender<Vec<BusEvent>>,
 ) {
     let timeout = shared.options.command_timeout;
+    let late = timed_out(timeout);
     // WAIT counts only writes made on its own connection: a reconnect
     // between a pipeline and its WAIT would confirm nothing.
     let mut reconnects = cmd.reconnect_rx();
@@ -84,7 +85,7 @@ pub(super) async fn sequencer(
                     deadlines.push(now + left);
                     live.push(Some(job));
                 }
-                None => answer(&shared, job, Err(timed_out(timeout)), &mut out),
+                None => answer(&shared, job, Err(late.clone()), &mut out),
             }
         }
         if !live.is_empty() {
@@ -96,12 +97,8 @@ pub(super) async fn sequencer(
             // Each job is answered by its own deadline; the pipeline (and
             // the WAIT) is awaited for the others while any is waiting.
             let mut waiting = Waiting::new(live, deadlines);
-            while !matches!(
-                reconnects.try_recv(),
-                Err(TryRecvError::Empty | TryRecvError::Closed)
-            ) {}
+            drain_reconnects(&mut reconnects);
             let pipeline = run_pipelined(&cmd, calls);
-            let late = timed_out(timeout);
             let Ok(results) = waiting
                 .until(pipeline, &late, &shared, &mut out, &events)
                 .await
@@ -118,7 +115,7 @@ pub(super) async fn sequencer(
                     // Only stored publishes wait for the replicas: answer
                     // the rest (presence, failed publishes) now.
                     for (slot, r) in waiting.live.iter_mut().zip(results.iter_mut()) {
-                        if !(matches!(slot, Some(Job::Publish(_))) && r.is_ok()) {
+                        if !stored(slot, r) {
                             if let Some(job) = slot.take() {
                                 let r = std::mem::replace(r, Err(String::new()));
                                 answer(&shared, job, r, &mut out);
@@ -126,16 +123,14 @@ pub(super) async fn sequencer(
                         }
                     }
                     let wait = wait_for_replicas(&cmd, replicas, waiting.last_deadline());
-                    let late = not_confirmed(replicas, "none known (WAIT still running)");
-                    let Ok(confirmed) =
-                        waiting.until(wait, &late, &shared, &mut out, &events).await
+                    let unsure = not_confirmed(replicas, "none known (WAIT still running)");
+                    let Ok(confirmed) = waiting
+                        .until(wait, &unsure, &shared, &mut out, &events)
+                        .await
                     else {
                         return;
                     };
-                    let reconnected = !matches!(
-                        reconnects.try_recv(),
-                        Err(TryRecvError::Empty | TryRecvError::Closed)
-                    );
+                    let reconnected = drain_reconnects(&mut reconnects);
                     let failed = match confirmed {
                         // The writes and the WAIT may not share a connection.
                         Some(Ok(())) if reconnected => {
@@ -221,10 +216,7 @@ impl Waiting {
 
     /// Whether a publish still waiting was stored.
     fn any_stored(&self, results: &[Result<Value, String>]) -> bool {
-        self.live
-            .iter()
-            .zip(results)
-            .any(|(j, r)| matches!(j, Some(Job::Publish(_))) && r.is_ok())
+        self.live.iter().zip(results).any(|(j, r)| stored(j, r))
     }
 
     /// The latest deadline of a job still waiting.
@@ -264,10 +256,27 @@ fn unconfirmed(
 ) {
     let why = not_confirmed(replicas, confirmed);
     for (j, r) in jobs.iter().zip(results.iter_mut()) {
-        if matches!(j, Some(Job::Publish(_))) && r.is_ok() {
+        if stored(j, r) {
             *r = Err(why.clone());
         }
     }
+}
+
+/// A publish still waiting whose script stored it (it waits for WAIT).
+fn stored(job: &Option<Job>, r: &Result<Value, String>) -> bool {
+    matches!(job, Some(Job::Publish(_))) && r.is_ok()
+}
+
+/// Empties the reconnect notices; whether there was any.
+fn drain_reconnects<T: Clone>(rx: &mut tokio::sync::broadcast::Receiver<T>) -> bool {
+    let mut any = false;
+    while !matches!(
+        rx.try_recv(),
+        Err(TryRecvError::Empty | TryRecvError::Closed)
+    ) {
+        any = true;
+    }
+    any
 }
 
 fn not_confirmed(replicas: u32, confirmed: &str) -> String {
@@ -393,7 +402,8 @@ fn publish_call(shared: &Shared, job: &PublishJob, seen: [Option<Position>; 2]) 
         job.payload.clone(),
         &job.key,
         job.ingress_us,
-        job.deadline_us,
+        // The bound counts from when the publish reached the server.
+        shared.deadline_us(job.ingress_us),
         seen,
     )
 }
@@ -432,8 +442,7 @@ pub fn publish_args(
         Value::from(deadline_us.to_string()),
     ];
     for p in seen {
-        args.push(Value::from(p.map_or(String::new(), |p| epoch_hex(p.epoch))));
-        args.push(Value::from(p.map_or(0, |p| p.offset).to_string()));
+        args.extend(codec::seen_args(p));
     }
     (&scripts().publish, keys, args)
 }
