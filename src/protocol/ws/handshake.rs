@@ -493,9 +493,9 @@ pub fn accept_response(key: &str, subprotocol: Option<&str>) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// A plain-text error response that closes the connection.
 /// A `200 OK` carrying `body` (`content_type`), closing the connection
-/// after it: the answer to a plain `GET` on the WebSocket port.
+/// after it: the answer to a plain `GET` on the WebSocket port. Extra
+/// headers are checked as in [`error_response_with`].
 pub fn ok_response(content_type: &str, extra_headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
     let mut out = String::with_capacity(160);
     let _ = write!(
@@ -503,17 +503,26 @@ pub fn ok_response(content_type: &str, extra_headers: &[(&str, &str)], body: &[u
         "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
     );
-    for (name, value) in extra_headers {
-        if !name.is_empty() && name.bytes().all(is_tchar) && value.bytes().all(is_field_vchar) {
-            let _ = write!(out, "{name}: {value}\r\n");
-        }
-    }
+    push_extra_headers(&mut out, extra_headers);
     out.push_str("\r\n");
     let mut bytes = out.into_bytes();
     bytes.extend_from_slice(body);
     bytes
 }
 
+/// Appends caller headers, skipping any whose name is not a token or whose
+/// value contains control characters, so a caller mistake cannot split the
+/// response.
+fn push_extra_headers(out: &mut String, extra_headers: &[(&str, &str)]) {
+    for (name, value) in extra_headers {
+        if !name.is_empty() && name.bytes().all(is_tchar) && value.bytes().all(is_field_vchar) {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "{name}: {value}\r\n");
+        }
+    }
+}
+
+/// A plain-text error response that closes the connection.
 pub fn error_response(status: u16, message: &str) -> Vec<u8> {
     error_response_with(status, message, &[])
 }
@@ -541,13 +550,7 @@ pub fn error_response_with(status: u16, message: &str, extra_headers: &[(&str, &
         405 => out.push_str("Connection: close\r\nAllow: GET\r\n"),
         _ => out.push_str("Connection: close\r\n"),
     }
-    for (name, value) in extra_headers {
-        let name_ok = !name.is_empty() && name.bytes().all(is_tchar);
-        let value_ok = value.bytes().all(is_field_vchar);
-        if name_ok && value_ok {
-            let _ = write!(out, "{name}: {value}\r\n");
-        }
-    }
+    push_extra_headers(&mut out, extra_headers);
     out.push_str("\r\n");
     out.push_str(message);
     out.push('\n');
