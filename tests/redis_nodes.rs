@@ -92,6 +92,26 @@ async fn publish_keyed(c: &mut Client, channel: &str, payload: &[u8], key: &str)
     }
 }
 
+/// Publishes with `key` until it is acknowledged, retrying (with the same
+/// key, so it is stored once) while Redis is unavailable — as a client
+/// does while Redis restarts; at most `WAIT` in all.
+async fn publish_keyed_once_back(
+    c: &mut Client,
+    channel: &str,
+    payload: &[u8],
+    key: &str,
+) -> Position {
+    let until = Instant::now() + WAIT;
+    loop {
+        match publish_within(c, channel, payload, Some(key), WAIT).await {
+            Outcome::Ack(pos) => return pos,
+            Outcome::Error(code, _) => assert_eq!(code, ErrorCode::Unavailable as u16),
+        }
+        assert!(Instant::now() < until, "Redis never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Pipelines `payloads` and returns their acknowledged positions in order.
 async fn publish_all(c: &mut Client, channel: &str, payloads: &[Vec<u8>]) -> Vec<Position> {
     let mut ids = Vec::with_capacity(payloads.len());
@@ -1192,15 +1212,7 @@ async fn with_redis_down_requests_fail_fast_clients_stay_and_a_keyed_retry_is_st
         other => panic!("the held subscribe: {other:?}"),
     }
     // The retry (same key) until Redis is back: stored once.
-    let until = Instant::now() + WAIT;
-    let keyed = loop {
-        match publish_within(&mut publisher, CH, b"keyed", Some("retry-me"), bound).await {
-            Outcome::Ack(pos) => break pos,
-            Outcome::Error(code, _) => assert_eq!(code, ErrorCode::Unavailable as u16),
-        }
-        assert!(Instant::now() < until, "Redis never came back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let keyed = publish_keyed_once_back(&mut publisher, CH, b"keyed", "retry-me").await;
     assert_eq!(keyed.epoch, p0.epoch);
     assert_eq!(keyed.offset, before.offset + 1, "stored once, right after");
     let again = publish_within(&mut publisher, CH, b"keyed", Some("retry-me"), bound).await;
@@ -1269,23 +1281,10 @@ async fn redis_back_from_an_older_snapshot_never_reuses_a_position() {
     redis.kill();
     redis.restart();
     let third = payloads("after", 5);
-    let until = Instant::now() + WAIT;
     let mut after = Vec::new();
     for (i, p) in third.iter().enumerate() {
-        // Keyed: a retry of a publish that failed while Redis came back is
-        // stored once.
         let key = format!("after-{i}");
-        loop {
-            match publish_within(&mut publisher, CH, p, Some(&key), WAIT).await {
-                Outcome::Ack(pos) => {
-                    after.push(pos);
-                    break;
-                }
-                Outcome::Error(code, _) => assert_eq!(code, ErrorCode::Unavailable as u16),
-            }
-            assert!(Instant::now() < until, "Redis never came back");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        after.push(publish_keyed_once_back(&mut publisher, CH, p, &key).await);
     }
     let new_epoch = after[0].epoch;
     assert_ne!(
@@ -1391,15 +1390,7 @@ async fn a_shard_that_never_saw_the_channel_does_not_reuse_a_lost_position() {
     let last = roll_back(&mut redis, &mut publisher, &mut watcher, CH).await;
     // Node b's shard 1 publishes as soon as Redis answers.
     let mut other = connect_on_shard(b.addr, "", 1, false).await;
-    let until = Instant::now() + WAIT;
-    let pos = loop {
-        match publish_within(&mut other, CH, b"next", Some("next"), WAIT).await {
-            Outcome::Ack(pos) => break pos,
-            Outcome::Error(code, _) => assert_eq!(code, ErrorCode::Unavailable as u16),
-        }
-        assert!(Instant::now() < until, "Redis never came back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pos = publish_keyed_once_back(&mut other, CH, b"next", "next").await;
     assert_ne!(
         pos.epoch, last.epoch,
         "offset {} of the old epoch was given again",
