@@ -153,15 +153,20 @@ fn subscribe(node: &mut Node, channel: &str) -> Position {
     subscribed(&ev, channel).expect("subscribed")
 }
 
+/// Publishes on one shard's bus, now (its ingress time).
+fn publish(bus: &mut RedisBus, channel: &str, payload: Bytes, key: Option<&str>, request: u32) {
+    bus.publish(channel, payload, key, reply(request), unix_us());
+}
+
 /// Publishes `payloads` from `node`'s shard 0 and waits for every ack.
 fn publish_all(node: &mut Node, channel: &str, payloads: &[String]) -> Vec<Position> {
     for (i, p) in payloads.iter().enumerate() {
-        node.buses[0].publish(
+        publish(
+            &mut node.buses[0],
             channel,
             Bytes::from(p.clone()),
             None,
-            reply(i as u32),
-            unix_us(),
+            i as u32,
         );
         if i % 10 == 9 {
             node.buses[0].flush();
@@ -228,12 +233,12 @@ fn subscribing_during_a_stream_of_publishes_leaves_no_gap_and_no_duplicate() {
     // Publish 300 in small batches; subscribe after the first 20.
     while sent < 300 {
         for _ in 0..5 {
-            a.buses[0].publish(
+            publish(
+                &mut a.buses[0],
                 "c",
                 Bytes::from(format!("{sent}")),
                 None,
-                reply(sent),
-                unix_us(),
+                sent,
             );
             sent += 1;
         }
@@ -263,35 +268,35 @@ fn an_idempotency_key_stores_once() {
     let mut a = Node::start(&redis, 1, options("a"));
     let mut b = Node::start(&redis, 1, options("b"));
     subscribe(&mut b, "c");
-    a.buses[0].publish(
+    publish(
+        &mut a.buses[0],
         "c",
         Bytes::from_static(b"x"),
         Some("k1"),
-        reply(1),
-        unix_us(),
+        1,
     );
-    a.buses[0].publish(
+    publish(
+        &mut a.buses[0],
         "c",
         Bytes::from_static(b"x"),
         Some("k1"),
-        reply(2),
-        unix_us(),
+        2,
     );
-    a.buses[0].publish(
+    publish(
+        &mut a.buses[0],
         "c",
         Bytes::from_static(b"y"),
         Some("k2"),
-        reply(3),
-        unix_us(),
+        3,
     );
     until(&mut [&mut a], "acks", |n| acks(&n[0].events[0]).len() == 3);
     // A retry from another node, later, is still recognised.
-    b.buses[0].publish(
+    publish(
+        &mut b.buses[0],
         "c",
         Bytes::from_static(b"x"),
         Some("k1"),
-        reply(4),
-        unix_us(),
+        4,
     );
     until(&mut [&mut b], "ack", |n| acks(&n[0].events[0]).len() == 1);
     idle(&mut [&mut a, &mut b], Duration::from_millis(100));
@@ -424,12 +429,12 @@ fn redis_down_fails_publishes_fast_and_a_restart_resumes_with_gap_fill() {
     // Failed publishes may still be stored (fred resends what was in
     // flight once it reconnects), which is why they are keyed: each is
     // stored at most once.
-    a.buses[0].publish(
+    publish(
+        &mut a.buses[0],
         "d",
         Bytes::from_static(b"lost"),
         Some("lost"),
-        reply(99),
-        unix_us(),
+        99,
     );
     until(&mut [&mut a], "failure", |n| {
         !acks(&n[0].events[0]).is_empty()
@@ -454,12 +459,12 @@ fn redis_down_fails_publishes_fast_and_a_restart_resumes_with_gap_fill() {
     while acked.len() < 20 {
         if next as usize == acked.len() {
             let body = format!("r{next}");
-            a.buses[0].publish(
+            publish(
+                &mut a.buses[0],
                 "d",
                 Bytes::from(body.clone()),
                 Some(&body),
-                reply(next),
-                unix_us(),
+                next,
             );
             next += 1;
         }
@@ -504,7 +509,7 @@ fn redis_down_fails_publishes_fast_and_a_restart_resumes_with_gap_fill() {
     let deadline = Instant::now() + WAIT;
     let mut new_epoch = None;
     while new_epoch.is_none() {
-        a.buses[0].publish("d", Bytes::from_static(b"n"), None, reply(500), unix_us());
+        publish(&mut a.buses[0], "d", Bytes::from_static(b"n"), None, 500);
         until(&mut [&mut a], "ack", |n| !acks(&n[0].events[0]).is_empty());
         if let Some((_, Ok(p))) = acks(&a.take(0)).pop() {
             new_epoch = Some(p);
@@ -612,12 +617,12 @@ fn ingest_runs_each_command_once_across_nodes_and_reclaims_a_dead_consumers_entr
     subscribe(&mut watcher, "ing");
     // A publish that a dead node made for an ingest entry it never
     // acknowledged (same idempotency key as the entry below).
-    watcher.buses[0].publish(
+    publish(
+        &mut watcher.buses[0],
         "ing",
         Bytes::from_static(b"dup"),
         Some("ik1"),
-        reply(1),
-        unix_us(),
+        1,
     );
     until(&mut [&mut watcher], "ack", |n| {
         acks(&n[0].events[0]).len() == 1
