@@ -7,15 +7,15 @@
 //! WebSocket session keeps of an incomplete frame.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Shutdown};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 
 use monoio::net::TcpStream;
 
 use super::slab::ConnId;
-use super::state::{CloseReason, State};
-use super::Shard;
+use super::state::{CloseReason, Flushed, State};
+use super::{now, sys, transmit, Shard};
 use crate::metrics::Limit;
 use crate::protocol::compression;
 use crate::protocol::ws::{self, Event, HandshakeParser, Session};
@@ -44,7 +44,12 @@ enum Input {
 pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: IpAddr) {
     let fd = stream.as_raw_fd();
     let stream = Rc::new(stream);
-    let id = shard.state.borrow_mut().add_conn(stream.clone(), fd, peer);
+    let id = {
+        let mut state = shard.state.borrow_mut();
+        state.touch(now());
+        state.add_conn(peer)
+    };
+    shard.sockets.borrow_mut().insert(id, stream.clone());
     let mut input = Input::Handshake(Box::new(HandshakeParser::new(
         shard.settings.handshake_limits(),
     )));
@@ -57,6 +62,9 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: IpAddr) {
             Ok(false) | Err(_) => break,
         }
     }
+    // Shutting the socket wakes a writer still waiting on it.
+    sys::shutdown(fd, Shutdown::Both);
+    shard.sockets.borrow_mut().remove(id);
     shard.state.borrow_mut().remove_conn(id);
 }
 
@@ -64,30 +72,14 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: IpAddr) {
 fn read_available(shard: &Shard, id: ConnId, fd: RawFd, input: &mut Input) -> io::Result<bool> {
     let mut scratch = shard.scratch.borrow_mut();
     loop {
-        // SAFETY: the buffer is valid for `len` bytes and exclusively
-        // borrowed; `fd` is kept open by the stream this task owns.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                scratch.as_mut_ptr().cast(),
-                scratch.len(),
-                libc::MSG_DONTWAIT,
-            )
+        let n = match sys::recv(fd, &mut scratch) {
+            Ok(0) => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(e),
         };
-        if n == 0 {
-            return Ok(false);
-        }
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            return match err.kind() {
-                io::ErrorKind::WouldBlock => Ok(true),
-                io::ErrorKind::Interrupted => continue,
-                _ => Err(err),
-            };
-        }
-        let n = n as usize;
         let mut state = shard.state.borrow_mut();
-        state.touch();
+        state.touch(now());
         state.received(id, n);
         on_bytes(shard, &mut state, id, input, &scratch[..n]);
         state.wake_if_needed();
@@ -267,16 +259,27 @@ fn on_frames(
     Ok(())
 }
 
-/// Waits for a full socket to drain, flushing whenever it can take more.
+/// Waits for a full socket to drain, writing whenever it can take more.
 pub async fn writer(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>) {
+    let fd = stream.as_raw_fd();
     loop {
         let ready = stream.writable(false).await;
         let mut state = shard.state.borrow_mut();
-        if ready.is_err() {
-            state.remove_conn(id);
-            break;
+        state.touch(now());
+        let flushed = match ready {
+            Ok(()) => transmit::write(&mut state, fd, id),
+            Err(_) => {
+                state.write_failed(id);
+                None
+            }
+        };
+        if flushed != Some(Flushed::Blocked) {
+            state.writer_done(id);
         }
-        if !state.writable(id) {
+        // What the write left (a shutdown, a resumed catch-up) is the
+        // dispatcher's to perform.
+        state.wake_if_needed();
+        if flushed != Some(Flushed::Blocked) {
             break;
         }
     }

@@ -17,7 +17,9 @@ mod rate;
 mod requeue;
 mod slab;
 mod state;
+mod sys;
 mod timers;
+mod transmit;
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -25,7 +27,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use monoio::net::TcpListener;
 use thiserror::Error;
@@ -38,7 +40,8 @@ use crate::metrics::Registry;
 use crate::protocol::compression::Dictionary;
 use crate::protocol::wire::DecodeLimits;
 use crate::protocol::ws::{FrameLimits, HandshakeLimits};
-use state::State;
+use slab::ConnId;
+use state::{State, Time};
 
 pub use conn::{NATIVE_PATH, NATIVE_SUBPROTOCOL};
 
@@ -146,7 +149,19 @@ struct Shard {
     registry: Arc<Registry>,
     settings: Rc<Settings>,
     state: RefCell<State>,
+    /// The connections' sockets; the state knows them by id only.
+    sockets: RefCell<transmit::Sockets>,
+    /// Reused by every turn's writes (no allocation per tick).
+    write_batch: RefCell<Vec<ConnId>>,
     scratch: RefCell<Box<[u8]>>,
+}
+
+/// The time now, for the state (which reads no clock itself).
+fn now() -> Time {
+    Time {
+        mono: Instant::now(),
+        unix_us: crate::bus::unix_us(),
+    }
 }
 
 /// The running server: shard threads and the address they listen on.
@@ -315,7 +330,7 @@ async fn run_shard(
         }
     };
     let settings = Rc::new(settings);
-    let state = match State::new(id, settings.clone(), bus, registry.clone()) {
+    let state = match State::new(id, settings.clone(), bus, registry.clone(), now()) {
         Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err((id as usize, format!("cannot set up zstd: {e}"))));
@@ -326,6 +341,8 @@ async fn run_shard(
         id: usize::from(id),
         registry,
         state: RefCell::new(state),
+        sockets: RefCell::new(transmit::Sockets::default()),
+        write_batch: RefCell::new(Vec::new()),
         settings,
         scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
     });
@@ -355,7 +372,11 @@ async fn run_shard(
     }
     // Draining: the sweeper closes connections over the window; this shard
     // is done when they are gone or the window is over.
-    while !shard.state.borrow().drained() {
+    while !{
+        let mut state = shard.state.borrow_mut();
+        state.touch(now());
+        state.drained()
+    } {
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::debug!(shard = id, "drained");
@@ -366,7 +387,12 @@ async fn watch_drain(shard: Rc<Shard>, mut draining: Draining, listener_fd: RawF
     if draining.signal.wait_for(|&d| d).await.is_err() {
         return;
     }
-    shard.state.borrow_mut().begin_drain(draining.window);
+    {
+        let mut state = shard.state.borrow_mut();
+        state.touch(now());
+        state.begin_drain(draining.window);
+        state.wake_if_needed();
+    }
     // Shutting the listening socket down wakes the pending accept with an
     // error, which ends the accept loop (racing accept against a signal in
     // `select!` could leak an accepted descriptor).
@@ -391,13 +417,15 @@ async fn dispatcher(shard: Rc<Shard>, requeue: Rc<requeue::Requeue>) {
     let pause = shard.settings.tick_pause;
     loop {
         std::future::poll_fn(|cx| shard.state.borrow_mut().poll_work(cx)).await;
-        let (writers, batching) = {
+        let batching = {
             let mut state = shard.state.borrow_mut();
-            (state.tick(), state.batching())
+            state.touch(now());
+            state.tick();
+            transmit::perform(&shard, &mut state);
+            state.touch(now());
+            state.transmitted();
+            state.batching()
         };
-        for (id, stream) in writers {
-            monoio::spawn(conn::writer(shard.clone(), id, stream));
-        }
         if batching && !pause.is_zero() {
             monoio::time::sleep(pause).await;
         } else {
@@ -409,15 +437,13 @@ async fn dispatcher(shard: Rc<Shard>, requeue: Rc<requeue::Requeue>) {
 async fn sweeper(shard: Rc<Shard>) {
     loop {
         monoio::time::sleep(SWEEP_INTERVAL).await;
-        let writers = {
+        {
             let mut state = shard.state.borrow_mut();
+            state.touch(now());
             state.report();
-            state.sweep()
-        };
+            state.sweep();
+        }
         // Proof of life for the service watchdog: this shard's loop runs.
         shard.registry.heartbeat(shard.id);
-        for (id, stream) in writers {
-            monoio::spawn(conn::writer(shard.clone(), id, stream));
-        }
     }
 }

@@ -2,32 +2,22 @@
 //!
 //! Frames are `Bytes` handed out by the fan-out path (a broadcast frame is
 //! one allocation shared by every recipient), so queueing costs a refcount,
-//! not a copy. Everything queued goes out with one `sendmsg` per wake-up
-//! (gathered I/O), issued directly as a non-blocking syscall: the common case
-//! is that the kernel takes the whole write at once, and then no io_uring
-//! submission or owned buffer is needed at all. Only a connection whose
-//! socket buffer is full waits for writability.
+//! not a copy. The queue does no I/O: [`Outbound::gather`] lends the queued
+//! bytes as `IoSlice`s for the driver's one gathered write, and
+//! [`Outbound::advance`] records how much of them the kernel took.
+
+#![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
-use std::io;
-use std::os::fd::RawFd;
+use std::io::IoSlice;
 use std::time::Instant;
 
 use bytes::Bytes;
 
-/// Most iovecs passed to one `sendmsg` (well under `IOV_MAX`; a connection
+/// Most slices lent for one write (well under `IOV_MAX`; a connection
 /// rarely has more frames than this queued, and the rest go on the next
 /// round).
-const MAX_IOVECS: usize = 64;
-
-/// What a flush achieved.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Flushed {
-    /// Everything queued was handed to the kernel.
-    All,
-    /// The socket buffer is full; wait for writability.
-    Blocked,
-}
+pub const MAX_IOVECS: usize = 64;
 
 #[derive(Default)]
 pub struct Outbound {
@@ -43,10 +33,13 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// Bytes queued and not yet written.
     pub fn queued_bytes(&self) -> usize {
         self.queued
     }
 
+    /// When the oldest unsent byte started waiting on a full socket
+    /// (`None` while the socket takes everything).
     pub fn blocked_since(&self) -> Option<Instant> {
         self.blocked_since
     }
@@ -79,54 +72,25 @@ impl Outbound {
         }
     }
 
-    /// Writes as much as the socket takes without blocking.
-    pub fn flush(&mut self, fd: RawFd, now: Instant) -> io::Result<Flushed> {
-        while !self.frames.is_empty() {
-            let mut iov: [libc::iovec; MAX_IOVECS] = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MAX_IOVECS];
-            let mut n = 0;
-            for (i, f) in self.frames.iter().take(MAX_IOVECS).enumerate() {
-                let part = if i == 0 {
-                    &f[self.front_written..]
-                } else {
-                    &f[..]
-                };
-                iov[i] = libc::iovec {
-                    iov_base: part.as_ptr() as *mut libc::c_void,
-                    iov_len: part.len(),
-                };
-                n += 1;
-            }
-            // SAFETY: `msg` points at `n` iovecs that borrow frames owned by
-            // `self.frames`, which is not touched until the call returns.
-            let written = unsafe {
-                let mut msg: libc::msghdr = std::mem::zeroed();
-                msg.msg_iov = iov.as_mut_ptr();
-                msg.msg_iovlen = n as _;
-                // MSG_NOSIGNAL: a peer that went away must give EPIPE, not
-                // kill the process with SIGPIPE.
-                libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    /// Fills `iov` with the unwritten bytes, oldest first (at most
+    /// `iov.len()` frames); returns how many slices it filled (0: nothing
+    /// queued).
+    pub fn gather<'a>(&'a self, iov: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (i, (f, slot)) in self.frames.iter().zip(iov.iter_mut()).enumerate() {
+            let part = if i == 0 {
+                &f[self.front_written..]
+            } else {
+                &f[..]
             };
-            if written < 0 {
-                let err = io::Error::last_os_error();
-                match err.kind() {
-                    io::ErrorKind::WouldBlock => {
-                        self.blocked_since.get_or_insert(now);
-                        return Ok(Flushed::Blocked);
-                    }
-                    io::ErrorKind::Interrupted => continue,
-                    _ => return Err(err),
-                }
-            }
-            self.advance(written as usize);
+            *slot = IoSlice::new(part);
+            n += 1;
         }
-        self.blocked_since = None;
-        Ok(Flushed::All)
+        n
     }
 
-    fn advance(&mut self, mut written: usize) {
+    /// The kernel took `written` bytes from the front of the queue.
+    pub fn advance(&mut self, mut written: usize) {
         self.queued -= written;
         while written > 0 {
             let Some(front) = self.frames.front() else {
@@ -142,93 +106,100 @@ impl Outbound {
                 written = 0;
             }
         }
+        if self.queued == 0 {
+            self.blocked_since = None;
+        }
+    }
+
+    /// The socket is full at `now`; the oldest unsent byte waits from the
+    /// first such moment until the queue empties.
+    pub fn blocked(&mut self, now: Instant) {
+        self.blocked_since.get_or_insert(now);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::net::UnixStream;
+
+    /// What a socket that takes at most `window` bytes per call receives.
+    fn write_all(out: &mut Outbound, window: usize, wire: &mut Vec<u8>) {
+        loop {
+            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+            let n = out.gather(&mut iov);
+            if n == 0 {
+                return;
+            }
+            let mut took = 0;
+            for s in &iov[..n] {
+                let k = s.len().min(window - took);
+                wire.extend_from_slice(&s[..k]);
+                took += k;
+                if took == window {
+                    break;
+                }
+            }
+            out.advance(took);
+        }
+    }
 
     #[test]
     fn gathers_frames_into_one_stream_in_order() {
-        let (a, mut b) = UnixStream::pair().unwrap();
         let mut out = Outbound::default();
         for i in 0..100u8 {
             out.push(Bytes::from(vec![i; 10]));
         }
         assert_eq!(out.queued_bytes(), 1000);
-        assert_eq!(
-            out.flush(a.as_raw_fd(), Instant::now()).unwrap(),
-            Flushed::All
-        );
+        let mut wire = Vec::new();
+        write_all(&mut out, usize::MAX, &mut wire);
         assert_eq!(out.queued_bytes(), 0);
-        let mut got = vec![0u8; 1000];
-        b.read_exact(&mut got).unwrap();
-        for (i, chunk) in got.chunks(10).enumerate() {
+        for (i, chunk) in wire.chunks(10).enumerate() {
             assert!(chunk.iter().all(|&x| x == i as u8));
         }
+        assert_eq!(wire.len(), 1000);
     }
 
     #[test]
-    fn a_full_socket_blocks_and_resumes_mid_frame() {
-        let (a, mut b) = UnixStream::pair().unwrap();
+    fn partial_writes_resume_mid_frame_and_unblock_when_empty() {
         let mut out = Outbound::default();
-        let frame = Bytes::from((0..=255u8).cycle().take(1 << 20).collect::<Vec<u8>>());
+        let frame = Bytes::from((0..=255u8).cycle().take(10_000).collect::<Vec<u8>>());
         out.push(frame.clone());
         out.push(frame.clone());
         let t0 = Instant::now();
-        assert_eq!(out.flush(a.as_raw_fd(), t0).unwrap(), Flushed::Blocked);
-        assert_eq!(out.blocked_since(), Some(t0));
-        let mut received = Vec::new();
-        let mut buf = vec![0u8; 1 << 16];
-        while received.len() < 2 << 20 {
-            let n = b.read(&mut buf).unwrap();
-            received.extend_from_slice(&buf[..n]);
-            out.flush(a.as_raw_fd(), Instant::now()).unwrap();
-        }
+        out.blocked(t0);
+        out.blocked(t0 + std::time::Duration::from_secs(1));
+        assert_eq!(out.blocked_since(), Some(t0), "the first moment counts");
+        let mut wire = Vec::new();
+        write_all(&mut out, 333, &mut wire);
         assert_eq!(out.queued_bytes(), 0);
         assert_eq!(out.blocked_since(), None);
-        assert_eq!(&received[..1 << 20], &frame[..]);
-        assert_eq!(&received[1 << 20..], &frame[..]);
+        assert_eq!(&wire[..10_000], &frame[..]);
+        assert_eq!(&wire[10_000..], &frame[..]);
     }
 
     #[test]
     fn discard_keeps_a_half_written_frame() {
-        let (a, _b) = UnixStream::pair().unwrap();
         let mut out = Outbound::default();
-        out.push(Bytes::from(vec![1u8; 4 << 20]));
+        out.push(Bytes::from(vec![1u8; 4096]));
         out.push(Bytes::from(vec![2u8; 100]));
-        assert_eq!(
-            out.flush(a.as_raw_fd(), Instant::now()).unwrap(),
-            Flushed::Blocked
-        );
+        out.advance(1000);
         let left = out.queued_bytes();
-        assert!(left > 100 && left < (4 << 20) + 100);
+        assert_eq!(left, 4096 - 1000 + 100);
         out.discard_unstarted();
         assert_eq!(out.queued_bytes(), left - 100);
+        let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+        assert_eq!(out.gather(&mut iov), 1);
+        assert_eq!(iov[0].len(), 4096 - 1000, "the rest of the started frame");
     }
 
     #[test]
     fn idle_queues_give_their_buffer_back() {
-        let (a, _b) = UnixStream::pair().unwrap();
         let mut out = Outbound::default();
         out.push(Bytes::from_static(b"connected"));
-        out.flush(a.as_raw_fd(), Instant::now()).unwrap();
+        out.advance(9);
         out.release_if_idle();
         assert!(out.frames.capacity() > 0, "used since the last check: kept");
         out.release_if_idle();
         assert_eq!(out.frames.capacity(), 0, "idle for a whole interval: freed");
-    }
-
-    #[test]
-    fn a_closed_peer_is_an_error_not_a_signal() {
-        let (a, b) = UnixStream::pair().unwrap();
-        drop(b);
-        let mut out = Outbound::default();
-        out.push(Bytes::from_static(b"hello"));
-        assert!(out.flush(a.as_raw_fd(), Instant::now()).is_err());
     }
 }

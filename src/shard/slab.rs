@@ -17,7 +17,9 @@ impl ConnId {
         ConnId(v)
     }
 
-    fn index(self) -> usize {
+    /// The slot index (reused once the connection is gone; the full id
+    /// tells connections in the same slot apart).
+    pub fn slot(self) -> usize {
         (self.0 & 0xFFFF_FFFF) as usize
     }
 
@@ -67,14 +69,14 @@ impl<T> Slab<T> {
 
     pub fn get(&self, id: ConnId) -> Option<&T> {
         self.slots
-            .get(id.index())
+            .get(id.slot())
             .filter(|s| s.generation == id.generation())
             .and_then(|s| s.value.as_ref())
     }
 
     pub fn get_mut(&mut self, id: ConnId) -> Option<&mut T> {
         self.slots
-            .get_mut(id.index())
+            .get_mut(id.slot())
             .filter(|s| s.generation == id.generation())
             .and_then(|s| s.value.as_mut())
     }
@@ -94,11 +96,11 @@ impl<T> Slab<T> {
     pub fn remove(&mut self, id: ConnId) -> Option<T> {
         let slot = self
             .slots
-            .get_mut(id.index())
+            .get_mut(id.slot())
             .filter(|s| s.generation == id.generation())?;
         let value = slot.value.take()?;
         slot.generation = slot.generation.wrapping_add(1);
-        self.free.push(id.index() as u32);
+        self.free.push(id.slot() as u32);
         self.len -= 1;
         Some(value)
     }
@@ -114,7 +116,7 @@ mod tests {
         let a = s.insert("a");
         assert_eq!(s.remove(a), Some("a"));
         let b = s.insert("b");
-        assert_eq!(a.index(), b.index());
+        assert_eq!(a.slot(), b.slot());
         assert_eq!(s.get(a), None);
         assert_eq!(s.get(b), Some(&"b"));
         assert_eq!(s.remove(a), None);

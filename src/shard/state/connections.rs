@@ -3,13 +3,10 @@
 //! (close frame, linger, shutdown).
 
 use std::net::IpAddr;
-use std::os::fd::RawFd;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use monoio::net::TcpStream;
 
 use super::State;
 use crate::auth::Identity;
@@ -58,8 +55,6 @@ pub(super) enum Phase {
 }
 
 pub struct Conn {
-    pub(super) stream: Rc<TcpStream>,
-    pub(super) fd: RawFd,
     pub(super) out: Outbound,
     pub(super) subs: Vec<Arc<str>>,
     pub(super) phase: Phase,
@@ -109,8 +104,7 @@ pub(super) enum Deadline {
 impl State {
     /// Registers an accepted connection and decides whether it will be
     /// admitted; a refused one is answered once its request head arrives.
-    pub fn add_conn(&mut self, stream: Rc<TcpStream>, fd: RawFd, peer: IpAddr) -> ConnId {
-        self.touch();
+    pub fn add_conn(&mut self, peer: IpAddr) -> ConnId {
         let now = self.now;
         let limits = &self.settings.limits;
         let mut admitted = false;
@@ -147,8 +141,6 @@ impl State {
             }
         };
         let id = self.conns.insert(Conn {
-            stream,
-            fd,
             out: Outbound::default(),
             subs: Vec::new(),
             phase: Phase::Handshake,
@@ -186,12 +178,11 @@ impl State {
         }
     }
 
-    /// Forgets a connection whose reader has finished. Shuts the socket down
-    /// so a writer task still waiting on it wakes up and exits.
+    /// Forgets a connection whose socket is done (the driver shuts it, so
+    /// a writer still waiting on it wakes up and exits).
     pub fn remove_conn(&mut self, id: ConnId) {
         self.detach(id);
         if let Some(conn) = self.conns.remove(id) {
-            shutdown(conn.fd, libc::SHUT_RDWR);
             if conn.admitted {
                 self.settings.admission.release(conn.peer);
             }
@@ -267,12 +258,4 @@ pub(super) fn slow_consumer(why: &str) -> CloseReason {
         wire::close::SLOW_CONSUMER,
         format!("slow consumer: {why}; reconnect and recover from your last position"),
     )
-}
-
-pub(super) fn shutdown(fd: RawFd, how: libc::c_int) {
-    // SAFETY: `fd` belongs to a live TcpStream held by the connection; an
-    // error (already shut down, peer gone) needs no handling.
-    unsafe {
-        libc::shutdown(fd, how);
-    }
 }

@@ -1,9 +1,10 @@
 //! Graceful drain: on shutdown every connection is closed with 1012, a
 //! share at a time, so that the clients' reconnects are spread out.
 
+use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use super::connections::{shutdown, CloseReason, Conn, Phase};
+use super::connections::{CloseReason, Conn, Phase};
 use super::State;
 use crate::protocol::ws;
 
@@ -22,7 +23,6 @@ pub(super) struct Drain {
 impl State {
     /// Starts draining: every connection gets 1012 within `window`.
     pub fn begin_drain(&mut self, window: Duration) {
-        self.touch();
         self.drain = Some(Drain {
             started: self.now,
             spread: window.mul_f32(0.8),
@@ -41,7 +41,7 @@ impl State {
     pub fn drained(&self) -> bool {
         self.drain
             .as_ref()
-            .is_some_and(|d| self.conns.len() == 0 || Instant::now() >= d.deadline)
+            .is_some_and(|d| self.conns.len() == 0 || self.now >= d.deadline)
     }
 
     /// Closes this step's share of the connections.
@@ -68,7 +68,7 @@ impl State {
             }
             match conn.phase {
                 Phase::Closing { .. } => continue,
-                Phase::Handshake => shutdown(conn.fd, libc::SHUT_RDWR),
+                Phase::Handshake => self.shutdowns.push_back((id, Shutdown::Both)),
                 Phase::Open { .. } => victims.push(id),
             }
             budget -= 1;

@@ -2,9 +2,19 @@
 //! bus handle and its encoder. Only the shard's own thread touches it, so
 //! there are no locks; tasks borrow it briefly and never across an await.
 //!
+//! The state does no I/O and reads no clock (quinn-proto is the model):
+//! every call runs at the [`Time`] the driver last gave [`State::touch`],
+//! and what the state wants done it leaves for the driver to take —
+//! connections with bytes to write ([`State::take_dirty`], then
+//! [`State::gather`] / [`State::wrote`] per connection), sockets to shut
+//! ([`State::poll_shutdown`]), connections whose full socket needs a
+//! writer ([`State::poll_writer`]). The driver in `shard/` owns the
+//! sockets and performs those; tests drive the same calls on simulated
+//! time with fake sockets.
+//!
 //! This file holds the [`State`] struct and the tick that drives it: poll
-//! the bus, apply its events, flush the bus and every connection with
-//! output. The rest of `State`'s methods live beside the job they do:
+//! the bus, apply its events, flush the bus. The rest of `State`'s methods
+//! live beside the job they do:
 //! - `connections`: the connection table, admission at accept, upgrade
 //!   and close;
 //! - `requests`: decoding, rate limiting and answering client requests;
@@ -12,7 +22,7 @@
 //! - `recovery`: catching a subscriber up from history;
 //! - `presence`: per-user membership counts, queries and events;
 //! - `fanout`: encoding a channel's publications once for every subscriber;
-//! - `output`: queueing frames and writing them to sockets;
+//! - `output`: queueing frames and lending them to the driver's writes;
 //! - `sweep`: time budgets (deadlines, keepalive, idle, token expiry);
 //! - `drain`: closing connections gradually on shutdown.
 
@@ -26,18 +36,17 @@ mod requests;
 mod subscriptions;
 mod sweep;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::net::Shutdown;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
-
-use monoio::net::TcpStream;
+use std::time::Instant;
 
 use super::slab::{ConnId, Slab};
 use super::timers::Deadlines;
 use super::Settings;
-use crate::bus::{unix_us, Bus, BusEvent};
+use crate::bus::{Bus, BusEvent};
 use crate::metrics::{Counters, Latencies, Registry};
 use crate::protocol::compression::{Compressor, Decompressor};
 use crate::protocol::wire::Encoder;
@@ -45,6 +54,7 @@ use crate::protocol::wire::Encoder;
 pub use connections::CloseReason;
 use connections::{Conn, Deadline};
 use drain::Drain;
+pub use output::Flushed;
 use recovery::{Ahead, Recovery};
 use subscriptions::LocalChannel;
 
@@ -60,12 +70,16 @@ pub struct State {
     /// Connections with a blocked writer or a pending close, for the sweeper.
     watched: Vec<ConnId>,
     /// Connections whose socket filled up and need a writer task.
-    need_writer: Vec<(ConnId, Rc<TcpStream>)>,
+    need_writer: Vec<ConnId>,
+    /// Sockets to shut down, in order.
+    shutdowns: VecDeque<(ConnId, Shutdown)>,
     /// Requests were queued on the bus and need a flush.
     bus_pending: bool,
     dispatcher: Option<Waker>,
     next_client: u64,
+    /// The time of the current call (see [`State::touch`]).
     now: Instant,
+    unix_us: u64,
     events: Vec<BusEvent>,
     to_close: Vec<(ConnId, CloseReason)>,
     /// Handshake and Connect deadlines (of different lengths).
@@ -104,6 +118,7 @@ impl State {
         settings: Rc<Settings>,
         bus: Box<dyn Bus>,
         registry: Arc<Registry>,
+        time: Time,
     ) -> std::io::Result<Self> {
         let compressor = Compressor::new(
             settings.compression_level,
@@ -124,14 +139,16 @@ impl State {
             dirty: Vec::new(),
             watched: Vec::new(),
             need_writer: Vec::new(),
+            shutdowns: VecDeque::new(),
             bus_pending: false,
             dispatcher: None,
             next_client: 0,
-            now: Instant::now(),
+            now: time.mono,
+            unix_us: time.unix_us,
             events: Vec::new(),
             to_close: Vec::new(),
             deadlines: Deadlines::default(),
-            last_scan: Instant::now(),
+            last_scan: time.mono,
             counters: Counters::default(),
             latencies: Latencies::default(),
             delivered: Vec::new(),
@@ -157,13 +174,32 @@ impl State {
             .publish(usize::from(self.shard), &self.counters, &mut self.latencies);
     }
 
-    pub fn touch(&mut self) {
-        self.now = Instant::now();
+    /// Sets the time the following calls run at. The driver calls it at
+    /// the start of every turn; time never goes back.
+    pub fn touch(&mut self, time: Time) {
+        self.now = self.now.max(time.mono);
+        self.unix_us = time.unix_us;
     }
 
-    /// Wakes the dispatcher if this turn left anything to send.
+    /// Milliseconds since the Unix epoch, at the current call's time.
+    fn unix_ms(&self) -> u64 {
+        self.unix_us / 1000
+    }
+
+    /// Whether this turn left anything for the dispatcher: bus requests to
+    /// send, connections to write or close, sockets to shut, writers to
+    /// start.
+    fn has_work(&self) -> bool {
+        self.bus_pending
+            || !self.dirty.is_empty()
+            || !self.to_close.is_empty()
+            || !self.shutdowns.is_empty()
+            || !self.need_writer.is_empty()
+    }
+
+    /// Wakes the dispatcher if this turn left anything to do.
     pub fn wake_if_needed(&mut self) {
-        if self.bus_pending || !self.dirty.is_empty() || !self.to_close.is_empty() {
+        if self.has_work() {
             if let Some(w) = self.dispatcher.take() {
                 w.wake();
             }
@@ -176,12 +212,7 @@ impl State {
         let mut events = std::mem::take(&mut self.events);
         let bus_ready = self.bus.poll_events(cx, &mut events).is_ready();
         self.events = events;
-        if bus_ready
-            || !self.events.is_empty()
-            || self.bus_pending
-            || !self.dirty.is_empty()
-            || !self.to_close.is_empty()
-        {
+        if bus_ready || !self.events.is_empty() || self.has_work() {
             std::task::Poll::Ready(())
         } else {
             self.dispatcher = Some(cx.waker().clone());
@@ -194,10 +225,11 @@ impl State {
         self.batching
     }
 
-    /// One tick: apply bus events, send queued bus requests, flush every
-    /// connection that has output. Returns the writers to start.
-    pub fn tick(&mut self) -> Vec<(ConnId, Rc<TcpStream>)> {
-        self.touch();
+    /// One tick: apply bus events and send queued bus requests. The
+    /// connections with output are then the driver's to write
+    /// ([`State::take_dirty`]), after which it calls
+    /// [`State::transmitted`].
+    pub fn tick(&mut self) {
         self.batching = false;
         let mut events = std::mem::take(&mut self.events);
         for ev in events.drain(..) {
@@ -209,18 +241,19 @@ impl State {
         // channel owner queues deliveries and acknowledgements for others.
         self.bus_pending = false;
         self.bus.flush();
-        self.flush_dirty();
-        if !self.delivered.is_empty() {
-            let now = unix_us();
-            for (published, ingress, n) in self.delivered.drain(..) {
-                self.latencies.record(
-                    now.saturating_sub(published),
-                    now.saturating_sub(ingress),
-                    n,
-                );
-            }
+    }
+
+    /// The driver wrote this tick's output: the tick's deliveries count as
+    /// written at the current time (publish→write latency).
+    pub fn transmitted(&mut self) {
+        let now = self.unix_us;
+        for (published, ingress, n) in self.delivered.drain(..) {
+            self.latencies.record(
+                now.saturating_sub(published),
+                now.saturating_sub(ingress),
+                n,
+            );
         }
-        std::mem::take(&mut self.need_writer)
     }
 
     pub(super) fn close_pending(&mut self) {
@@ -262,8 +295,10 @@ impl State {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// A moment as the driver read it from the OS: monotonic for deadlines
+/// and budgets, Unix time (µs) for tokens and timestamps on the wire.
+#[derive(Clone, Copy, Debug)]
+pub struct Time {
+    pub mono: Instant,
+    pub unix_us: u64,
 }

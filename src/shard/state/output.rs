@@ -1,12 +1,16 @@
-//! Getting queued frames onto sockets: queueing a frame for a connection,
-//! the tick's flush of every dirty connection, and the writer task's
-//! retries once a full socket becomes writable.
+//! Getting queued frames to the driver: queueing a frame for a
+//! connection within its budget, and the calls through which the driver
+//! writes each connection's queue to its socket (the state never touches
+//! one).
+
+use std::io::IoSlice;
+use std::net::Shutdown;
 
 use bytes::Bytes;
 
-use super::connections::{shutdown, slow_consumer, Phase};
+use super::connections::{slow_consumer, Phase};
 use super::State;
-use crate::shard::outbound::{Flushed, Outbound};
+use crate::shard::outbound::Outbound;
 use crate::shard::slab::ConnId;
 
 impl State {
@@ -43,25 +47,22 @@ impl State {
         }
     }
 
-    pub(super) fn flush_dirty(&mut self) {
-        // Flushing can mark more connections dirty (a failed write closes
-        // its connection), so keep going until nothing is left.
-        let mut batch = std::mem::take(&mut self.dirty);
-        loop {
-            for id in batch.drain(..) {
-                self.flush_conn(id);
-            }
-            if self.dirty.is_empty() {
-                break;
-            }
-            std::mem::swap(&mut batch, &mut self.dirty);
-        }
-        self.dirty = batch;
+    /// Hands the driver the connections with output to write, in the
+    /// order they got it: swaps them into `into` (which must be empty). A
+    /// write can mark more connections dirty (a failed one closes its
+    /// connection, a drained one resumes a catch-up), so the driver calls
+    /// this until it returns nothing.
+    pub fn take_dirty(&mut self, into: &mut Vec<ConnId>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(into, &mut self.dirty);
     }
 
-    /// Writes what the connection has queued; called by the tick and by the
-    /// connection's writer task once the socket is writable again.
-    pub fn flush_conn(&mut self, id: ConnId) -> Option<Flushed> {
+    /// Starts writing connection `id`'s queue; false if it is gone. The
+    /// driver then alternates [`State::gather`] and [`State::wrote`] until
+    /// the queue is empty ([`State::write_drained`]), the socket is full
+    /// ([`State::write_blocked`]) or the write failed
+    /// ([`State::write_failed`]).
+    pub fn begin_write(&mut self, id: ConnId) -> bool {
         // Bus requests go out before the replies they caused: once a client
         // has seen a reply, whatever it does next (on any shard) reaches the
         // bus after the request behind that reply (see `bus::local`).
@@ -69,76 +70,117 @@ impl State {
             self.bus_pending = false;
             self.bus.flush();
         }
-        let now = self.now;
-        let conn = self.conns.get_mut(id)?;
-        conn.dirty = false;
-        let mut before = conn.out.queued_bytes();
-        // The owed pong joins the queue only while the socket takes what we
-        // write (on a blocked socket it waits in its slot, replaced by newer
-        // ones); a flush that empties the queue makes room for it, so at
-        // most one more round. Never after our close frame.
-        let mut result = conn.out.flush(conn.fd, now);
-        if matches!(result, Ok(Flushed::All)) && matches!(conn.phase, Phase::Open { .. }) {
-            if let Some(pong) = conn.pong.take() {
-                before += pong.len();
-                conn.out.push(pong);
-                result = conn.out.flush(conn.fd, now);
+        match self.conns.get_mut(id) {
+            Some(conn) => {
+                conn.dirty = false;
+                true
             }
-        }
-        self.counters.bytes_out += (before - conn.out.queued_bytes()) as u64;
-        match result {
-            Ok(Flushed::All) => {
-                if conn.shutdown_after_flush {
-                    conn.shutdown_after_flush = false;
-                    shutdown(conn.fd, libc::SHUT_WR);
-                }
-                // Catch-up paused for this connection's queue to drain
-                // goes on (it marks the connection dirty again).
-                if !self.paced.is_empty() {
-                    self.resume_paced(id);
-                }
-                Some(Flushed::All)
-            }
-            Ok(Flushed::Blocked) => {
-                if !conn.writer_active {
-                    conn.writer_active = true;
-                    self.need_writer.push((id, conn.stream.clone()));
-                    self.watched.push(id);
-                }
-                Some(Flushed::Blocked)
-            }
-            Err(_) => {
-                // The peer is gone: nothing queued can be delivered.
-                // Shutting down wakes the reader, which removes the
-                // connection.
-                conn.out = Outbound::default();
-                conn.pong = None;
-                conn.shutdown_after_flush = false;
-                shutdown(conn.fd, libc::SHUT_RDWR);
-                if !matches!(conn.phase, Phase::Closing { .. }) {
-                    self.begin_close(id);
-                }
-                None
-            }
+            None => false,
         }
     }
 
-    /// Called by a writer task when its socket became writable. Returns
-    /// whether the writer should keep waiting.
-    pub fn writable(&mut self, id: ConnId) -> bool {
-        self.touch();
-        let keep_waiting = match self.flush_conn(id) {
-            Some(Flushed::Blocked) => true,
-            _ => {
-                if let Some(conn) = self.conns.get_mut(id) {
-                    conn.writer_active = false;
-                }
-                false
-            }
+    /// Lends connection `id`'s unwritten bytes as slices for one gathered
+    /// write; returns how many slices it filled (0: nothing left to write).
+    /// The pong owed for the client's latest ping joins the queue only
+    /// when the queue is empty, i.e. while the socket takes what we write
+    /// (on a blocked socket it waits in its slot, replaced by newer ones);
+    /// never after our close frame.
+    pub fn gather<'a>(&'a mut self, id: ConnId, iov: &mut [IoSlice<'a>]) -> usize {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return 0;
         };
-        self.wake_if_needed();
-        keep_waiting
+        if conn.out.queued_bytes() == 0 && matches!(conn.phase, Phase::Open { .. }) {
+            if let Some(pong) = conn.pong.take() {
+                conn.out.push(pong);
+            }
+        }
+        conn.out.gather(iov)
     }
+
+    /// The socket took `bytes` of what [`State::gather`] lent.
+    pub fn wrote(&mut self, id: ConnId, bytes: usize) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.out.advance(bytes);
+            self.counters.bytes_out += bytes as u64;
+        }
+    }
+
+    /// Connection `id`'s queue is empty: a close frame that was queued is
+    /// out, so its write side is shut; a catch-up paused for the queue to
+    /// drain goes on.
+    pub fn write_drained(&mut self, id: ConnId) -> Flushed {
+        if let Some(conn) = self.conns.get_mut(id) {
+            if conn.shutdown_after_flush {
+                conn.shutdown_after_flush = false;
+                self.shutdowns.push_back((id, Shutdown::Write));
+            }
+        }
+        // Catch-up paused for this connection's queue to drain goes on
+        // (it marks the connection dirty again).
+        if !self.paced.is_empty() {
+            self.resume_paced(id);
+        }
+        Flushed::All
+    }
+
+    /// Connection `id`'s socket is full: its oldest unsent byte starts
+    /// ageing (`fanout.outbound_max_age_ms`), and it needs a writer that
+    /// waits for writability ([`State::poll_writer`]) unless it has one.
+    pub fn write_blocked(&mut self, id: ConnId) -> Flushed {
+        let now = self.now;
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.out.blocked(now);
+            if !conn.writer_active {
+                conn.writer_active = true;
+                self.need_writer.push(id);
+                self.watched.push(id);
+            }
+        }
+        Flushed::Blocked
+    }
+
+    /// Writing to connection `id` failed: the peer is gone and nothing
+    /// queued can be delivered. Its socket is shut, which wakes its reader
+    /// (the driver then removes the connection).
+    pub fn write_failed(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return;
+        };
+        conn.out = Outbound::default();
+        conn.pong = None;
+        conn.shutdown_after_flush = false;
+        self.shutdowns.push_back((id, Shutdown::Both));
+        if !matches!(conn.phase, Phase::Closing { .. }) {
+            self.begin_close(id);
+        }
+    }
+
+    /// The next connection whose full socket needs a writer task.
+    pub fn poll_writer(&mut self) -> Option<ConnId> {
+        self.need_writer.pop()
+    }
+
+    /// The next socket to shut down, and how.
+    pub fn poll_shutdown(&mut self) -> Option<(ConnId, Shutdown)> {
+        self.shutdowns.pop_front()
+    }
+
+    /// Connection `id`'s writer task has ended (its socket drained, or the
+    /// connection is closing or gone).
+    pub fn writer_done(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.writer_active = false;
+        }
+    }
+}
+
+/// What writing a connection's queue achieved.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Flushed {
+    /// Everything queued was handed to the kernel.
+    All,
+    /// The socket buffer is full; wait for writability.
+    Blocked,
 }
 
 /// Whether a frame of `frame_len` bytes may join a queue holding `queued`

@@ -6,10 +6,10 @@ use bytes::Bytes;
 
 use super::connections::{CloseReason, Phase};
 use super::fanout::binary_frame;
-use super::{unix_ms, State};
+use super::State;
 use std::sync::Arc;
 
-use crate::bus::{unix_us, BusError, Position, ReplyTo};
+use crate::bus::{BusError, Position, ReplyTo};
 use crate::metrics::Limit;
 use crate::protocol::channel;
 use crate::protocol::compression;
@@ -82,6 +82,7 @@ impl State {
         request: u32,
         req: ClientRequest<'_>,
     ) -> Result<(), CloseReason> {
+        let now_secs = self.unix_ms() / 1000;
         let Some(conn) = self.conns.get_mut(id) else {
             return Ok(());
         };
@@ -91,15 +92,11 @@ impl State {
         };
         match req {
             ClientRequest::Connect { token } => {
-                let identity = self
-                    .settings
-                    .auth
-                    .connect(token, unix_ms() / 1000)
-                    .map_err(|e| {
-                        self.counters.auth_failures += 1;
-                        tracing::debug!(error = %e, "connect refused");
-                        CloseReason::new(wire::close::AUTH_FAILED, format!("connect refused: {e}"))
-                    })?;
+                let identity = self.settings.auth.connect(token, now_secs).map_err(|e| {
+                    self.counters.auth_failures += 1;
+                    tracing::debug!(error = %e, "connect refused");
+                    CloseReason::new(wire::close::AUTH_FAILED, format!("connect refused: {e}"))
+                })?;
                 if connected {
                     // A second Connect refreshes the token, for the same user.
                     let same_user = match (&conn.identity, &identity) {
@@ -121,10 +118,11 @@ impl State {
                 conn.phase = Phase::Open { connected: true };
                 self.next_client += 1;
                 let client_id = (u64::from(self.shard) << 48) | self.next_client;
+                let server_ms = self.unix_ms();
                 let frame = binary_frame(
                     self.is_zstd(id),
                     self.encoder
-                        .connected(request, client_id, u32::from(self.shard), unix_ms()),
+                        .connected(request, client_id, u32::from(self.shard), server_ms),
                 );
                 self.enqueue(id, frame);
             }
@@ -191,7 +189,7 @@ impl State {
             Bytes::copy_from_slice(payload),
             idempotency_key,
             reply_to,
-            unix_us(),
+            self.unix_us,
         );
         self.bus_pending = true;
     }

@@ -2,23 +2,19 @@
 //! and Connect deadlines, slow consumers and lingering closes, and once per
 //! `SCAN_INTERVAL` keepalive pings, idle timeouts and token expiry.
 
-use std::rc::Rc;
+use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use monoio::net::TcpStream;
-
-use super::connections::{shutdown, slow_consumer, CloseReason, Deadline, Phase};
-use super::{unix_ms, State};
+use super::connections::{slow_consumer, CloseReason, Deadline, Phase};
+use super::State;
 use crate::metrics::Limit;
 use crate::protocol::wire;
 use crate::protocol::ws::{self, OpCode};
-use crate::shard::slab::ConnId;
 
 impl State {
     /// Enforces the time budgets: slow consumers whose oldest queued byte is
     /// too old, and closing connections past their linger deadline.
-    pub fn sweep(&mut self) -> Vec<(ConnId, Rc<TcpStream>)> {
-        self.touch();
+    pub fn sweep(&mut self) {
         let now = self.now;
         self.expire_deadlines(now);
         self.expire_ahead(now);
@@ -36,7 +32,7 @@ impl State {
             match conn.phase {
                 Phase::Closing { deadline } => {
                     if now >= deadline {
-                        shutdown(conn.fd, libc::SHUT_RDWR);
+                        self.shutdowns.push_back((id, Shutdown::Both));
                         return false;
                     }
                     true
@@ -58,9 +54,7 @@ impl State {
         watched.append(&mut self.watched);
         self.watched = watched;
         self.close_pending();
-        self.flush_dirty();
         self.wake_if_needed();
-        std::mem::take(&mut self.need_writer)
     }
 
     /// Handshakes and Connects that did not arrive in time.
@@ -75,7 +69,7 @@ impl State {
                     // A slowloris: no response is owed, just the socket.
                     tracing::debug!("handshake timed out");
                     self.counters.limit(Limit::Handshake);
-                    shutdown(conn.fd, libc::SHUT_RDWR);
+                    self.shutdowns.push_back((id, Shutdown::Both));
                 }
                 (Deadline::Connect, Phase::Open { connected: false }) => {
                     self.counters.limit(Limit::AuthDeadline);
@@ -99,7 +93,7 @@ impl State {
     fn scan(&mut self, now: Instant) {
         let ping_after = Duration::from_millis(u64::from(self.settings.limits.ping_interval_ms));
         let idle_after = Duration::from_millis(u64::from(self.settings.limits.idle_timeout_ms));
-        let now_secs = unix_ms() / 1000;
+        let now_secs = self.unix_ms() / 1000;
         let mut pings = Vec::new();
         for (id, conn) in self.conns.iter_mut() {
             if !matches!(conn.phase, Phase::Open { .. }) {

@@ -1,0 +1,111 @@
+//! Performing what the shard state asks for: writing each connection with
+//! output (one gathered `sendmsg` per round), shutting sockets, starting a
+//! writer task for each full socket. The state decides; this file only
+//! does what it says, on the sockets it keeps.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+
+use monoio::net::TcpStream;
+
+use super::outbound::MAX_IOVECS;
+use super::slab::ConnId;
+use super::state::{Flushed, State};
+use super::sys;
+use super::{conn, Shard};
+
+/// The shard's sockets by connection id: the state knows connections by
+/// id only. Indexed by the id's slot, so a lookup is one bounds check and
+/// one comparison (a stale id finds nothing).
+#[derive(Default)]
+pub struct Sockets {
+    slots: Vec<Option<(ConnId, Rc<TcpStream>)>>,
+}
+
+impl Sockets {
+    pub fn insert(&mut self, id: ConnId, stream: Rc<TcpStream>) {
+        let i = id.slot();
+        if self.slots.len() <= i {
+            self.slots.resize_with(i + 1, || None);
+        }
+        self.slots[i] = Some((id, stream));
+    }
+
+    pub fn get(&self, id: ConnId) -> Option<&Rc<TcpStream>> {
+        match self.slots.get(id.slot()) {
+            Some(Some((owner, stream))) if *owner == id => Some(stream),
+            _ => None,
+        }
+    }
+
+    pub fn remove(&mut self, id: ConnId) {
+        if let Some(slot) = self.slots.get_mut(id.slot()) {
+            if slot.as_ref().is_some_and(|(owner, _)| *owner == id) {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// Does everything the state left to do after a turn: writes, shutdowns,
+/// writers to start.
+pub fn perform(shard: &Rc<Shard>, state: &mut State) {
+    let sockets = shard.sockets.borrow();
+    let mut batch = shard.write_batch.borrow_mut();
+    loop {
+        state.take_dirty(&mut batch);
+        if batch.is_empty() {
+            break;
+        }
+        for id in batch.drain(..) {
+            match sockets.get(id) {
+                Some(stream) => {
+                    write(state, stream.as_raw_fd(), id);
+                }
+                None => state.write_failed(id),
+            }
+        }
+    }
+    while let Some((id, how)) = state.poll_shutdown() {
+        if let Some(stream) = sockets.get(id) {
+            sys::shutdown(stream.as_raw_fd(), how);
+        }
+    }
+    while let Some(id) = state.poll_writer() {
+        match sockets.get(id) {
+            Some(stream) => {
+                monoio::spawn(conn::writer(shard.clone(), id, stream.clone()));
+            }
+            None => state.writer_done(id),
+        }
+    }
+}
+
+/// Writes connection `id`'s queue to `fd` until it is empty, the socket is
+/// full or the write fails; `None` if the connection is gone or failed.
+pub fn write(state: &mut State, fd: RawFd, id: ConnId) -> Option<Flushed> {
+    if !state.begin_write(id) {
+        return None;
+    }
+    loop {
+        let sent = {
+            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+            let n = state.gather(id, &mut iov);
+            if n == 0 {
+                return Some(state.write_drained(id));
+            }
+            sys::send(fd, &iov[..n])
+        };
+        match sent {
+            Ok(n) => state.wrote(id, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Some(state.write_blocked(id));
+            }
+            Err(_) => {
+                state.write_failed(id);
+                return None;
+            }
+        }
+    }
+}
