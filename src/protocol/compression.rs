@@ -51,17 +51,6 @@ pub enum CompressionError {
     Corrupt(String),
 }
 
-impl CompressionError {
-    /// The close code to answer with: 1009 for size, 4000 otherwise (the
-    /// message is not a valid envelope).
-    pub fn close_code(&self) -> u16 {
-        match self {
-            CompressionError::TooLarge(_) => 1009,
-            _ => super::wire::close::INVALID_ENVELOPE,
-        }
-    }
-}
-
 /// A trained dictionary and its id.
 #[derive(Clone, Debug)]
 pub struct Dictionary {

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use monoio::net::TcpStream;
 
 use super::slab::ConnId;
-use super::state::{CloseReason, Flushed, State};
+use super::state::{CloseCause, Flushed, Form, State};
 use super::{now, sys, transmit, Shard};
 use crate::metrics::Limit;
 use crate::protocol::compression;
@@ -129,8 +129,12 @@ fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, byt
                     .iter()
                     .find_map(|p| SUBPROTOCOLS.iter().find(|s| *s == p))
                     .copied();
-                let zstd = protocol == Some(compression::SUBPROTOCOL);
-                state.accept_upgrade(id, ws::accept_response(&request.key, protocol), zstd);
+                let form = if protocol == Some(compression::SUBPROTOCOL) {
+                    Form::NativeZstd
+                } else {
+                    Form::Native
+                };
+                state.accept_upgrade(id, ws::accept_response(&request.key, protocol), form);
                 *input = Input::Open(Session::new(shard.settings.frame_limits));
                 if !request.leftover.is_empty() {
                     on_bytes(shard, state, id, input, &request.leftover);
@@ -228,11 +232,12 @@ fn on_frames(
     id: ConnId,
     session: &mut Session,
     mut bytes: &[u8],
-) -> Result<(), CloseReason> {
+) -> Result<(), CloseCause> {
     while !bytes.is_empty() {
-        let (used, event) = session
-            .decode(bytes)
-            .map_err(|e| CloseReason::new(e.close_code(), e.to_string()))?;
+        let (used, event) = session.decode(bytes).map_err(|e| CloseCause::WebSocket {
+            code: e.close_code(),
+            reason: e.to_string(),
+        })?;
         bytes = &bytes[used..];
         if let Some(pong) = session.take_pong() {
             state.owe_pong(id, pong);
@@ -241,15 +246,14 @@ fn on_frames(
             None => break,
             Some(Event::Binary(message)) => state.on_client_message(id, &message)?,
             Some(Event::Text(_)) => {
-                return Err(CloseReason::new(
-                    ws::close::UNSUPPORTED_DATA,
+                return Err(CloseCause::UnsupportedData(
                     "text frames are not accepted on /ws: send binary FlatBuffers frames",
                 ))
             }
             Some(Event::Pong(_)) => {}
             Some(Event::Close { code, .. }) => {
                 // Echo the peer's code, as RFC 6455 §5.5.1 asks.
-                return Err(CloseReason::new(code.unwrap_or(ws::close::NORMAL), ""));
+                return Err(CloseCause::PeerClosed(code));
             }
         }
         if used == 0 {

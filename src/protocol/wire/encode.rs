@@ -192,6 +192,12 @@ impl Encoder {
         self.fbb.finished_data()
     }
 
+    /// The frame the last call encoded (valid until the next call): lets a
+    /// caller that encoded once use the bytes again without a copy.
+    pub fn last(&self) -> &[u8] {
+        self.fbb.finished_data()
+    }
+
     /// Bytes currently reserved by the builder (for metrics and tests).
     pub fn capacity(&mut self) -> usize {
         // `mut_finished_buffer` exposes the whole backing buffer; its length

@@ -8,40 +8,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::form::{CloseCause, Form};
 use super::State;
 use crate::auth::Identity;
 use crate::metrics::Limit;
-use crate::protocol::wire;
 use crate::protocol::ws;
 use crate::shard::admission::Verdict;
 use crate::shard::outbound::Outbound;
 use crate::shard::rate::TokenBucket;
 use crate::shard::slab::ConnId;
-
-/// A reason to close a connection: a WebSocket close code and its text.
-#[derive(Debug, Clone)]
-pub struct CloseReason {
-    pub code: u16,
-    pub reason: String,
-}
-
-impl CloseReason {
-    /// A slow consumer's backlog cannot get through, so it is dropped and
-    /// the close frame goes next; for every other close, replies already
-    /// queued are sent first.
-    fn drops_backlog(&self) -> bool {
-        self.code == wire::close::SLOW_CONSUMER
-    }
-}
-
-impl CloseReason {
-    pub fn new(code: u16, reason: impl Into<String>) -> Self {
-        CloseReason {
-            code,
-            reason: reason.into(),
-        }
-    }
-}
 
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -78,9 +53,8 @@ pub struct Conn {
     pub(super) strikes: u32,
     /// Set by a Connect with a token; `None` for anonymous clients.
     pub(super) identity: Option<Box<Identity>>,
-    /// Negotiated `shardcast.v1+zstd`: every binary message carries a
-    /// compression flag byte.
-    pub(super) zstd: bool,
+    /// What the connection speaks (chosen at the upgrade).
+    pub(super) form: Form,
     /// The pong owed for the client's most recent ping, held here while
     /// the socket is blocked: RFC 6455 §5.5.3 lets a server answer only the
     /// most recent ping, so a ping flood costs one slot, not a queue.
@@ -155,7 +129,7 @@ impl State {
             bucket: TokenBucket::new(limits.message_burst, now),
             strikes: 0,
             identity: None,
-            zstd: false,
+            form: Form::default(),
             pong: None,
         });
         let deadline = now + Duration::from_millis(u64::from(limits.handshake_timeout_ms));
@@ -192,10 +166,10 @@ impl State {
     }
 
     /// The handshake succeeded: queue the 101 response.
-    pub fn accept_upgrade(&mut self, id: ConnId, response: Vec<u8>, zstd: bool) {
+    pub fn accept_upgrade(&mut self, id: ConnId, response: Vec<u8>, form: Form) {
         if let Some(conn) = self.conns.get_mut(id) {
             conn.phase = Phase::Open { connected: false };
-            conn.zstd = zstd;
+            conn.form = form;
         }
         let deadline = self.now + Duration::from_millis(u64::from(self.settings.auth_deadline_ms));
         self.deadlines.push(deadline, (id, Deadline::Connect));
@@ -208,8 +182,9 @@ impl State {
         self.begin_close(id);
     }
 
-    /// Sends a close frame and starts closing.
-    pub fn close(&mut self, id: ConnId, why: &CloseReason) {
+    /// Sends a close frame (the code and reason the connection's form
+    /// gives `why`) and starts closing.
+    pub fn close(&mut self, id: ConnId, why: &CloseCause) {
         let Some(conn) = self.conns.get_mut(id) else {
             return;
         };
@@ -220,7 +195,8 @@ impl State {
             conn.out.discard_unstarted();
             self.counters.slow_consumer_closes += 1;
         }
-        conn.out.push(ws::close_frame(why.code, &why.reason));
+        let (code, reason) = conn.form.close(why);
+        conn.out.push(ws::close_frame(code, &reason));
         self.mark_dirty(id);
         self.begin_close(id);
     }
@@ -248,14 +224,9 @@ impl State {
         self.mark_dirty(id);
     }
 
-    pub(super) fn is_zstd(&self, id: ConnId) -> bool {
-        self.conns.get(id).is_some_and(|c| c.zstd)
+    /// What connection `id` speaks (the default form once it is gone:
+    /// whatever is encoded for it then is dropped anyway).
+    pub(super) fn form_of(&self, id: ConnId) -> Form {
+        self.conns.get(id).map_or(Form::default(), |c| c.form)
     }
-}
-
-pub(super) fn slow_consumer(why: &str) -> CloseReason {
-    CloseReason::new(
-        wire::close::SLOW_CONSUMER,
-        format!("slow consumer: {why}; reconnect and recover from your last position"),
-    )
 }

@@ -4,9 +4,9 @@
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use super::connections::{CloseReason, Conn, Phase};
+use super::connections::{Conn, Phase};
+use super::form::CloseCause;
 use super::State;
-use crate::protocol::ws;
 
 /// A graceful shutdown in progress: connections are closed a few at a
 /// time over the window so their reconnects do not arrive all at once.
@@ -73,10 +73,7 @@ impl State {
             }
             budget -= 1;
         }
-        let why = CloseReason::new(
-            ws::close::SERVICE_RESTART,
-            "server restarting: reconnect and recover from your last position",
-        );
+        let why = CloseCause::Draining;
         let n = planned - budget;
         for id in victims {
             self.close(id, &why);

@@ -29,6 +29,7 @@
 mod connections;
 mod drain;
 mod fanout;
+mod form;
 mod output;
 mod presence;
 mod recovery;
@@ -51,9 +52,9 @@ use crate::metrics::{Counters, Latencies, Registry};
 use crate::protocol::compression::{Compressor, Decompressor};
 use crate::protocol::wire::Encoder;
 
-pub use connections::CloseReason;
 use connections::{Conn, Deadline};
 use drain::Drain;
+pub use form::{CloseCause, Form};
 pub use output::Flushed;
 use recovery::{Ahead, Recovery};
 use subscriptions::LocalChannel;
@@ -81,7 +82,7 @@ pub struct State {
     now: Instant,
     unix_us: u64,
     events: Vec<BusEvent>,
-    to_close: Vec<(ConnId, CloseReason)>,
+    to_close: Vec<(ConnId, CloseCause)>,
     /// Handshake and Connect deadlines (of different lengths).
     deadlines: Deadlines<(ConnId, Deadline)>,
     /// When the last full scan (keepalive, idle, token expiry) ran.

@@ -8,7 +8,8 @@ use std::net::Shutdown;
 
 use bytes::Bytes;
 
-use super::connections::{slow_consumer, Phase};
+use super::connections::Phase;
+use super::form::CloseCause;
 use super::State;
 use crate::shard::outbound::Outbound;
 use crate::shard::slab::ConnId;
@@ -31,7 +32,7 @@ impl State {
         }
         if !fits_budget(conn.out.queued_bytes(), frame.len(), budget) {
             self.to_close
-                .push((id, slow_consumer("outbound budget exceeded")));
+                .push((id, CloseCause::SlowConsumer("outbound budget exceeded")));
             return;
         }
         conn.out.push(frame);

@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use super::connections::Conn;
-use super::fanout::{binary_frame, Fanout};
+use super::fanout::Fanout;
+use super::form::{Broadcast, Frames, Reply};
 use super::subscriptions::ChannelState;
 use super::State;
 use crate::bus::{self, BusError};
@@ -65,15 +66,19 @@ impl State {
             // still to come starts the new one.
             return;
         }
-        let data = self.encoder.presence_event(name, user, joined);
+        let what: Broadcast<'_, crate::bus::Publication> = Broadcast::Presence {
+            channel: name,
+            user,
+            joined,
+        };
+        let mut frames = Frames::new(&what, &mut self.encoder, &mut self.compressor);
         Fanout {
             conns: &mut self.conns,
-            compressor: &mut self.compressor,
             dirty: &mut self.dirty,
             to_close: &mut self.to_close,
             budget: self.settings.outbound_budget,
         }
-        .send(&ch.subscribers, data);
+        .send(&ch.subscribers, None, &mut frames);
         self.counters.messages_out += ch.subscribers.len() as u64;
     }
 
@@ -89,23 +94,26 @@ impl State {
         };
         match result {
             Ok(users) => {
-                let zstd = self.is_zstd(id);
-                let data =
-                    self.encoder
-                        .presence_members(request, &channel, users.iter().map(|u| &**u));
+                let frame = self.reply_frame(
+                    id,
+                    request,
+                    Reply::Members {
+                        channel: &channel,
+                        users: &users,
+                    },
+                );
                 // One answer may not exceed the connection's outbound
                 // budget: a member list that large is refused, not queued
                 // (README, "Memory per connection").
                 let budget = self.settings.outbound_budget;
-                if data.len() > budget {
+                if frame.len() > budget {
                     let msg = format!(
                         "the member list of {channel} is {} bytes ({} users), over this connection's outbound budget of {budget} bytes",
-                        data.len(),
+                        frame.len(),
                         users.len()
                     );
                     return self.reply_error(id, request, ErrorCode::PayloadTooLarge, &msg);
                 }
-                let frame = binary_frame(zstd, data);
                 self.enqueue(id, frame);
             }
             Err(e) => self.reply_error(id, request, ErrorCode::Unavailable, &e.to_string()),

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::fanout::{binary_frame, encode_publications};
+use super::form::{publications_frame, Reply};
 use super::subscriptions::ChannelState;
 use super::State;
 use crate::bus::{History, Position, Publication};
@@ -148,10 +148,9 @@ impl State {
     /// Sends `items` of `name` to one catching-up connection (encoded for
     /// it alone: this is the rare path, the live fan-out shares frames).
     fn send_to(&mut self, id: ConnId, name: &str, epoch: u64, items: &[&Publication]) {
-        let zstd = self.is_zstd(id);
+        let form = self.form_of(id);
         for chunk in items.chunks(self.settings.max_batch) {
-            let data = encode_publications(&mut self.encoder, name, epoch, chunk);
-            let frame = binary_frame(zstd, data);
+            let frame = publications_frame(form, &mut self.encoder, name, epoch, chunk);
             self.enqueue(id, frame);
             self.counters.messages_out += chunk.len() as u64;
         }
@@ -242,8 +241,7 @@ impl State {
     /// resubscribe.
     fn abandon_recovery(&mut self, rec: &Recovery) {
         let (id, name) = (rec.conn, &rec.channel);
-        let frame = binary_frame(self.is_zstd(id), self.encoder.unsubscribed(0, name));
-        self.enqueue(id, frame);
+        self.reply(id, 0, Reply::Unsubscribed { channel: name });
         self.reply_error(
             id,
             rec.request,
@@ -261,7 +259,7 @@ impl State {
     fn pump_recovery(&mut self, token: u64, mut rec: Recovery) {
         let id = rec.conn;
         let budget = self.settings.outbound_budget;
-        let zstd = self.is_zstd(id);
+        let form = self.form_of(id);
         while rec.next < rec.pending.len() {
             let Some(conn) = self.conns.get(id) else {
                 return;
@@ -282,9 +280,8 @@ impl State {
             }
             let frame = loop {
                 let chunk = &rec.pending[rec.next..rec.next + n];
-                let data =
-                    encode_publications(&mut self.encoder, &rec.channel, rec.at.epoch, chunk);
-                let frame = binary_frame(zstd, data);
+                let frame =
+                    publications_frame(form, &mut self.encoder, &rec.channel, rec.at.epoch, chunk);
                 // Stricter than `fits_budget`: only a single publication
                 // larger than the budget may go over it (to an empty queue).
                 if queued + frame.len() <= budget || (n == 1 && queued == 0) {

@@ -4,36 +4,56 @@
 
 use bytes::Bytes;
 
-use super::connections::{CloseReason, Phase};
-use super::fanout::binary_frame;
+use super::connections::Phase;
+use super::form::{self, CloseCause, Form, Reply};
 use super::State;
 use std::sync::Arc;
 
 use crate::bus::{BusError, Position, ReplyTo};
 use crate::metrics::Limit;
 use crate::protocol::channel;
-use crate::protocol::compression;
+use crate::protocol::compression::{self, CompressionError};
 use crate::protocol::wire::{self, ClientRequest, ErrorCode};
+use crate::protocol::ws;
 use crate::shard::slab::ConnId;
 
 impl State {
-    pub(super) fn reply_error(&mut self, id: ConnId, request: u32, code: ErrorCode, message: &str) {
-        let frame = binary_frame(self.is_zstd(id), self.encoder.error(request, code, message));
+    /// Encodes `reply` to request `request` for connection `id`'s form.
+    pub(super) fn reply_frame(&mut self, id: ConnId, request: u32, reply: Reply<'_>) -> Bytes {
+        form::reply_frame(self.form_of(id), &mut self.encoder, request, reply)
+    }
+
+    /// Queues `reply` to request `request` for connection `id`: the one
+    /// path every answer takes, whatever the connection speaks.
+    pub(super) fn reply(&mut self, id: ConnId, request: u32, reply: Reply<'_>) {
+        let frame = self.reply_frame(id, request, reply);
         self.enqueue(id, frame);
+    }
+
+    pub(super) fn reply_error(&mut self, id: ConnId, request: u32, code: ErrorCode, message: &str) {
+        self.reply(id, request, Reply::Error { code, message });
     }
 
     /// Handles one binary message from a client. An `Err` means the
     /// connection must be closed with that reason.
-    pub fn on_client_message(&mut self, id: ConnId, data: &[u8]) -> Result<(), CloseReason> {
+    pub fn on_client_message(&mut self, id: ConnId, data: &[u8]) -> Result<(), CloseCause> {
         let inflated;
-        let data = if self.is_zstd(id) {
+        let data = if self.form_of(id) == Form::NativeZstd {
             match data.first() {
                 Some(&compression::FLAG_PLAIN) => &data[1..],
                 _ => {
                     let open = self
                         .decompressor
                         .open(data)
-                        .map_err(|e| CloseReason::new(e.close_code(), e.to_string()))?;
+                        // Over the size limit: 1009, as for any message
+                        // too big; otherwise not a valid message (4000).
+                        .map_err(|e| match e {
+                            CompressionError::TooLarge(_) => CloseCause::WebSocket {
+                                code: ws::close::MESSAGE_TOO_BIG,
+                                reason: e.to_string(),
+                            },
+                            _ => CloseCause::InvalidMessage(e.to_string()),
+                        })?;
                     // Copied out so the requests below do not borrow the
                     // shard's decompressor (compressed input is rare).
                     inflated = open.to_vec();
@@ -44,7 +64,7 @@ impl State {
             data
         };
         let requests = wire::decode_client_frame(data, &self.settings.decode_limits)
-            .map_err(|e| CloseReason::new(wire::close::INVALID_ENVELOPE, e.reason()))?;
+            .map_err(|e| CloseCause::InvalidMessage(e.reason().to_string()))?;
         let limits = &self.settings.limits;
         let (rate, burst, max_strikes) = (
             limits.messages_per_second,
@@ -61,10 +81,10 @@ impl State {
                 conn.strikes += 1;
                 if conn.strikes >= max_strikes {
                     self.counters.limit(Limit::Rate);
-                    return Err(CloseReason::new(
-                        wire::close::RATE_LIMITED,
-                        format!("over {rate} messages/s {max_strikes} times in a row"),
-                    ));
+                    return Err(CloseCause::RateLimited {
+                        per_second: rate,
+                        strikes: max_strikes,
+                    });
                 }
                 let msg = format!("over {rate} messages/s; this request was dropped");
                 self.reply_error(id, request, ErrorCode::RateLimited, &msg);
@@ -81,7 +101,7 @@ impl State {
         id: ConnId,
         request: u32,
         req: ClientRequest<'_>,
-    ) -> Result<(), CloseReason> {
+    ) -> Result<(), CloseCause> {
         let now_secs = self.unix_ms() / 1000;
         let Some(conn) = self.conns.get_mut(id) else {
             return Ok(());
@@ -95,7 +115,7 @@ impl State {
                 let identity = self.settings.auth.connect(token, now_secs).map_err(|e| {
                     self.counters.auth_failures += 1;
                     tracing::debug!(error = %e, "connect refused");
-                    CloseReason::new(wire::close::AUTH_FAILED, format!("connect refused: {e}"))
+                    CloseCause::AuthFailed(e.to_string())
                 })?;
                 if connected {
                     // A second Connect refreshes the token, for the same user.
@@ -118,13 +138,12 @@ impl State {
                 conn.phase = Phase::Open { connected: true };
                 self.next_client += 1;
                 let client_id = (u64::from(self.shard) << 48) | self.next_client;
-                let server_ms = self.unix_ms();
-                let frame = binary_frame(
-                    self.is_zstd(id),
-                    self.encoder
-                        .connected(request, client_id, u32::from(self.shard), server_ms),
-                );
-                self.enqueue(id, frame);
+                let reply = Reply::Connected {
+                    client_id,
+                    shard: u32::from(self.shard),
+                    server_ms: self.unix_ms(),
+                };
+                self.reply(id, request, reply);
             }
             _ if !connected => {
                 self.reply_error(
@@ -134,10 +153,7 @@ impl State {
                     "send Connect before any other request",
                 );
             }
-            ClientRequest::Ping => {
-                let frame = binary_frame(self.is_zstd(id), self.encoder.pong(request));
-                self.enqueue(id, frame);
-            }
+            ClientRequest::Ping => self.reply(id, request, Reply::Pong),
             ClientRequest::Subscribe { channel, recover } => {
                 let recover = recover.map(|p| Position {
                     epoch: p.epoch,
@@ -203,15 +219,12 @@ impl State {
     ) {
         let id = ConnId::from_u64(reply_to.conn);
         match result {
-            Ok(p) => {
-                let pos = wire::Position {
-                    epoch: p.epoch,
-                    offset: p.offset,
+            Ok(at) => {
+                let reply = Reply::PublishAck {
+                    channel: &channel,
+                    at,
                 };
-                let zstd = self.is_zstd(id);
-                let data = self.encoder.publish_ack(reply_to.request, &channel, pos);
-                let frame = binary_frame(zstd, data);
-                self.enqueue(id, frame);
+                self.reply(id, reply_to.request, reply);
             }
             Err(e) => {
                 self.reply_error(id, reply_to.request, ErrorCode::Unavailable, &e.to_string())

@@ -6,13 +6,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::fanout::binary_frame;
+use super::form::Reply;
 use super::presence::presence_user;
 use super::recovery::Recovery;
 use super::State;
 use crate::bus::Position;
 use crate::protocol::channel;
-use crate::protocol::wire::{self, ErrorCode};
+use crate::protocol::wire::ErrorCode;
 use crate::shard::slab::ConnId;
 
 pub(super) enum ChannelState {
@@ -227,15 +227,12 @@ impl State {
         at: Position,
         recovered: bool,
     ) {
-        let pos = wire::Position {
-            epoch: at.epoch,
-            offset: at.offset,
+        let reply = Reply::Subscribed {
+            channel: name,
+            at,
+            recovered,
         };
-        let frame = binary_frame(
-            self.is_zstd(id),
-            self.encoder.subscribed(request, name, pos, recovered),
-        );
-        self.enqueue(id, frame);
+        self.reply(id, request, reply);
     }
 
     /// Ends one subscription of a connection (server side).
@@ -257,8 +254,7 @@ impl State {
         };
         let key = conn.subs.swap_remove(i);
         self.leave_channel(&key, id);
-        let frame = binary_frame(self.is_zstd(id), self.encoder.unsubscribed(request, name));
-        self.enqueue(id, frame);
+        self.reply(id, request, Reply::Unsubscribed { channel: name });
     }
 
     /// The bus answered this shard's interest in `channel` (or, for an

@@ -5,10 +5,10 @@
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
-use super::connections::{slow_consumer, CloseReason, Deadline, Phase};
+use super::connections::{Deadline, Phase};
+use super::form::CloseCause;
 use super::State;
 use crate::metrics::Limit;
-use crate::protocol::wire;
 use crate::protocol::ws::{self, OpCode};
 
 impl State {
@@ -43,8 +43,10 @@ impl State {
                         .blocked_since()
                         .is_some_and(|t| now.duration_since(t) > max_age)
                     {
-                        self.to_close
-                            .push((id, slow_consumer("oldest queued message too old")));
+                        self.to_close.push((
+                            id,
+                            CloseCause::SlowConsumer("oldest queued message too old"),
+                        ));
                     }
                     true
                 }
@@ -74,13 +76,7 @@ impl State {
                 (Deadline::Connect, Phase::Open { connected: false }) => {
                     self.counters.limit(Limit::AuthDeadline);
                     let ms = self.settings.auth_deadline_ms;
-                    self.to_close.push((
-                        id,
-                        CloseReason::new(
-                            wire::close::AUTH_DEADLINE,
-                            format!("no Connect within {ms} ms"),
-                        ),
-                    ));
+                    self.to_close.push((id, CloseCause::AuthDeadline { ms }));
                 }
                 _ => {}
             }
@@ -107,14 +103,8 @@ impl State {
             let silent = now.duration_since(conn.last_seen);
             if silent >= idle_after {
                 self.counters.limit(Limit::Idle);
-                let ms = idle_after.as_millis();
-                self.to_close.push((
-                    id,
-                    CloseReason::new(
-                        wire::close::IDLE_TIMEOUT,
-                        format!("nothing received for {ms} ms"),
-                    ),
-                ));
+                let ms = idle_after.as_millis() as u64;
+                self.to_close.push((id, CloseCause::Idle { ms }));
             } else if silent >= ping_after && !conn.pinged {
                 conn.pinged = true;
                 pings.push(id);
@@ -126,13 +116,7 @@ impl State {
                 .is_some_and(|exp| now_secs > exp + u64::from(self.settings.leeway_secs))
             {
                 self.counters.limit(Limit::TokenExpired);
-                self.to_close.push((
-                    id,
-                    CloseReason::new(
-                        wire::close::TOKEN_EXPIRED,
-                        "token expired; reconnect, or send Connect with a fresh token before expiry",
-                    ),
-                ));
+                self.to_close.push((id, CloseCause::TokenExpired));
             }
         }
         let ping = ws::frame(OpCode::Ping, b"");

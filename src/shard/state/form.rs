@@ -1,0 +1,329 @@
+//! What a connection speaks, and the one place where the state's neutral
+//! replies, broadcasts and close causes become bytes for it. The rest of
+//! the state never names a wire format: it says *what* to send
+//! ([`Reply`], [`Broadcast`], [`CloseCause`]) and this file encodes it for
+//! the connection's [`Form`]. A new client protocol (Pusher Channels JSON,
+//! Server-Sent Events) is a new `Form` and new arms here.
+
+#![forbid(unsafe_code)]
+
+use std::borrow::Borrow;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::bus::{Position, Publication};
+use crate::protocol::compression::{self, Compressor};
+use crate::protocol::wire::{self, Encoder, ErrorCode};
+use crate::protocol::ws::{self, OpCode};
+
+/// The protocol and encoding a connection speaks, fixed at its upgrade.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Form {
+    /// `shardcast.v1`: FlatBuffers frames in binary WebSocket messages.
+    #[default]
+    Native,
+    /// `shardcast.v1+zstd`: the same frames behind a compression flag byte
+    /// (see `protocol::compression`).
+    NativeZstd,
+}
+
+impl Form {
+    /// How many forms there are: a broadcast is built at most once per form.
+    pub const COUNT: usize = 2;
+
+    /// This form's slot among [`Form::COUNT`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The WebSocket close code and reason this form gives `cause`.
+    /// Native codes: `schemas/README.md` and [`wire::close`]; the RFC 6455
+    /// ones: [`ws::close`].
+    pub fn close(self, cause: &CloseCause) -> (u16, String) {
+        match self {
+            Form::Native | Form::NativeZstd => native_close(cause),
+        }
+    }
+}
+
+/// Why the server closes a connection, whatever it speaks; each [`Form`]
+/// maps it to its own close code ([`Form::close`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseCause {
+    /// Its queue went over `fanout.outbound_budget_bytes`, or its oldest
+    /// queued byte waited over `fanout.outbound_max_age_ms`.
+    SlowConsumer(&'static str),
+    /// Nothing arrived for `ms` milliseconds (`limits.idle_timeout_ms`).
+    Idle { ms: u64 },
+    /// Its token expired and no fresh one came.
+    TokenExpired,
+    /// No Connect within `ms` milliseconds (`auth.deadline_ms`).
+    AuthDeadline { ms: u32 },
+    /// Connect was refused; why.
+    AuthFailed(String),
+    /// Over `per_second` messages/s `strikes` times in a row.
+    RateLimited { per_second: u32, strikes: u32 },
+    /// The peer broke RFC 6455 (or a size limit): the codec's close code
+    /// and its reason.
+    WebSocket { code: u16, reason: String },
+    /// A message that is not valid in the connection's protocol.
+    InvalidMessage(String),
+    /// A kind of WebSocket message the protocol does not take (1003).
+    UnsupportedData(&'static str),
+    /// The server is draining for a restart.
+    Draining,
+    /// The peer sent a Close: its code is echoed (RFC 6455 §5.5.1).
+    PeerClosed(Option<u16>),
+}
+
+impl CloseCause {
+    /// A slow consumer's backlog cannot get through, so it is dropped and
+    /// the close frame goes next; for every other close, replies already
+    /// queued are sent first.
+    pub fn drops_backlog(&self) -> bool {
+        matches!(self, CloseCause::SlowConsumer(_))
+    }
+}
+
+fn native_close(cause: &CloseCause) -> (u16, String) {
+    use wire::close as c;
+    match cause {
+        CloseCause::SlowConsumer(why) => (
+            c::SLOW_CONSUMER,
+            format!("slow consumer: {why}; reconnect and recover from your last position"),
+        ),
+        CloseCause::Idle { ms } => (c::IDLE_TIMEOUT, format!("nothing received for {ms} ms")),
+        CloseCause::TokenExpired => (
+            c::TOKEN_EXPIRED,
+            "token expired; reconnect, or send Connect with a fresh token before expiry".into(),
+        ),
+        CloseCause::AuthDeadline { ms } => (c::AUTH_DEADLINE, format!("no Connect within {ms} ms")),
+        CloseCause::AuthFailed(why) => (c::AUTH_FAILED, format!("connect refused: {why}")),
+        CloseCause::RateLimited {
+            per_second,
+            strikes,
+        } => (
+            c::RATE_LIMITED,
+            format!("over {per_second} messages/s {strikes} times in a row"),
+        ),
+        CloseCause::WebSocket { code, reason } => (*code, reason.clone()),
+        CloseCause::InvalidMessage(why) => (c::INVALID_ENVELOPE, why.clone()),
+        CloseCause::UnsupportedData(why) => (ws::close::UNSUPPORTED_DATA, (*why).into()),
+        CloseCause::Draining => (
+            ws::close::SERVICE_RESTART,
+            "server restarting: reconnect and recover from your last position".into(),
+        ),
+        CloseCause::PeerClosed(code) => (code.unwrap_or(ws::close::NORMAL), String::new()),
+    }
+}
+
+/// An answer to one client request, before it is encoded for a form.
+pub enum Reply<'a> {
+    Connected {
+        client_id: u64,
+        shard: u32,
+        server_ms: u64,
+    },
+    Pong,
+    Subscribed {
+        channel: &'a str,
+        at: Position,
+        recovered: bool,
+    },
+    /// Request 0: the server ended the subscription.
+    Unsubscribed {
+        channel: &'a str,
+    },
+    PublishAck {
+        channel: &'a str,
+        at: Position,
+    },
+    Members {
+        channel: &'a str,
+        users: &'a [Arc<str>],
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+    },
+}
+
+/// Encodes `reply` (to request `request`) as one frame for `form`.
+pub fn reply_frame(form: Form, encoder: &mut Encoder, request: u32, reply: Reply<'_>) -> Bytes {
+    match form {
+        Form::Native | Form::NativeZstd => {
+            let data = match reply {
+                Reply::Connected {
+                    client_id,
+                    shard,
+                    server_ms,
+                } => encoder.connected(request, client_id, shard, server_ms),
+                Reply::Pong => encoder.pong(request),
+                Reply::Subscribed {
+                    channel,
+                    at,
+                    recovered,
+                } => encoder.subscribed(request, channel, wire_position(at), recovered),
+                Reply::Unsubscribed { channel } => encoder.unsubscribed(request, channel),
+                Reply::PublishAck { channel, at } => {
+                    encoder.publish_ack(request, channel, wire_position(at))
+                }
+                Reply::Members { channel, users } => {
+                    encoder.presence_members(request, channel, users.iter().map(|u| &**u))
+                }
+                Reply::Error { code, message } => encoder.error(request, code, message),
+            };
+            binary_frame(form == Form::NativeZstd, data)
+        }
+    }
+}
+
+/// What the fan-out sends to every subscriber of a channel.
+pub enum Broadcast<'a, P> {
+    /// Consecutive publications of `channel` in `epoch`.
+    Publications {
+        channel: &'a str,
+        epoch: u64,
+        items: &'a [P],
+    },
+    /// `user` joined or left presence channel `channel`.
+    Presence {
+        channel: &'a str,
+        user: &'a str,
+        joined: bool,
+    },
+}
+
+/// Builds a broadcast's frame for each form at most once, when the first
+/// recipient of that form needs it; every recipient of a form shares the
+/// same frame by refcount. The two native forms share one FlatBuffers
+/// encoding; the zstd one is compressed once for all its recipients.
+/// Holds the shard's encoder while it lives: build a broadcast's frames
+/// before encoding anything else.
+pub struct Frames<'b, 'e, P> {
+    what: &'b Broadcast<'b, P>,
+    encoder: &'e mut Encoder,
+    compressor: &'e mut Compressor,
+    built: [Option<Bytes>; Form::COUNT],
+    /// The native encoding is in the encoder's buffer.
+    encoded: bool,
+}
+
+impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
+    pub fn new(
+        what: &'b Broadcast<'b, P>,
+        encoder: &'e mut Encoder,
+        compressor: &'e mut Compressor,
+    ) -> Self {
+        Frames {
+            what,
+            encoder,
+            compressor,
+            built: Default::default(),
+            encoded: false,
+        }
+    }
+
+    /// The frame for `form`.
+    pub fn get(&mut self, form: Form) -> &Bytes {
+        let slot = form.index();
+        if self.built[slot].is_none() {
+            let frame = self.build(form);
+            self.built[slot] = Some(frame);
+        }
+        self.built[slot].as_ref().expect("built above")
+    }
+
+    fn build(&mut self, form: Form) -> Bytes {
+        // Both native forms carry the same FlatBuffers `Frame`: encoded
+        // once, then read back from the encoder (nothing else encodes
+        // while these frames are built).
+        if !self.encoded {
+            encode_broadcast(self.encoder, self.what);
+            self.encoded = true;
+        }
+        let data = self.encoder.last();
+        match form {
+            Form::Native => ws::frame(OpCode::Binary, data),
+            Form::NativeZstd => match self.compressor.compress(data) {
+                Some(z) => ws::frame(OpCode::Binary, &z),
+                None => binary_frame(true, data),
+            },
+        }
+    }
+}
+
+/// The native FlatBuffers encoding of a broadcast.
+fn encode_broadcast<'e, P: Borrow<Publication>>(
+    encoder: &'e mut Encoder,
+    what: &Broadcast<'_, P>,
+) -> &'e [u8] {
+    match *what {
+        Broadcast::Publications {
+            channel,
+            epoch,
+            items,
+        } => encode_publications(encoder, channel, epoch, items),
+        Broadcast::Presence {
+            channel,
+            user,
+            joined,
+        } => encoder.presence_event(channel, user, joined),
+    }
+}
+
+/// One frame carrying `items` (consecutive publications of `channel` in
+/// `epoch`) for a single connection of `form` (a catching-up one: the live
+/// fan-out shares frames through [`Frames`]).
+pub fn publications_frame<P: Borrow<Publication>>(
+    form: Form,
+    encoder: &mut Encoder,
+    channel: &str,
+    epoch: u64,
+    items: &[P],
+) -> Bytes {
+    match form {
+        Form::Native | Form::NativeZstd => binary_frame(
+            form == Form::NativeZstd,
+            encode_publications(encoder, channel, epoch, items),
+        ),
+    }
+}
+
+fn encode_publications<'e, P: Borrow<Publication>>(
+    encoder: &'e mut Encoder,
+    channel: &str,
+    epoch: u64,
+    chunk: &[P],
+) -> &'e [u8] {
+    encoder.publications(
+        channel,
+        epoch,
+        chunk.iter().map(|p| {
+            let p = p.borrow();
+            (p.offset, p.published_us / 1000, &p.payload[..])
+        }),
+    )
+}
+
+fn wire_position(p: Position) -> wire::Position {
+    wire::Position {
+        epoch: p.epoch,
+        offset: p.offset,
+    }
+}
+
+/// A binary frame carrying `data`; on zstd connections with the "plain"
+/// flag byte in front. One allocation either way.
+fn binary_frame(zstd: bool, data: &[u8]) -> Bytes {
+    if !zstd {
+        return ws::frame(OpCode::Binary, data);
+    }
+    let len = data.len() + 1;
+    let mut out = Vec::with_capacity(ws::header_len(len) + len);
+    ws::write_header(&mut out, OpCode::Binary, true, len);
+    out.push(compression::FLAG_PLAIN);
+    out.extend_from_slice(data);
+    Bytes::from(out)
+}
