@@ -34,8 +34,12 @@ mod output;
 mod presence;
 mod recovery;
 mod requests;
+#[cfg(test)]
+mod sim;
 mod subscriptions;
 mod sweep;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::Shutdown;
