@@ -98,7 +98,11 @@ pub fn write(state: &mut State, fd: RawFd, id: ConnId) -> Option<Flushed> {
             sys::send(fd, &iov[..n])
         };
         match sent {
-            Ok(n) => state.wrote(id, n),
+            Ok(n) => {
+                if !state.wrote(id, n) {
+                    return Some(state.write_drained(id));
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return Some(state.write_blocked(id));
             }

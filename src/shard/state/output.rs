@@ -98,12 +98,19 @@ impl State {
         conn.out.gather(iov)
     }
 
-    /// The socket took `bytes` of what [`State::gather`] lent.
-    pub fn wrote(&mut self, id: ConnId, bytes: usize) {
-        if let Some(conn) = self.conns.get_mut(id) {
-            conn.out.advance(bytes);
-            self.counters.bytes_out += bytes as u64;
-        }
+    /// The socket took `bytes` of what [`State::gather`] lent. Returns
+    /// whether anything is left to write (queued bytes, or a pong owed);
+    /// when not, the driver goes straight to [`State::write_drained`]
+    /// (sparing the common case, where the kernel takes everything at
+    /// once, a second round of lookups).
+    pub fn wrote(&mut self, id: ConnId, bytes: usize) -> bool {
+        let Some(conn) = self.conns.get_mut(id) else {
+            return false;
+        };
+        conn.out.advance(bytes);
+        self.counters.bytes_out += bytes as u64;
+        conn.out.queued_bytes() > 0
+            || (conn.pong.is_some() && matches!(conn.phase, Phase::Open { .. }))
     }
 
     /// Connection `id`'s queue is empty: a close frame that was queued is

@@ -225,7 +225,9 @@ impl Sim {
             if took == 0 {
                 return Some(state.write_blocked(id));
             }
-            state.wrote(id, took);
+            if !state.wrote(id, took) {
+                return Some(state.write_drained(id));
+            }
         }
     }
 

@@ -403,3 +403,47 @@ fn requests_over_the_rate_are_refused_then_the_connection_is_closed() {
     }
     assert_eq!(sim.close_code(p), Some(close::RATE_LIMITED));
 }
+
+#[test]
+fn a_broadcast_skips_an_excluded_recipient_and_shares_one_frame_per_form() {
+    use super::fanout::Fanout;
+    use super::form::{Broadcast, Form, Frames};
+    use crate::bus::Publication;
+
+    let mut sim = Sim::new(1, 100, &config());
+    let [a, b, c] = [sim.client(0), sim.client(0), sim.client(0)];
+    let items = [Publication {
+        offset: 7,
+        published_us: 0,
+        ingress_us: 0,
+        payload: bytes::Bytes::from_static(b"hello"),
+    }];
+    let what = Broadcast::Publications {
+        channel: "room",
+        epoch: 1,
+        items: &items[..],
+    };
+    let state = &mut sim.shards[0];
+    let mut frames = Frames::new(&what, &mut state.encoder, &mut state.compressor);
+    Fanout {
+        conns: &mut state.conns,
+        dirty: &mut state.dirty,
+        to_close: &mut state.to_close,
+        budget: 1 << 20,
+    }
+    .send(&[a.id, b.id, c.id], Some(b.id), &mut frames);
+    // The frame the recipients got is the one built for their form.
+    let native = frames.get(Form::Native).clone();
+    let queued = |p: Peer| state.conns.get(p.id).unwrap().out.queued_bytes();
+    assert_eq!(queued(a), native.len());
+    assert_eq!(queued(b), 0, "excluded");
+    assert_eq!(queued(c), native.len());
+    sim.settle();
+    for p in [a, c] {
+        assert_eq!(
+            publications(&sim.take(p), "room"),
+            vec![(7, b"hello".to_vec())]
+        );
+    }
+    assert!(sim.take(b).is_empty());
+}
