@@ -33,7 +33,8 @@
 
 use std::fmt::Write as _;
 
-use super::base64;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 
 /// RFC 6455 §1.3: the GUID appended to the client key before hashing.
 const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -411,7 +412,7 @@ impl HandshakeParser {
         let key = seen
             .key
             .ok_or(HandshakeError::MissingHeader("Sec-WebSocket-Key"))?;
-        if !base64::is_16_byte_key(&key) {
+        if !is_16_byte_key(&key) {
             return Err(HandshakeError::InvalidKey);
         }
         Ok(Request {
@@ -466,12 +467,18 @@ fn utf8(v: &[u8]) -> Result<String, HandshakeError> {
         .map_err(|_| HandshakeError::MalformedHeader)
 }
 
+/// Whether a `Sec-WebSocket-Key` is the canonical standard base64 (RFC
+/// 4648 §4, padded, zero pad bits) of exactly 16 bytes (RFC 6455 §4.1).
+fn is_16_byte_key(key: &str) -> bool {
+    BASE64.decode(key).is_ok_and(|raw| raw.len() == 16)
+}
+
 /// `Sec-WebSocket-Accept` for a client key: base64(SHA-1(key ++ GUID)).
 pub fn accept_key(key: &str) -> String {
     let mut sha = sha1_smol::Sha1::new();
     sha.update(key.as_bytes());
     sha.update(ACCEPT_GUID.as_bytes());
-    base64::encode(&sha.digest().bytes())
+    BASE64.encode(sha.digest().bytes())
 }
 
 /// The `101 Switching Protocols` response completing the handshake.
@@ -1309,5 +1316,16 @@ mod tests {
                 prop_assert_eq!(whole, chunked);
             }
         }
+    }
+
+    #[test]
+    fn a_key_must_be_canonical_base64_of_16_bytes() {
+        assert!(is_16_byte_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!is_16_byte_key("dGhlIHNhbXBsZSBub25jZQ")); // no padding
+        assert!(!is_16_byte_key("dGhlIHNhbXBsZSBub25jZQ=")); // short
+        assert!(!is_16_byte_key("dGhlIHNhbXBsZSBub25jZQ===")); // long
+        assert!(!is_16_byte_key("dGhlIHNhbXBsZSBub25jZR==")); // pad bits set
+        assert!(!is_16_byte_key("dGhlIHNhbXBsZSBub25j-Q==")); // url-safe alphabet
+        assert!(!is_16_byte_key("Zm9vYmFyZm9vYmFyZm9vYmFy")); // 18 bytes
     }
 }

@@ -16,7 +16,6 @@
 //! Module map: [`handshake`] (HTTP upgrade), [`mod@frame`] (codec and limits),
 //! [`session`] (ping/pong/close rules), [`close`] (status codes).
 
-mod base64;
 pub mod close;
 pub mod frame;
 pub mod handshake;
