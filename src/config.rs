@@ -9,6 +9,8 @@
 //! are errors: a typo in a systemd unit should stop the service, not be
 //! ignored.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 

@@ -5,6 +5,12 @@
 //! trait, and [`bus`] is the only place that moves publications between
 //! shards (and, later, nodes).
 
+// No unsafe code but where a module allows it (and says why): the
+// syscalls the driver and systemd need, and the generated FlatBuffers
+// code. Every unsafe block carries a `SAFETY:` comment.
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod api;
 pub mod auth;
 pub mod bus;

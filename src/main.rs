@@ -1,5 +1,9 @@
 //! The `shardcast` command: a thin CLI over the library.
 
+// Unsafe only for the signal mask and `sigwait` (marked where allowed).
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::{mpsc, Arc};
@@ -99,6 +103,7 @@ fn init_logging(level: &str) {
 
 /// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread
 /// it starts afterwards) and returns the set, for `sigwait` on one thread.
+#[allow(unsafe_code)]
 fn block_shutdown_signals() -> libc::sigset_t {
     // SAFETY: plain signal-mask manipulation on a local set, done before
     // any other thread exists.
@@ -113,6 +118,7 @@ fn block_shutdown_signals() -> libc::sigset_t {
 }
 
 /// Forwards each shutdown signal to a channel, from a dedicated thread.
+#[allow(unsafe_code)]
 fn signal_channel(set: libc::sigset_t) -> mpsc::Receiver<i32> {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()

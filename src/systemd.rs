@@ -23,6 +23,10 @@
 //! `sd_listen_fds(3)`), so it is spoken directly rather than through a C
 //! library or a crate.
 
+// sd_notify over a Unix datagram socket, inherited descriptors, fcntl:
+// libc calls, each block says why it is sound.
+#![allow(unsafe_code)]
+
 use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

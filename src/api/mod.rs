@@ -1,3 +1,5 @@
 //! HTTP endpoints outside the WebSocket path.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;

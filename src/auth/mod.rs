@@ -8,6 +8,8 @@
 //! in the token's `channels` claim. A token's `publish` claim, when present,
 //! is the complete list of channels its holder may publish to.
 
+#![forbid(unsafe_code)]
+
 pub mod jwt;
 
 use crate::config::AuthConfig;

@@ -30,6 +30,8 @@
 //! shard overtaking its join on another, announcing a leave and a join for
 //! a user who never left).
 
+#![forbid(unsafe_code)]
+
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;

@@ -2,6 +2,8 @@
 //! path), published by each shard into its own slot of a [`Registry`] a few
 //! times a second, and rendered by the admin endpoint.
 
+#![forbid(unsafe_code)]
+
 mod prometheus;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,6 +1,8 @@
 //! Channel names. Kept to a conservative alphabet so names are safe to use
 //! as Redis keys, in URLs and in logs without escaping.
 
+#![forbid(unsafe_code)]
+
 use thiserror::Error;
 
 /// Longest channel name accepted, in bytes.

@@ -19,6 +19,8 @@
 //! capped on output size and window size before the FlatBuffers verifier
 //! sees it.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 
 use thiserror::Error;

@@ -11,6 +11,8 @@
 //! once when it ends — never per message — and is striped so that shards
 //! accepting from different addresses do not contend.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr};

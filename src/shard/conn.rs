@@ -6,6 +6,8 @@
 //! pins no read buffer: the only per-connection input state is whatever the
 //! WebSocket session keeps of an incomplete frame.
 
+#![forbid(unsafe_code)]
+
 use std::io;
 use std::net::{IpAddr, Shutdown};
 use std::os::fd::{AsRawFd, RawFd};
@@ -47,7 +49,9 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: IpAddr) {
     let id = {
         let mut state = shard.state.borrow_mut();
         state.touch(now());
-        state.add_conn(peer)
+        // The descriptor is the socket's handle in the state: valid for as
+        // long as the connection is there (see `transmit`).
+        state.add_conn(peer, fd as u32)
     };
     shard.sockets.borrow_mut().insert(id, stream.clone());
     let mut input = Input::Handshake(Box::new(HandshakeParser::new(
@@ -265,13 +269,12 @@ fn on_frames(
 
 /// Waits for a full socket to drain, writing whenever it can take more.
 pub async fn writer(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>) {
-    let fd = stream.as_raw_fd();
     loop {
         let ready = stream.writable(false).await;
         let mut state = shard.state.borrow_mut();
         state.touch(now());
         let flushed = match ready {
-            Ok(()) => transmit::write(&mut state, fd, id),
+            Ok(()) => transmit::write(&mut state, id),
             Err(_) => {
                 state.write_failed(id);
                 None

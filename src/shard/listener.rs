@@ -1,5 +1,9 @@
 //! Listening sockets and thread placement.
 
+// sched_getaffinity / sched_setaffinity and socket options: libc calls,
+// each block says why it is sound.
+#![allow(unsafe_code)]
+
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 

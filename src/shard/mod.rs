@@ -396,11 +396,9 @@ async fn watch_drain(shard: Rc<Shard>, mut draining: Draining, listener_fd: RawF
     // Shutting the listening socket down wakes the pending accept with an
     // error, which ends the accept loop (racing accept against a signal in
     // `select!` could leak an accepted descriptor).
-    // SAFETY: the listener outlives this call (it lives in run_shard,
-    // which only returns after draining began).
-    unsafe {
-        libc::shutdown(listener_fd, libc::SHUT_RDWR);
-    }
+    // The listener outlives this call (it lives in run_shard, which only
+    // returns after draining began).
+    sys::shutdown(listener_fd, std::net::Shutdown::Both);
 }
 
 /// Runs a tick whenever there is work; see the module docs.

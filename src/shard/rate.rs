@@ -1,5 +1,7 @@
 //! A token bucket, with time passed in so tests need no sleeps.
 
+#![forbid(unsafe_code)]
+
 use std::time::Instant;
 
 /// Refills at `rate` tokens per second up to `burst`; each event takes one.

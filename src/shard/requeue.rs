@@ -10,6 +10,8 @@
 //! then reaps I/O completions, so readers whose data just arrived get their
 //! turn as well.) No allocation: two stored wakers.
 
+#![forbid(unsafe_code)]
+
 use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;

@@ -4,6 +4,8 @@
 //! the bus after its connection is gone), so an id carries the slot's
 //! generation and a stale id simply finds nothing.
 
+#![forbid(unsafe_code)]
+
 /// A connection id: slot index in the low 32 bits, generation above.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnId(u64);

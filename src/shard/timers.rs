@@ -7,6 +7,8 @@
 //! of lengths fires on time and equal deadlines fire in the order they were
 //! set. Sans-IO: the caller passes `now`.
 
+#![forbid(unsafe_code)]
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Instant;

@@ -3,6 +3,8 @@
 //! access to Redis may have written it): it is decoded with bounds checks,
 //! and anything malformed is rejected with a reason, never a panic.
 
+#![forbid(unsafe_code)]
+
 use bytes::{Buf, Bytes};
 use fred::types::Value;
 use thiserror::Error;

@@ -2,6 +2,8 @@
 //! stream `sc:ingest` (format in the module docs of `bus::redis`), each
 //! once across all nodes, through the consumer group `shardcast`.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,6 +3,8 @@
 //! script can touch them all. Channel names never contain `{` or `}`
 //! (see [`crate::protocol::channel`]).
 
+#![forbid(unsafe_code)]
+
 /// The stream holding the channel's history; entry IDs are `<offset>-1`.
 pub fn stream(channel: &str) -> String {
     format!("sc:{{{channel}}}:s")

@@ -148,6 +148,7 @@ impl Default for RedisOptions {
 /// `hostname-pid`.
 pub fn default_node_id() -> String {
     let mut buf = [0u8; 256];
+    #[allow(unsafe_code)]
     // SAFETY: gethostname writes at most `len` bytes into our buffer.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
     let host = if rc == 0 {

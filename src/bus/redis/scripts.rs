@@ -5,6 +5,8 @@
 //! handled as 16-digit hex strings, and every number handed back to Redis
 //! goes through `string.format('%d')` (plain `..` would print `1e+15`).
 
+#![forbid(unsafe_code)]
+
 use std::sync::OnceLock;
 
 use fred::prelude::*;

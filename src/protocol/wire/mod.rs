@@ -39,6 +39,8 @@ mod tests;
     unused_imports,
     unused_lifetimes,
     unsafe_op_in_unsafe_fn,
+    unsafe_code,
+    clippy::undocumented_unsafe_blocks,
     elided_lifetimes_in_paths,
     mismatched_lifetime_syntaxes
 )]

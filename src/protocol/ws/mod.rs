@@ -16,6 +16,8 @@
 //! Module map: [`handshake`] (HTTP upgrade), [`mod@frame`] (codec and limits),
 //! [`session`] (ping/pong/close rules), [`close`] (status codes).
 
+#![forbid(unsafe_code)]
+
 pub mod close;
 pub mod frame;
 pub mod handshake;

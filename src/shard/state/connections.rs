@@ -30,6 +30,10 @@ pub(super) enum Phase {
 }
 
 pub struct Conn {
+    /// The driver's name for this connection's socket, handed back with
+    /// each write ([`State::begin_write`]) so the driver's write path needs
+    /// no table of its own. Opaque here: the state never uses it.
+    pub(super) handle: u32,
     pub(super) out: Outbound,
     pub(super) subs: Vec<Arc<str>>,
     pub(super) phase: Phase,
@@ -76,9 +80,11 @@ pub(super) enum Deadline {
 }
 
 impl State {
-    /// Registers an accepted connection and decides whether it will be
-    /// admitted; a refused one is answered once its request head arrives.
-    pub fn add_conn(&mut self, peer: IpAddr) -> ConnId {
+    /// Registers an accepted connection from `peer` and decides whether it
+    /// will be admitted; a refused one is answered once its request head
+    /// arrives. `handle` is the driver's opaque name for its socket (see
+    /// [`Conn::handle`]).
+    pub fn add_conn(&mut self, peer: IpAddr, handle: u32) -> ConnId {
         let now = self.now;
         let limits = &self.settings.limits;
         let mut admitted = false;
@@ -115,6 +121,7 @@ impl State {
             }
         };
         let id = self.conns.insert(Conn {
+            handle,
             out: Outbound::default(),
             subs: Vec::new(),
             phase: Phase::Handshake,

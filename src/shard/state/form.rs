@@ -5,8 +5,6 @@
 //! the connection's [`Form`]. A new client protocol (Pusher Channels JSON,
 //! Server-Sent Events) is a new `Form` and new arms here.
 
-#![forbid(unsafe_code)]
-
 use std::borrow::Borrow;
 use std::sync::Arc;
 

@@ -26,6 +26,8 @@
 //! - `sweep`: time budgets (deadlines, keepalive, idle, token expiry);
 //! - `drain`: closing connections gradually on shutdown.
 
+#![forbid(unsafe_code)]
+
 mod connections;
 mod drain;
 mod fanout;

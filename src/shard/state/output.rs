@@ -58,12 +58,13 @@ impl State {
         std::mem::swap(into, &mut self.dirty);
     }
 
-    /// Starts writing connection `id`'s queue; false if it is gone. The
-    /// driver then alternates [`State::gather`] and [`State::wrote`] until
+    /// Starts writing connection `id`'s queue: its socket's handle (as
+    /// given to [`State::add_conn`]), or `None` if it is gone. The driver
+    /// then alternates [`State::gather`] and [`State::wrote`] until
     /// the queue is empty ([`State::write_drained`]), the socket is full
     /// ([`State::write_blocked`]) or the write failed
     /// ([`State::write_failed`]).
-    pub fn begin_write(&mut self, id: ConnId) -> bool {
+    pub fn begin_write(&mut self, id: ConnId) -> Option<u32> {
         // Bus requests go out before the replies they caused: once a client
         // has seen a reply, whatever it does next (on any shard) reaches the
         // bus after the request behind that reply (see `bus::local`).
@@ -71,13 +72,9 @@ impl State {
             self.bus_pending = false;
             self.bus.flush();
         }
-        match self.conns.get_mut(id) {
-            Some(conn) => {
-                conn.dirty = false;
-                true
-            }
-            None => false,
-        }
+        let conn = self.conns.get_mut(id)?;
+        conn.dirty = false;
+        Some(conn.handle)
     }
 
     /// Lends connection `id`'s unwritten bytes as slices for one gathered

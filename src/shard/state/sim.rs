@@ -197,9 +197,7 @@ impl Sim {
             state.write_failed(id);
             return None;
         };
-        if !state.begin_write(id) {
-            return None;
-        }
+        state.begin_write(id)?;
         loop {
             let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
             let n = state.gather(id, &mut iov);
@@ -243,7 +241,7 @@ impl Sim {
         let t = self.time();
         let state = &mut self.shards[shard];
         state.touch(t);
-        let id = state.add_conn(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let id = state.add_conn(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         self.sockets[shard].insert(
             id,
             FakeSocket {
@@ -263,7 +261,7 @@ impl Sim {
     pub fn accept_only(&mut self, shard: usize) -> Peer {
         let t = self.time();
         self.shards[shard].touch(t);
-        let id = self.shards[shard].add_conn(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let id = self.shards[shard].add_conn(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         self.sockets[shard].insert(id, FakeSocket::default());
         Peer { shard, id }
     }

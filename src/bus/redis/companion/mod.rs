@@ -26,6 +26,8 @@
 //! - `pipeline`: script calls sent as one pipeline;
 //! - `history`: history reads and catch-up reads from the streams.
 
+#![forbid(unsafe_code)]
+
 mod history;
 mod outbox;
 mod pipeline;
