@@ -163,9 +163,12 @@ pub struct HistoryConfig {
     pub size: u32,
     /// How long a channel's history is kept after its last publication.
     pub ttl_secs: u32,
-    /// Embedded bus: MiB of history kept over all channels (payloads plus
-    /// 96 B per publication); over it the oldest publications go first.
+    /// Embedded bus: MiB of history and idempotency keys kept over all
+    /// channels (payloads or keys plus 96 B each); over it the oldest go
+    /// first.
     pub max_mib: u32,
+    /// How long a publisher's idempotency key is remembered (both buses).
+    pub idempotency_ttl_secs: u32,
 }
 
 impl Default for HistoryConfig {
@@ -174,6 +177,7 @@ impl Default for HistoryConfig {
             size: 1000,
             ttl_secs: 3600,
             max_mib: 256,
+            idempotency_ttl_secs: 3600,
         }
     }
 }
@@ -188,8 +192,6 @@ pub struct RedisConfig {
     /// Bound on every Redis command; a publish not stored within it fails
     /// with `Unavailable` instead of hanging.
     pub command_timeout_ms: u32,
-    /// How long a publisher's idempotency key is remembered.
-    pub idempotency_ttl_secs: u32,
     /// This node's name (its ingest consumer name); empty = hostname-pid.
     pub node_id: String,
     /// Consume the ingest stream `sc:ingest` on this node.
@@ -211,7 +213,7 @@ impl Default for RedisConfig {
         RedisConfig {
             url: String::new(),
             command_timeout_ms: 1000,
-            idempotency_ttl_secs: 3600,
+
             node_id: String::new(),
             ingest: true,
             ingest_claim_idle_secs: 30,
@@ -554,8 +556,8 @@ impl Config {
             10..=60_000,
         )?;
         check(
-            "redis.idempotency_ttl_secs",
-            self.redis.idempotency_ttl_secs,
+            "history.idempotency_ttl_secs",
+            self.history.idempotency_ttl_secs,
             1..=30 * 86_400,
         )?;
         check(

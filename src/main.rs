@@ -156,6 +156,7 @@ fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
             // share of the bound.
             max_bytes: (config.history.max_mib as usize) * (1 << 20) / shards,
             page_bytes: history_page_bytes(config),
+            idempotency_ttl: secs(config.history.idempotency_ttl_secs),
         };
         let buses = LocalBus::cluster(shards, retention)
             .into_iter()
@@ -166,7 +167,7 @@ fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
     let options = RedisOptions {
         history_size: u64::from(config.history.size),
         history_ttl: secs(config.history.ttl_secs),
-        idempotency_ttl: secs(config.redis.idempotency_ttl_secs),
+        idempotency_ttl: secs(config.history.idempotency_ttl_secs),
         command_timeout: Duration::from_millis(u64::from(config.redis.command_timeout_ms)),
         node_id: if config.redis.node_id.is_empty() {
             shardcast::bus::redis::default_node_id()

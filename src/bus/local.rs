@@ -43,9 +43,10 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::{Bus, BusEvent, History, Position, Publication, ReplyTo};
 
-/// Idempotency keys remembered per channel. A retry normally follows the
-/// original within seconds, so a short window is enough and bounds memory.
-const RECENT_KEYS_PER_CHANNEL: usize = 1024;
+/// What one remembered idempotency key costs besides its bytes (its map
+/// entry and its place in the channel's and the shard's order; measured
+/// sizes, rounded up).
+pub const KEY_OVERHEAD: usize = 96;
 
 enum Envelope {
     // To the owner.
@@ -129,6 +130,11 @@ pub struct Retention {
     /// publication): a recovering client reads its history in pages of
     /// about its outbound budget, so a catch-up never holds more of it.
     pub page_bytes: usize,
+    /// How long an idempotency key is remembered after the publish that
+    /// stored it (`history.idempotency_ttl_secs`, as on the Redis bus).
+    /// Keys count against `max_bytes` with the history ([`KEY_OVERHEAD`]
+    /// each) and go oldest first with it.
+    pub idempotency_ttl: Duration,
 }
 
 /// What one retained publication costs besides its payload: the
@@ -136,16 +142,34 @@ pub struct Retention {
 /// eviction order (measured sizes, rounded up).
 pub const ENTRY_OVERHEAD: usize = 96;
 
-/// The shard's retained history in the order it was stored, for evicting
-/// the oldest publications first across channels. Entries whose
-/// publication already left its channel's history (trimmed to
-/// `Retention::size`, channel forgotten) are skipped when reached, and
-/// compacted away once they outnumber the live ones.
+/// The shard's retained history and idempotency keys in the order they
+/// were stored, for evicting the oldest first across channels. Entries
+/// whose publication or key already left its channel (trimmed to
+/// `Retention::size`, expired, channel forgotten) are skipped when
+/// reached, and compacted away once they outnumber the live ones.
 #[derive(Default)]
 struct Retained {
     bytes: usize,
     live: usize,
-    order: VecDeque<(Arc<str>, u64, u64)>,
+    order: VecDeque<Entry>,
+}
+
+/// A publication (or the idempotency key of one) in the eviction order.
+struct Entry {
+    channel: Arc<str>,
+    epoch: u64,
+    offset: u64,
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Publication,
+    Key,
+}
+
+fn key_cost(key: &str) -> usize {
+    key.len() + KEY_OVERHEAD
 }
 
 fn cost(p: &Publication) -> usize {
@@ -163,8 +187,11 @@ struct Owned {
     /// The newest `Retention::size` publications, oldest first.
     history: VecDeque<Publication>,
     last_publish: Instant,
-    recent_keys: HashMap<Box<str>, u64>,
-    recent_order: VecDeque<Box<str>>,
+    /// Idempotency keys and the offset each stored, remembered for
+    /// `Retention::idempotency_ttl`.
+    keys: HashMap<Box<str>, u64>,
+    /// The same keys oldest first, with the offset and when.
+    key_order: VecDeque<(Box<str>, u64, Instant)>,
     /// Presence: for each present user, the shards where it has at least
     /// one subscribed connection (never empty; a user whose last shard
     /// leaves is removed).
@@ -178,7 +205,33 @@ impl Owned {
         !self.interested.is_empty()
             || !self.pending.is_empty()
             || !self.members.is_empty()
+            || !self.keys.is_empty()
             || history_live
+    }
+
+    /// Forgets the idempotency keys older than `ttl`; the bytes and count
+    /// they were accounted for.
+    fn expire_keys(&mut self, ttl: Duration) -> (usize, usize) {
+        let (mut bytes, mut n) = (0, 0);
+        while let Some((_, _, at)) = self.key_order.front() {
+            if at.elapsed() < ttl {
+                break;
+            }
+            bytes += self.pop_key();
+            n += 1;
+        }
+        (bytes, n)
+    }
+
+    /// Forgets the oldest idempotency key; its cost.
+    fn pop_key(&mut self) -> usize {
+        let Some((key, offset, _)) = self.key_order.pop_front() else {
+            return 0;
+        };
+        if self.keys.get(&key) == Some(&offset) {
+            self.keys.remove(&key);
+        }
+        key_cost(&key)
     }
 
     /// Applies one shard's report; true when the user's overall presence
@@ -304,8 +357,8 @@ impl LocalBus {
                     pending: Vec::new(),
                     history: VecDeque::new(),
                     last_publish: Instant::now(),
-                    recent_keys: HashMap::new(),
-                    recent_order: VecDeque::new(),
+                    keys: HashMap::new(),
+                    key_order: VecDeque::new(),
                     members: HashMap::new(),
                 },
             );
@@ -324,8 +377,14 @@ impl LocalBus {
                 ingress_us,
             } => {
                 let now = super::unix_us();
+                if key.is_some() {
+                    let ttl = self.retention.idempotency_ttl;
+                    let (bytes, n) = self.owned_mut(&channel).expire_keys(ttl);
+                    self.retained.bytes -= bytes;
+                    self.retained.live -= n;
+                }
                 let ch = self.owned_mut(&channel);
-                let offset = match key.as_deref().and_then(|k| ch.recent_keys.get(k)) {
+                let offset = match key.as_deref().and_then(|k| ch.keys.get(k)) {
                     // A retry of a publish we already stored: answer with the
                     // original position and store nothing.
                     Some(&offset) => offset,
@@ -339,18 +398,25 @@ impl LocalBus {
                             ingress_us,
                             payload,
                         });
+                        let epoch = ch.epoch;
+                        let first = ch.pending.len() == 1;
                         if let Some(key) = key {
-                            if ch.recent_order.len() == RECENT_KEYS_PER_CHANNEL {
-                                if let Some(old) = ch.recent_order.pop_front() {
-                                    ch.recent_keys.remove(&old);
-                                }
-                            }
-                            ch.recent_keys.insert(key.clone(), offset);
-                            ch.recent_order.push_back(key);
+                            let cost = key_cost(&key);
+                            ch.keys.insert(key.clone(), offset);
+                            ch.key_order.push_back((key, offset, Instant::now()));
+                            self.retained.bytes += cost;
+                            self.retained.live += 1;
+                            self.retained.order.push_back(Entry {
+                                channel: channel.clone(),
+                                epoch,
+                                offset,
+                                kind: Kind::Key,
+                            });
                         }
-                        if ch.pending.len() == 1 {
+                        if first {
                             self.dirty.push(channel.clone());
                         }
+                        self.evict_over_budget();
                         offset
                     }
                 };
@@ -550,9 +616,12 @@ impl LocalBus {
                 ch.history.push_back(p.clone());
                 self.retained.bytes += cost(p);
                 self.retained.live += 1;
-                self.retained
-                    .order
-                    .push_back((channel.clone(), ch.epoch, p.offset));
+                self.retained.order.push_back(Entry {
+                    channel: channel.clone(),
+                    epoch: ch.epoch,
+                    offset: p.offset,
+                    kind: Kind::Publication,
+                });
             }
             while ch.history.len() > keep {
                 if let Some(p) = ch.history.pop_front() {
@@ -585,34 +654,40 @@ impl LocalBus {
     fn evict_over_budget(&mut self) {
         let r = &mut self.retained;
         while r.bytes > self.retention.max_bytes {
-            let Some((channel, epoch, offset)) = r.order.pop_front() else {
+            let Some(e) = r.order.pop_front() else {
                 break;
             };
-            let Some(ch) = self.owned.get_mut(&channel) else {
+            let Some(ch) = self.owned.get_mut(&e.channel) else {
                 continue;
             };
-            if ch.epoch != epoch || ch.history.front().map(|p| p.offset) != Some(offset) {
+            if ch.epoch != e.epoch || front_offset(ch, e.kind) != Some(e.offset) {
                 continue; // already gone
             }
-            if let Some(p) = ch.history.pop_front() {
-                r.bytes -= cost(&p);
-                r.live -= 1;
+            match e.kind {
+                Kind::Publication => {
+                    if let Some(p) = ch.history.pop_front() {
+                        r.bytes -= cost(&p);
+                    }
+                }
+                Kind::Key => r.bytes -= ch.pop_key(),
             }
+            r.live -= 1;
         }
         if r.order.len() > 1024 && r.order.len() > 2 * r.live {
             let owned = &self.owned;
-            r.order.retain(|(channel, epoch, offset)| {
-                owned.get(channel).is_some_and(|ch| {
-                    ch.epoch == *epoch && ch.history.front().is_some_and(|f| f.offset <= *offset)
+            r.order.retain(|e| {
+                owned.get(&e.channel).is_some_and(|ch| {
+                    ch.epoch == e.epoch && front_offset(ch, e.kind).is_some_and(|f| f <= e.offset)
                 })
             });
         }
     }
 
-    /// Accounts for a channel's history leaving with the channel.
+    /// Accounts for a channel's history and keys leaving with the channel.
     fn forget(retained: &mut Retained, ch: &Owned) {
         retained.bytes -= ch.history.iter().map(cost).sum::<usize>();
-        retained.live -= ch.history.len();
+        retained.bytes -= ch.key_order.iter().map(|k| key_cost(&k.0)).sum::<usize>();
+        retained.live -= ch.history.len() + ch.key_order.len();
     }
 
     /// A channel nobody listens to and without history worth keeping needs
@@ -635,11 +710,16 @@ impl LocalBus {
         }
         self.last_expiry = Instant::now();
         let ttl = self.retention.ttl;
+        let key_ttl = self.retention.idempotency_ttl;
         let retained = &mut self.retained;
         self.owned.retain(|_, ch| {
+            let (bytes, n) = ch.expire_keys(key_ttl);
+            retained.bytes -= bytes;
+            retained.live -= n;
             let keep = !ch.interested.is_empty()
                 || !ch.pending.is_empty()
                 || !ch.members.is_empty()
+                || !ch.keys.is_empty()
                 || ch.last_publish.elapsed() < ttl;
             if !keep {
                 Self::forget(retained, ch);
@@ -758,6 +838,15 @@ impl Bus for LocalBus {
     }
 }
 
+/// The offset of the oldest publication (or key) of `kind` the channel
+/// still keeps.
+fn front_offset(ch: &Owned, kind: Kind) -> Option<u64> {
+    match kind {
+        Kind::Publication => ch.history.front().map(|p| p.offset),
+        Kind::Key => ch.key_order.front().map(|k| k.1),
+    }
+}
+
 /// Continues a channel's history after `after` (a page of at most
 /// `page_bytes` of payload, at least one publication), or says it cannot.
 fn read_history(ch: &Owned, after: Position, page_bytes: usize) -> History {
@@ -800,6 +889,46 @@ fn read_history(ch: &Owned, after: Position, page_bytes: usize) -> History {
 
 #[cfg(test)]
 mod tests {
+
+    /// Two shards' handles on the embedded bus, for the bus contract.
+    struct Contract {
+        buses: Vec<LocalBus>,
+        events: Vec<Vec<BusEvent>>,
+    }
+
+    impl crate::bus::contract::Harness for Contract {
+        fn bus(&mut self, shard: usize) -> &mut dyn Bus {
+            &mut self.buses[shard]
+        }
+
+        fn pump(&mut self) {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            for (bus, events) in self.buses.iter_mut().zip(&mut self.events) {
+                bus.flush();
+                let _ = bus.poll_events(&mut cx, events);
+            }
+        }
+
+        fn events(&mut self, shard: usize) -> &mut Vec<BusEvent> {
+            &mut self.events[shard]
+        }
+    }
+
+    fn contract() -> Contract {
+        let retention = Retention {
+            size: 100,
+            ttl: Duration::from_secs(60),
+            max_bytes: usize::MAX,
+            page_bytes: usize::MAX,
+            idempotency_ttl: Duration::from_secs(3600),
+        };
+        Contract {
+            buses: LocalBus::cluster(2, retention),
+            events: vec![Vec::new(), Vec::new()],
+        }
+    }
+
+    crate::bus::contract::bus_contract_tests!(contract());
     use super::*;
     use std::task::Waker;
 
@@ -830,6 +959,7 @@ mod tests {
         ttl: Duration::from_secs(60),
         max_bytes: usize::MAX,
         page_bytes: usize::MAX,
+        idempotency_ttl: Duration::from_secs(3600),
     };
 
     fn history_of(events: &[BusEvent]) -> Vec<&History> {
@@ -849,6 +979,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             max_bytes: usize::MAX,
             page_bytes: usize::MAX,
+            idempotency_ttl: Duration::from_secs(3600),
         };
         let mut buses = LocalBus::cluster(2, retention);
         for i in 0..8u32 {
@@ -903,6 +1034,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             max_bytes: 10 * one,
             page_bytes: usize::MAX,
+            idempotency_ttl: Duration::from_secs(3600),
         };
         let mut buses = LocalBus::cluster(1, retention);
         let mut positions = HashMap::new();
@@ -1018,17 +1150,9 @@ mod tests {
         assert_eq!(offsets.len(), 10);
     }
 
-    #[test]
-    fn idempotency_key_stores_once() {
-        let mut buses = LocalBus::cluster(2, NO_HISTORY);
-        buses[0].subscribe("c");
-        settle(&mut buses);
-        buses[1].publish("c", Bytes::from_static(b"a"), Some("k1"), reply(1), 0);
-        buses[1].publish("c", Bytes::from_static(b"a"), Some("k1"), reply(2), 0);
-        buses[1].publish("c", Bytes::from_static(b"b"), Some("k2"), reply(3), 0);
-        let ev = settle(&mut buses);
-        assert_eq!(delivered(&ev[0], "c"), vec![1, 2]);
-        let acks: Vec<(u32, u64)> = ev[1]
+    /// The offset each publish in `events` was acknowledged with, by request.
+    fn acked(events: &[BusEvent]) -> Vec<(u32, u64)> {
+        events
             .iter()
             .filter_map(|e| match e {
                 BusEvent::Published {
@@ -1038,8 +1162,48 @@ mod tests {
                 } => Some((reply_to.request, p.offset)),
                 _ => None,
             })
-            .collect();
-        assert_eq!(acks, vec![(1, 1), (2, 1), (3, 2)]);
+            .collect()
+    }
+
+    // (That a repeated key stores once, from any shard, is in the bus
+    // contract above, which the Redis bus passes too.)
+    #[test]
+    fn idempotency_keys_expire_after_their_ttl_and_count_against_the_byte_bound() {
+        let one = key_cost("k00");
+        let retention = Retention {
+            size: 0, // no history: only the keys are kept
+            ttl: Duration::from_secs(60),
+            max_bytes: 10 * one,
+            page_bytes: usize::MAX,
+            idempotency_ttl: Duration::from_secs(1),
+        };
+        let mut buses = LocalBus::cluster(1, retention);
+        let key = |i: u32| format!("k{i:02}");
+        for i in 0..12 {
+            buses[0].publish("c", Bytes::from_static(b"x"), Some(&key(i)), reply(i), 0);
+        }
+        settle(&mut buses);
+        // Only the newest ten keys fit the bound: k00 and k01 went.
+        assert_eq!(buses[0].retained.bytes, 10 * one);
+        assert_eq!(buses[0].retained.live, 10);
+        buses[0].publish("c", Bytes::from_static(b"x"), Some(&key(0)), reply(100), 0);
+        buses[0].publish("c", Bytes::from_static(b"x"), Some(&key(5)), reply(101), 0);
+        assert_eq!(
+            acked(&settle(&mut buses).remove(0)),
+            [(100, 13), (101, 6)],
+            "an evicted key is stored anew, a kept one answered with its offset"
+        );
+        // Every key older than the TTL is forgotten.
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(2))
+            .expect("uptime");
+        for k in buses[0].owned.get_mut("c").unwrap().key_order.iter_mut() {
+            k.2 = long_ago;
+        }
+        buses[0].publish("c", Bytes::from_static(b"x"), Some(&key(5)), reply(102), 0);
+        assert_eq!(acked(&settle(&mut buses).remove(0)), [(102, 14)]);
+        assert_eq!(buses[0].retained.bytes, one, "only the new key is kept");
+        assert_eq!(buses[0].retained.live, 1);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! events with [`Bus::poll_events`]. That keeps cross-shard traffic batched
 //! and lets a shard never wait on another shard.
 
+#[cfg(test)]
+pub(crate) mod contract;
 pub mod local;
 pub mod redis;
 

@@ -44,6 +44,37 @@ impl Node {
     }
 }
 
+/// One node with two shards on a real Redis, for the bus contract.
+struct Contract {
+    _redis: RedisServer,
+    node: Node,
+}
+
+impl crate::bus::contract::Harness for Contract {
+    fn bus(&mut self, shard: usize) -> &mut dyn Bus {
+        &mut self.node.buses[shard]
+    }
+
+    fn pump(&mut self) {
+        self.node.pump();
+    }
+
+    fn events(&mut self, shard: usize) -> &mut Vec<BusEvent> {
+        &mut self.node.events[shard]
+    }
+}
+
+fn contract() -> Contract {
+    let redis = RedisServer::start(false);
+    let node = Node::start(&redis, 2, options("contract"));
+    Contract {
+        _redis: redis,
+        node,
+    }
+}
+
+crate::bus::contract::bus_contract_tests!(contract());
+
 fn options(node: &str) -> RedisOptions {
     RedisOptions {
         node_id: node.to_string(),

@@ -76,6 +76,7 @@ impl Sim {
             ttl: Duration::from_secs(300),
             max_bytes: 256 << 20,
             page_bytes: config.fanout.outbound_budget_bytes as usize / 4,
+            idempotency_ttl: Duration::from_secs(3600),
         };
         let admission = Arc::new(Admission::new(u32::MAX, u32::MAX, u32::MAX));
         let registry = Arc::new(Registry::new(shards));

@@ -1,0 +1,338 @@
+//! One contract for every bus: the same tests run against the embedded bus
+//! (`bus::local`'s tests) and the Redis bus against a real `redis-server`
+//! (`bus::redis`'s tests), so the two cannot drift apart. Each test takes a
+//! [`Harness`] with two shards' handles on one bus and states a rule of the
+//! [`Bus`] trait as both must keep it.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{unix_us, Bus, BusEvent, History, Position, ReplyTo};
+
+/// Two shards' handles on one bus, driven by polling.
+pub trait Harness {
+    /// Shard `shard`'s handle.
+    fn bus(&mut self, shard: usize) -> &mut dyn Bus;
+    /// Flushes and polls every handle once, keeping what arrived.
+    fn pump(&mut self);
+    /// What shard `shard` received and no test took yet.
+    fn events(&mut self, shard: usize) -> &mut Vec<BusEvent>;
+}
+
+/// How long a condition may take (a real Redis answers in milliseconds).
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Pumps until `cond` holds for the harness.
+fn until(h: &mut dyn Harness, what: &str, mut cond: impl FnMut(&mut dyn Harness) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        h.pump();
+        if cond(h) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn subscribed(events: &[BusEvent], channel: &str) -> Option<Position> {
+    events.iter().find_map(|e| match e {
+        BusEvent::Subscribed {
+            channel: c,
+            position,
+        } if &**c == channel => Some(*position),
+        _ => None,
+    })
+}
+
+/// (epoch, offset, payload) of every publication of `channel`, in order.
+fn delivered(events: &[BusEvent], channel: &str) -> Vec<(u64, u64, Bytes)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            BusEvent::Publications {
+                channel: c,
+                epoch,
+                items,
+            } if &**c == channel => Some(
+                items
+                    .iter()
+                    .map(|p| (*epoch, p.offset, p.payload.clone()))
+                    .collect::<Vec<_>>(),
+            ),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// (request, position) of every acknowledged publish.
+fn acks(events: &[BusEvent]) -> Vec<(u32, Position)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            BusEvent::Published {
+                reply_to, result, ..
+            } => Some((
+                reply_to.request,
+                result.clone().expect("the publish is stored"),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn publish_as(
+    h: &mut dyn Harness,
+    shard: usize,
+    channel: &str,
+    payload: &str,
+    key: Option<&str>,
+    request: u32,
+) {
+    h.bus(shard).publish(
+        channel,
+        Bytes::copy_from_slice(payload.as_bytes()),
+        key,
+        ReplyTo { conn: 1, request },
+        unix_us(),
+    );
+}
+
+/// Subscribes each of `shards` to `channel`; the position each got.
+fn subscribe(h: &mut dyn Harness, shards: &[usize], channel: &str) -> Vec<Position> {
+    for &s in shards {
+        h.bus(s).subscribe(channel);
+    }
+    until(h, "Subscribed", |h| {
+        shards
+            .iter()
+            .all(|&s| subscribed(h.events(s), channel).is_some())
+    });
+    shards
+        .iter()
+        .map(|&s| {
+            let ev = std::mem::take(h.events(s));
+            subscribed(&ev, channel).expect("checked above")
+        })
+        .collect()
+}
+
+/// Every shard with subscribers gets every publication once, in one order,
+/// right after the position its `Subscribed` answer gave; every publish is
+/// acknowledged with the position its publication got.
+pub fn every_subscribed_shard_gets_every_publication_once_in_order(h: &mut dyn Harness) {
+    const CH: &str = "contract-order";
+    const N: u32 = 30;
+    let start = subscribe(h, &[0, 1], CH);
+    assert_eq!(start[0], start[1], "one position for both shards");
+    for i in 0..N {
+        publish_as(h, (i % 2) as usize, CH, &format!("m{i}"), None, i);
+    }
+    until(h, "every publication and ack", |h| {
+        let got = |h: &mut dyn Harness, s| delivered(h.events(s), CH).len() as u32;
+        let acked = |h: &mut dyn Harness, s| acks(h.events(s)).len() as u32;
+        got(h, 0) == N && got(h, 1) == N && acked(h, 0) + acked(h, 1) == N
+    });
+    let first = delivered(h.events(0), CH);
+    assert_eq!(delivered(h.events(1), CH), first, "the same order");
+    let offsets: Vec<u64> = first.iter().map(|d| d.1).collect();
+    let expected: Vec<u64> = (1..=u64::from(N)).map(|i| start[0].offset + i).collect();
+    assert_eq!(
+        offsets, expected,
+        "consecutive after the Subscribed position"
+    );
+    let mut acked = acks(h.events(0));
+    acked.extend(acks(h.events(1)));
+    for (request, position) in acked {
+        let (epoch, _, payload) = first
+            .iter()
+            .find(|d| d.1 == position.offset)
+            .expect("an acknowledged position was delivered");
+        assert_eq!(*epoch, position.epoch);
+        assert_eq!(&payload[..], format!("m{request}").as_bytes());
+    }
+}
+
+/// A publish repeating an idempotency key of its channel, from any shard,
+/// is answered with the first one's position and stores nothing, however
+/// many other keys were used meanwhile (the window is a time,
+/// `history.idempotency_ttl_secs`, not a count).
+pub fn a_repeated_idempotency_key_is_stored_once(h: &mut dyn Harness) {
+    const CH: &str = "contract-idempotency";
+    const OTHERS: u32 = 1_100;
+    subscribe(h, &[0], CH);
+    publish_as(h, 0, CH, "first", Some("k-first"), 1);
+    h.bus(0).flush();
+    until(h, "the first ack", |h| !acks(h.events(0)).is_empty());
+    for i in 0..OTHERS {
+        publish_as(h, 1, CH, &format!("o{i}"), Some(&format!("k{i}")), 100 + i);
+        if i % 64 == 63 {
+            h.bus(1).flush();
+        }
+    }
+    publish_as(h, 1, CH, "retry", Some("k-first"), 2);
+    publish_as(h, 0, CH, "retry", Some("k-first"), 3);
+    until(h, "every ack", |h| {
+        acks(h.events(0)).len() == 2 && acks(h.events(1)).len() as u32 == OTHERS + 1
+    });
+    let mut acked = acks(h.events(0));
+    acked.extend(acks(h.events(1)));
+    let of = |r: u32| acked.iter().find(|a| a.0 == r).expect("acked").1;
+    assert_eq!(of(2), of(1), "a retry from another shard");
+    assert_eq!(of(3), of(1), "a retry from the same shard");
+    // Every acknowledged position is a stored publication: wait for all
+    // of them, then check nothing else was stored.
+    let mut stored: Vec<u64> = acked.iter().map(|a| a.1.offset).collect();
+    stored.sort_unstable();
+    stored.dedup();
+    assert_eq!(stored.len() as u32, OTHERS + 1, "stored once");
+    until(h, "the publications", |h| {
+        delivered(h.events(0), CH).len() >= stored.len()
+    });
+    let got = delivered(h.events(0), CH);
+    assert_eq!(got.iter().map(|d| d.1).collect::<Vec<_>>(), stored);
+    assert!(got.iter().all(|d| &d.2[..] != b"retry"));
+}
+
+/// History after a kept position is exactly what followed it; a position
+/// of another epoch is answered `Lost` with the newest position.
+pub fn history_continues_a_position_exactly_or_says_lost(h: &mut dyn Harness) {
+    const CH: &str = "contract-history";
+    subscribe(h, &[0], CH);
+    for i in 0..5 {
+        publish_as(h, 0, CH, &format!("h{i}"), None, i);
+    }
+    until(h, "acks", |h| acks(h.events(0)).len() == 5);
+    let mut acked = acks(h.events(0));
+    acked.sort_by_key(|a| a.1.offset);
+    let at: Vec<Position> = acked.iter().map(|a| a.1).collect();
+    h.bus(1).history(CH, at[1], 41);
+    h.bus(1).history(
+        CH,
+        Position {
+            epoch: at[0].epoch ^ 1,
+            offset: 1,
+        },
+        42,
+    );
+    until(h, "both answers", |h| {
+        h.events(1)
+            .iter()
+            .filter(|e| matches!(e, BusEvent::History { .. }))
+            .count()
+            == 2
+    });
+    for e in std::mem::take(h.events(1)) {
+        let BusEvent::History {
+            request, result, ..
+        } = e
+        else {
+            continue;
+        };
+        match (request, result) {
+            (41, History::Items { epoch, items }) => {
+                assert_eq!(epoch, at[0].epoch);
+                let got: Vec<(u64, Bytes)> = items
+                    .iter()
+                    .map(|p| (p.offset, p.payload.clone()))
+                    .collect();
+                let want: Vec<(u64, Bytes)> = (2..5)
+                    .map(|i| (at[i].offset, Bytes::from(format!("h{i}"))))
+                    .collect();
+                assert_eq!(got, want);
+            }
+            (42, History::Lost { current }) => assert_eq!(current, at[4]),
+            (request, other) => panic!("history {request}: {other:?}"),
+        }
+    }
+}
+
+/// A user present through several shards is one member: joined once when
+/// the first shard reports it, left once when the last one does.
+pub fn presence_is_one_member_per_user_across_shards(h: &mut dyn Harness) {
+    const CH: &str = "presence-contract";
+    subscribe(h, &[0, 1], CH);
+    h.bus(0).presence(CH, "u", true);
+    h.bus(1).presence(CH, "u", true);
+    h.bus(1).presence(CH, "v", true);
+    until(h, "both joins", |h| presence(h.events(0), CH).len() == 2);
+    assert_eq!(
+        presence(h.events(0), CH),
+        [("u".to_string(), true), ("v".to_string(), true)]
+    );
+    h.events(0).clear();
+    h.bus(0).presence(CH, "u", false);
+    h.bus(0).presence_members(CH, 7);
+    until(h, "members", |h| members(h.events(0)).is_some());
+    assert_eq!(
+        members(h.events(0)),
+        Some(vec!["u".to_string(), "v".to_string()]),
+        "u is still present through shard 1"
+    );
+    h.bus(1).presence(CH, "u", false);
+    until(h, "u leaves", |h| !presence(h.events(0), CH).is_empty());
+    assert_eq!(presence(h.events(0), CH), [("u".to_string(), false)]);
+}
+
+fn presence(events: &[BusEvent], channel: &str) -> Vec<(String, bool)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            BusEvent::Presence {
+                channel: c,
+                user,
+                joined,
+            } if &**c == channel => Some((user.to_string(), *joined)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn members(events: &[BusEvent]) -> Option<Vec<String>> {
+    events.iter().find_map(|e| match e {
+        BusEvent::Members { result, .. } => Some(
+            result
+                .clone()
+                .expect("members")
+                .iter()
+                .map(|u| u.to_string())
+                .collect(),
+        ),
+        _ => None,
+    })
+}
+
+/// Expands to one `#[test]` per contract rule, each on a fresh harness
+/// from `$make` (an expression evaluating to a `Harness`).
+macro_rules! bus_contract_tests {
+    ($make:expr) => {
+        #[test]
+        fn contract_every_subscribed_shard_gets_every_publication_once_in_order() {
+            let mut h = $make;
+            $crate::bus::contract::every_subscribed_shard_gets_every_publication_once_in_order(
+                &mut h,
+            );
+        }
+
+        #[test]
+        fn contract_a_repeated_idempotency_key_is_stored_once() {
+            let mut h = $make;
+            $crate::bus::contract::a_repeated_idempotency_key_is_stored_once(&mut h);
+        }
+
+        #[test]
+        fn contract_history_continues_a_position_exactly_or_says_lost() {
+            let mut h = $make;
+            $crate::bus::contract::history_continues_a_position_exactly_or_says_lost(&mut h);
+        }
+
+        #[test]
+        fn contract_presence_is_one_member_per_user_across_shards() {
+            let mut h = $make;
+            $crate::bus::contract::presence_is_one_member_per_user_across_shards(&mut h);
+        }
+    };
+}
+pub(crate) use bus_contract_tests;
