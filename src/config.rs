@@ -915,3 +915,55 @@ mod tests {
         assert!(msg.contains("server.listen"), "{msg}");
     }
 }
+
+/// README's configuration table against the keys and defaults the server
+/// really has: a key added, renamed or re-defaulted without its row (or
+/// the other way round) fails here.
+#[cfg(test)]
+mod readme_table {
+    use super::{default_table, Config};
+
+    /// (key, default) of every row of README's key table.
+    fn rows() -> Vec<(String, String)> {
+        include_str!("../README.md")
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let key = cells[1].trim_matches('`').to_string();
+                // The default is the first `code` span of its cell.
+                let default = cells[2]
+                    .split('`')
+                    .nth(1)
+                    .unwrap_or_else(|| panic!("README row {key}: no `default`"))
+                    .to_string();
+                (key, default)
+            })
+            .collect()
+    }
+
+    /// A default as README writes it: strings bare, the empty one as `""`.
+    fn shown(v: &toml::Value) -> String {
+        match v {
+            toml::Value::String(s) if s.is_empty() => "\"\"".into(),
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    #[test]
+    fn every_key_has_its_row_with_the_real_default() {
+        let table = default_table();
+        let mut real: Vec<(String, String)> = Vec::new();
+        for (section, keys) in &table {
+            for (key, value) in keys.as_table().expect("sections are tables") {
+                real.push((format!("{section}.{key}"), shown(value)));
+            }
+        }
+        real.sort();
+        let mut documented = rows();
+        documented.sort();
+        assert_eq!(documented, real, "README's key table vs the config");
+        assert_eq!(Config::keys().len(), real.len());
+    }
+}
