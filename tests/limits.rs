@@ -170,52 +170,9 @@ async fn slowloris_handshake_is_cut_at_the_deadline() {
     assert_serving(s.addr).await;
 }
 
-/// A long Connect deadline set first must not delay a short handshake
-/// deadline set after it, and the other way round.
-#[tokio::test]
-async fn deadlines_of_different_lengths_fire_on_time() {
-    // A long Connect deadline, then a short handshake deadline.
-    let s = Server::start(&[
-        "--server-shards",
-        "1",
-        "--auth-deadline-ms",
-        "20000",
-        "--limits-handshake-timeout-ms",
-        "1000",
-    ]);
-    let _silent = RawClient::upgrade(s.addr);
-    std::thread::sleep(Duration::from_millis(500));
-    let mut half = RawClient::connect(s.addr);
-    let started = Instant::now();
-    half.write(&UPGRADE.as_bytes()[..40]);
-    let took = closed_at(&mut half) - started;
-    assert!(
-        took < Duration::from_millis(1000) + LATE,
-        "half a request head was cut after {took:?}; the handshake deadline is 1 s"
-    );
-
-    // A long handshake deadline, then a short Connect deadline.
-    let s = Server::start(&[
-        "--server-shards",
-        "1",
-        "--auth-deadline-ms",
-        "1000",
-        "--limits-handshake-timeout-ms",
-        "20000",
-    ]);
-    let mut half = RawClient::connect(s.addr);
-    half.write(&UPGRADE.as_bytes()[..40]);
-    std::thread::sleep(Duration::from_millis(500));
-    let mut silent = RawClient::upgrade(s.addr);
-    let started = Instant::now();
-    let (code, reason) = silent.expect_close();
-    let took = started.elapsed();
-    assert_eq!(code, 4005, "{reason}");
-    assert!(
-        took < Duration::from_millis(1000) + LATE,
-        "no Connect: closed after {took:?}; the Connect deadline is 1 s"
-    );
-}
+// Deadlines of different lengths (a long Connect deadline set first must
+// not delay a short handshake deadline, and the other way round) are
+// tested on simulated time in `shard::state::tests`.
 
 #[tokio::test]
 async fn silent_clients_are_pinged_then_closed() {
@@ -234,7 +191,8 @@ async fn silent_clients_are_pinged_then_closed() {
     // A tungstenite client answers pings while it reads, and survives.
     let mut c = Client::connect(s.addr).await;
     c.subscribe("alive").await;
-    let until = Instant::now() + Duration::from_secs(4);
+    // Longer than the idle timeout, answering pings all along.
+    let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
         let _ = tokio::time::timeout(Duration::from_millis(200), c.next_or_close()).await;
     }

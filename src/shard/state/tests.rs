@@ -255,6 +255,32 @@ fn a_silent_handshake_is_shut_without_an_answer() {
 }
 
 #[test]
+fn deadlines_of_different_lengths_fire_each_on_time() {
+    // A long Connect deadline set first, then a short handshake deadline.
+    let mut c = config();
+    c.auth.deadline_ms = 20_000;
+    c.limits.handshake_timeout_ms = 1000;
+    let mut sim = Sim::new(1, 100, &c);
+    let waiting = sim.open(0);
+    sim.advance(Duration::from_millis(500));
+    let half = sim.accept_only(0);
+    sim.advance(Duration::from_millis(1000));
+    assert_eq!(sim.shut(half), Some(Shutdown::Both), "handshake cut at 1 s");
+    assert_eq!(sim.close_code(waiting), None);
+    // A long handshake deadline set first, then a short Connect deadline.
+    let mut c = config();
+    c.auth.deadline_ms = 1000;
+    c.limits.handshake_timeout_ms = 20_000;
+    let mut sim = Sim::new(1, 100, &c);
+    let half = sim.accept_only(0);
+    sim.advance(Duration::from_millis(500));
+    let silent = sim.open(0);
+    sim.advance(Duration::from_millis(1000));
+    assert_eq!(sim.close_code(silent), Some(close::AUTH_DEADLINE));
+    assert_eq!(sim.shut(half), None);
+}
+
+#[test]
 fn no_connect_within_the_deadline_closes_with_4005() {
     let mut c = config();
     c.auth.deadline_ms = 1500;
