@@ -276,7 +276,8 @@ pub fn presence_is_one_member_per_user_across_shards(h: &mut dyn Harness) {
     assert_eq!(presence(h.events(0), CH), [("u".to_string(), false)]);
 }
 
-fn presence(events: &[BusEvent], channel: &str) -> Vec<(String, bool)> {
+/// (user, joined) presence events of `channel`, in arrival order.
+pub(crate) fn presence(events: &[BusEvent], channel: &str) -> Vec<(String, bool)> {
     events
         .iter()
         .filter_map(|e| match e {

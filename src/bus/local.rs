@@ -930,6 +930,7 @@ mod tests {
 
     crate::bus::contract::bus_contract_tests!(contract());
     use super::*;
+    use crate::bus::contract::presence as presence_of;
     use std::task::Waker;
 
     fn drain(bus: &mut LocalBus) -> Vec<BusEvent> {
@@ -1230,21 +1231,6 @@ mod tests {
         assert!(got.iter().all(|&o| o > pos), "pos {pos} got {got:?}");
         assert_eq!(got.len() as u64, 3 - pos);
         assert_eq!(delivered(&ev[0], "c"), vec![1, 2, 3]);
-    }
-
-    /// (user, joined) presence events of `channel`, in arrival order.
-    fn presence_of(events: &[BusEvent], channel: &str) -> Vec<(String, bool)> {
-        events
-            .iter()
-            .filter_map(|e| match e {
-                BusEvent::Presence {
-                    channel: c,
-                    user,
-                    joined,
-                } if &**c == channel => Some((user.to_string(), *joined)),
-                _ => None,
-            })
-            .collect()
     }
 
     fn members_of(events: &[BusEvent], request: u64) -> Vec<String> {

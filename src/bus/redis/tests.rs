@@ -6,6 +6,7 @@ use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::bus::contract::presence as presence_events;
 use crate::bus::{unix_us, Bus, BusEvent, History, Position, Publication, ReplyTo};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -706,20 +707,6 @@ fn ingest_runs_each_command_once_across_nodes_and_reclaims_a_dead_consumers_entr
     let claimed = RedisStats::get(&n1.buses[0].stats().ingest_claimed)
         + RedisStats::get(&n2.buses[0].stats().ingest_claimed);
     assert_eq!(claimed, 6);
-}
-
-fn presence_events(events: &[BusEvent], channel: &str) -> Vec<(String, bool)> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            BusEvent::Presence {
-                channel: c,
-                user,
-                joined,
-            } if &**c == channel => Some((user.to_string(), *joined)),
-            _ => None,
-        })
-        .collect()
 }
 
 fn members(node: &mut Node, shard: usize, channel: &str, request: u64) -> Vec<String> {
