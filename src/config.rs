@@ -34,6 +34,12 @@ pub enum ConfigError {
         origin: String,
         known: String,
     },
+    #[error("config key `{old}` (from {origin}) was renamed `{new}`: set that instead")]
+    Renamed {
+        old: &'static str,
+        new: &'static str,
+        origin: String,
+    },
     #[error("config key `{key}` (from {origin}): cannot parse {value:?} as {expected}")]
     BadOverride {
         key: String,
@@ -419,6 +425,7 @@ impl Config {
                         path: path.to_string(),
                         message: e.to_string(),
                     })?;
+            reject_renamed(&file, &format!("config file {path}"))?;
             // Going through `Config` first rejects unknown sections and keys
             // with serde's message, which points at the offending line.
             Config::deserialize(toml::Value::Table(file.clone())).map_err(|e| {
@@ -692,6 +699,8 @@ impl Config {
             }
             let key = keys
                 .iter()
+                .map(String::as_str)
+                .chain(RENAMED.iter().map(|(old, _)| *old))
                 .find(|k| Config::env_name(k) == name)
                 .ok_or_else(|| ConfigError::UnknownKey {
                     key: name.clone(),
@@ -703,7 +712,7 @@ impl Config {
                         .join(", "),
                 })?;
             out.push(Override {
-                key: key.clone(),
+                key: key.to_string(),
                 value,
                 origin: Origin::Env(name),
             });
@@ -712,9 +721,12 @@ impl Config {
     }
 
     /// Maps a flag (`--section-key`) to its key, if it is one.
+    /// A renamed key's old flag maps to the old key, which loading then
+    /// refuses with [`ConfigError::Renamed`] naming the new one.
     pub fn key_for_flag(flag: &str) -> Option<String> {
         Config::keys()
             .into_iter()
+            .chain(RENAMED.iter().map(|(old, _)| old.to_string()))
             .find(|k| Config::flag_name(k) == flag)
     }
 }
@@ -759,7 +771,37 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
+/// Keys that were renamed: (old, new). Setting an old one is an error that
+/// names the new one, rather than "unknown key" or a silent default.
+const RENAMED: &[(&str, &str)] = &[("redis.idempotency_ttl_secs", "history.idempotency_ttl_secs")];
+
+/// Refuses a renamed key in a config file's table.
+fn reject_renamed(file: &toml::Table, origin: &str) -> Result<(), ConfigError> {
+    for (old, new) in RENAMED {
+        let (section, key) = old.split_once('.').expect("section.key");
+        if file
+            .get(section)
+            .and_then(|s| s.as_table())
+            .is_some_and(|s| s.contains_key(key))
+        {
+            return Err(ConfigError::Renamed {
+                old,
+                new,
+                origin: origin.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn apply_override(table: &mut toml::Table, o: &Override) -> Result<(), ConfigError> {
+    if let Some((old, new)) = RENAMED.iter().find(|(old, _)| *old == o.key) {
+        return Err(ConfigError::Renamed {
+            old,
+            new,
+            origin: o.origin.to_string(),
+        });
+    }
     let unknown = || ConfigError::UnknownKey {
         key: o.key.clone(),
         origin: o.origin.to_string(),
@@ -913,6 +955,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("server.listen"), "{msg}");
+    }
+
+    #[test]
+    fn a_renamed_key_is_refused_naming_its_new_name() {
+        let path =
+            std::env::temp_dir().join(format!("shardcast-renamed-{}.toml", std::process::id()));
+        std::fs::write(&path, "[redis]\nidempotency_ttl_secs = 60\n").unwrap();
+        let err = Config::load(path.to_str(), &[]).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("`history.idempotency_ttl_secs`"), "{err}");
+        let env = Config::env_overrides(
+            [(
+                "SHARDCAST_REDIS_IDEMPOTENCY_TTL_SECS".to_string(),
+                "60".to_string(),
+            )]
+            .into_iter(),
+        )
+        .unwrap();
+        let err = Config::load(None, &env).unwrap_err().to_string();
+        assert!(
+            err.contains("renamed `history.idempotency_ttl_secs`"),
+            "{err}"
+        );
+        let flag = Config::key_for_flag("--redis-idempotency-ttl-secs").expect("known");
+        let over = Override {
+            key: flag,
+            value: "60".into(),
+            origin: Origin::Flag("--redis-idempotency-ttl-secs".into()),
+        };
+        let err = Config::load(None, &[over]).unwrap_err().to_string();
+        assert!(err.contains("flag --redis-idempotency-ttl-secs"), "{err}");
     }
 }
 

@@ -67,9 +67,10 @@ if prev then
     -- replication stream carries before it. It keeps the key's expiry: a
     -- key is remembered for the TTL after the publish that stored it, on
     -- both buses (the bus contract tests).
+    -- (At least 1 ms, so a key in its last millisecond is still written.)
     local left = redis.call('PTTL', KEYS[3])
-    if left > 0 then
-      redis.call('PEXPIRE', KEYS[3], left)
+    if left >= 0 then
+      redis.call('PEXPIRE', KEYS[3], math.max(left, 1))
     end
     return {string.sub(prev, 1, sep - 1), tonumber(string.sub(prev, sep + 1)), 0, 1}
   end
