@@ -1,8 +1,9 @@
 //! What a connection speaks, and the one place where the state's neutral
-//! replies, broadcasts and close causes become bytes for it. The rest of
-//! the state never names a wire format: it says *what* to send
-//! ([`Reply`], [`Broadcast`], [`CloseCause`]) and this file encodes it for
-//! the connection's [`Form`]. A new client protocol (Pusher Channels JSON,
+//! replies, broadcasts and close causes become bytes for it, and where a
+//! client's bytes become requests ([`decode_requests`]). The rest of the
+//! state never names a wire format: it says *what* to send ([`Reply`],
+//! [`Broadcast`], [`CloseCause`]) and this file encodes it for the
+//! connection's [`Form`]. A new client protocol (Pusher Channels JSON,
 //! Server-Sent Events) is a new `Form` and new arms here.
 
 use std::borrow::Borrow;
@@ -11,8 +12,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::bus::{Position, Publication};
-use crate::protocol::compression::{self, Compressor};
-use crate::protocol::wire::{self, Encoder, ErrorCode};
+use crate::protocol::compression::{self, CompressionError, Compressor, Decompressor};
+use crate::protocol::wire::{self, ClientRequest, DecodeLimits, Encoder, ErrorCode};
 use crate::protocol::ws::{self, OpCode};
 
 /// The protocol and encoding a connection speaks, fixed at its upgrade.
@@ -114,6 +115,40 @@ fn native_close(cause: &CloseCause) -> (u16, String) {
         ),
         CloseCause::PeerClosed(code) => (code.unwrap_or(ws::close::NORMAL), String::new()),
     }
+}
+
+/// Decodes one binary message from a connection of `form` into its
+/// requests, in order. A compressed message is inflated into `inflated`
+/// (bounded by the decompressor's limit), which the requests then borrow.
+/// An error is why the connection closes: a message over the size limit
+/// gets 1009 as any message too big; anything undecodable is
+/// [`CloseCause::InvalidMessage`] (native: 4000).
+pub fn decode_requests<'a>(
+    form: Form,
+    data: &'a [u8],
+    decompressor: &mut Decompressor,
+    limits: &DecodeLimits,
+    inflated: &'a mut Vec<u8>,
+) -> Result<Vec<(u32, ClientRequest<'a>)>, CloseCause> {
+    let data: &'a [u8] = match (form, data.first()) {
+        (Form::Native, _) => data,
+        (Form::NativeZstd, Some(&compression::FLAG_PLAIN)) => &data[1..],
+        (Form::NativeZstd, _) => {
+            let open = decompressor.open(data).map_err(|e| match e {
+                CompressionError::TooLarge(_) => CloseCause::WebSocket {
+                    code: ws::close::MESSAGE_TOO_BIG,
+                    reason: e.to_string(),
+                },
+                _ => CloseCause::InvalidMessage(e.to_string()),
+            })?;
+            // Copied out so the requests do not borrow the shard's
+            // decompressor (compressed input is rare).
+            inflated.extend_from_slice(open);
+            inflated
+        }
+    };
+    wire::decode_client_frame(data, limits)
+        .map_err(|e| CloseCause::InvalidMessage(e.reason().to_string()))
 }
 
 /// An answer to one client request, before it is encoded for a form.

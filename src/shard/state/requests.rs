@@ -5,16 +5,14 @@
 use bytes::Bytes;
 
 use super::connections::Phase;
-use super::form::{self, CloseCause, Form, Reply};
+use super::form::{self, CloseCause, Reply};
 use super::State;
 use std::sync::Arc;
 
 use crate::bus::{BusError, Position, ReplyTo};
 use crate::metrics::Limit;
 use crate::protocol::channel;
-use crate::protocol::compression::{self, CompressionError};
-use crate::protocol::wire::{self, ClientRequest, ErrorCode};
-use crate::protocol::ws;
+use crate::protocol::wire::{ClientRequest, ErrorCode};
 use crate::shard::slab::ConnId;
 
 impl State {
@@ -37,34 +35,14 @@ impl State {
     /// Handles one binary message from a client. An `Err` means the
     /// connection must be closed with that reason.
     pub fn on_client_message(&mut self, id: ConnId, data: &[u8]) -> Result<(), CloseCause> {
-        let inflated;
-        let data = if self.form_of(id) == Form::NativeZstd {
-            match data.first() {
-                Some(&compression::FLAG_PLAIN) => &data[1..],
-                _ => {
-                    let open = self
-                        .decompressor
-                        .open(data)
-                        // Over the size limit: 1009, as for any message
-                        // too big; otherwise not a valid message (4000).
-                        .map_err(|e| match e {
-                            CompressionError::TooLarge(_) => CloseCause::WebSocket {
-                                code: ws::close::MESSAGE_TOO_BIG,
-                                reason: e.to_string(),
-                            },
-                            _ => CloseCause::InvalidMessage(e.to_string()),
-                        })?;
-                    // Copied out so the requests below do not borrow the
-                    // shard's decompressor (compressed input is rare).
-                    inflated = open.to_vec();
-                    &inflated[..]
-                }
-            }
-        } else {
-            data
-        };
-        let requests = wire::decode_client_frame(data, &self.settings.decode_limits)
-            .map_err(|e| CloseCause::InvalidMessage(e.reason().to_string()))?;
+        let mut inflated = Vec::new();
+        let requests = form::decode_requests(
+            self.form_of(id),
+            data,
+            &mut self.decompressor,
+            &self.settings.decode_limits,
+            &mut inflated,
+        )?;
         let limits = &self.settings.limits;
         let (rate, burst, max_strikes) = (
             limits.messages_per_second,
