@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{unix_us, Bus, BusEvent, History, Position, ReplyTo};
+use super::{unix_us, Bus, BusEvent, History, Position, Publication, ReplyTo};
 
 /// Two shards' handles on one bus, driven by polling.
 pub trait Harness {
@@ -36,7 +36,8 @@ fn until(h: &mut dyn Harness, what: &str, mut cond: impl FnMut(&mut dyn Harness)
     }
 }
 
-fn subscribed(events: &[BusEvent], channel: &str) -> Option<Position> {
+/// The position of the first `Subscribed` answer for `channel`.
+pub(crate) fn subscribed(events: &[BusEvent], channel: &str) -> Option<Position> {
     events.iter().find_map(|e| match e {
         BusEvent::Subscribed {
             channel: c,
@@ -46,8 +47,8 @@ fn subscribed(events: &[BusEvent], channel: &str) -> Option<Position> {
     })
 }
 
-/// (epoch, offset, payload) of every publication of `channel`, in order.
-fn delivered(events: &[BusEvent], channel: &str) -> Vec<(u64, u64, Bytes)> {
+/// (epoch, publication) of every publication of `channel`, in order.
+pub(crate) fn delivered(events: &[BusEvent], channel: &str) -> Vec<(u64, Publication)> {
     events
         .iter()
         .filter_map(|e| match e {
@@ -58,7 +59,7 @@ fn delivered(events: &[BusEvent], channel: &str) -> Vec<(u64, u64, Bytes)> {
             } if &**c == channel => Some(
                 items
                     .iter()
-                    .map(|p| (*epoch, p.offset, p.payload.clone()))
+                    .map(|p| (*epoch, p.clone()))
                     .collect::<Vec<_>>(),
             ),
             _ => None,
@@ -135,8 +136,14 @@ pub fn every_subscribed_shard_gets_every_publication_once_in_order(h: &mut dyn H
         let acked = |h: &mut dyn Harness, s| acks(h.events(s)).len() as u32;
         got(h, 0) == N && got(h, 1) == N && acked(h, 0) + acked(h, 1) == N
     });
-    let first = delivered(h.events(0), CH);
-    assert_eq!(delivered(h.events(1), CH), first, "the same order");
+    let seen = |h: &mut dyn Harness, s| -> Vec<(u64, u64, Bytes)> {
+        delivered(h.events(s), CH)
+            .into_iter()
+            .map(|(epoch, p)| (epoch, p.offset, p.payload))
+            .collect()
+    };
+    let first = seen(h, 0);
+    assert_eq!(seen(h, 1), first, "the same order");
     let offsets: Vec<u64> = first.iter().map(|d| d.1).collect();
     let expected: Vec<u64> = (1..=u64::from(N)).map(|i| start[0].offset + i).collect();
     assert_eq!(
@@ -192,8 +199,8 @@ pub fn a_repeated_idempotency_key_is_stored_once(h: &mut dyn Harness) {
         delivered(h.events(0), CH).len() >= stored.len()
     });
     let got = delivered(h.events(0), CH);
-    assert_eq!(got.iter().map(|d| d.1).collect::<Vec<_>>(), stored);
-    assert!(got.iter().all(|d| &d.2[..] != b"retry"));
+    assert_eq!(got.iter().map(|d| d.1.offset).collect::<Vec<_>>(), stored);
+    assert!(got.iter().all(|d| &d.1.payload[..] != b"retry"));
 }
 
 /// History after a kept position is exactly what followed it; a position

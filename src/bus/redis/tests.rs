@@ -6,8 +6,8 @@ use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::bus::contract::presence as presence_events;
-use crate::bus::{unix_us, Bus, BusEvent, History, Position, Publication, ReplyTo};
+use crate::bus::contract::{delivered, presence as presence_events, subscribed};
+use crate::bus::{unix_us, Bus, BusEvent, History, Position, ReplyTo};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -114,41 +114,11 @@ fn reply(request: u32) -> ReplyTo {
     ReplyTo { conn: 1, request }
 }
 
-fn delivered(events: &[BusEvent], channel: &str) -> Vec<(u64, Publication)> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            BusEvent::Publications {
-                channel: c,
-                epoch,
-                items,
-            } if &**c == channel => Some(
-                items
-                    .iter()
-                    .map(|p| (*epoch, p.clone()))
-                    .collect::<Vec<_>>(),
-            ),
-            _ => None,
-        })
-        .flatten()
-        .collect()
-}
-
 fn offsets(events: &[BusEvent], channel: &str) -> Vec<u64> {
     delivered(events, channel)
         .into_iter()
         .map(|(_, p)| p.offset)
         .collect()
-}
-
-fn subscribed(events: &[BusEvent], channel: &str) -> Option<Position> {
-    events.iter().find_map(|e| match e {
-        BusEvent::Subscribed {
-            channel: c,
-            position,
-        } if &**c == channel => Some(*position),
-        _ => None,
-    })
 }
 
 fn acks(events: &[BusEvent]) -> Vec<(u32, Result<Position, BusError>)> {
