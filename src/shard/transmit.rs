@@ -107,7 +107,19 @@ pub fn perform(shard: &Rc<Shard>, state: &mut State) {
 /// socket is full or the write fails; `None` if the connection is gone or
 /// failed.
 pub fn write(state: &mut State, id: ConnId) -> Option<Flushed> {
-    let fd = state.begin_write(id)? as RawFd;
+    write_with(state, id, |handle, iov| sys::send(handle as RawFd, iov))
+}
+
+/// The write loop of [`write`] over any `send`, which gets the socket's
+/// handle and the slices to write and answers how many bytes the socket
+/// took (`WouldBlock` when it is full, any other error when it failed).
+/// The state tests run the same loop against fake sockets.
+pub fn write_with(
+    state: &mut State,
+    id: ConnId,
+    mut send: impl FnMut(u32, &[IoSlice<'_>]) -> io::Result<usize>,
+) -> Option<Flushed> {
+    let handle = state.begin_write(id)?;
     loop {
         let sent = {
             let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
@@ -115,7 +127,7 @@ pub fn write(state: &mut State, id: ConnId) -> Option<Flushed> {
             if n == 0 {
                 return Some(state.write_drained(id));
             }
-            sys::send(fd, &iov[..n])
+            send(handle, &iov[..n])
         };
         match sent {
             Ok(n) => {

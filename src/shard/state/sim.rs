@@ -7,7 +7,7 @@
 //! tested here without a socket, a thread or a sleep.
 
 use std::collections::HashMap;
-use std::io::IoSlice;
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Shutdown};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -21,8 +21,8 @@ use crate::metrics::Registry;
 use crate::protocol::wire::{self, ClientEncoder, DecodeLimits, ServerMessage};
 use crate::protocol::ws::OpCode;
 use crate::shard::admission::Admission;
-use crate::shard::outbound::MAX_IOVECS;
 use crate::shard::slab::ConnId;
+use crate::shard::transmit::write_with;
 use crate::shard::Settings;
 
 /// How often the simulated sweeper runs (the driver's `SWEEP_INTERVAL`).
@@ -191,29 +191,24 @@ impl Sim {
         }
     }
 
-    /// The driver's `transmit::write` against a fake socket.
+    /// The driver's write loop (`transmit::write_with`) against the fake
+    /// socket: it takes what its buffer has room for, `WouldBlock` when
+    /// full, and fails once shut.
     fn write(&mut self, s: usize, id: ConnId) -> Option<Flushed> {
         let state = &mut self.shards[s];
         let Some(sock) = self.sockets[s].get_mut(&id) else {
             state.write_failed(id);
             return None;
         };
-        state.begin_write(id)?;
-        loop {
-            let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
-            let n = state.gather(id, &mut iov);
-            if n == 0 {
-                return Some(state.write_drained(id));
-            }
+        write_with(state, id, |_, iov| {
             if sock.shut == Some(Shutdown::Both) {
-                state.write_failed(id);
-                return None;
+                return Err(io::ErrorKind::BrokenPipe.into());
             }
             let room = sock
                 .capacity
                 .map_or(usize::MAX, |c| c.saturating_sub(sock.unread.len()));
             let mut took = 0;
-            for slice in &iov[..n] {
+            for slice in iov {
                 let k = slice.len().min(room - took);
                 sock.unread.extend_from_slice(&slice[..k]);
                 took += k;
@@ -222,12 +217,10 @@ impl Sim {
                 }
             }
             if took == 0 {
-                return Some(state.write_blocked(id));
+                return Err(io::ErrorKind::WouldBlock.into());
             }
-            if !state.wrote(id, took) {
-                return Some(state.write_drained(id));
-            }
-        }
+            Ok(took)
+        })
     }
 
     /// A client connects to shard `shard` and completes the upgrade (the
