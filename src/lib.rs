@@ -17,5 +17,6 @@ pub mod bus;
 pub mod config;
 pub mod metrics;
 pub mod protocol;
+pub mod server;
 pub mod shard;
 pub mod systemd;
