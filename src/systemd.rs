@@ -18,13 +18,18 @@
 //! being refused.
 //!
 //! Everything here is a no-op when the process does not run under systemd:
-//! [`notify`] returns `Ok(false)` and [`listen_fds`] an empty list. The
-//! protocol is small and stable (see `sd_notify(3)` and
-//! `sd_listen_fds(3)`), so it is spoken directly rather than through a C
-//! library or a crate.
+//! [`notify`] returns `Ok(false)` and [`listen_fds`] an empty list.
+//!
+//! What systemd passes in the environment (`WATCHDOG_*`, `LISTEN_*`) is read
+//! by the `sd-notify` crate. Sending a notification stays here (one
+//! datagram, see `sd_notify(3)`): sd-notify 0.5 connects to
+//! `$NOTIFY_SOCKET` as a file-system path, so a `@name` abstract socket,
+//! which the protocol allows and some containers use, fails with `ENOENT`.
+//! So does checking an inherited descriptor before it becomes a listener
+//! ([`tcp_listener`]), which sd-notify does not do.
 
-// sd_notify over a Unix datagram socket, inherited descriptors, fcntl:
-// libc calls, each block says why it is sound.
+// Inherited descriptors taken as owned, sd-notify's call that unsets the
+// environment, getsockopt: each block says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -80,6 +85,7 @@ pub fn extend_timeout(extra: Duration) -> String {
 /// whole life, and the environment is never mutated from a running thread.
 /// Safe to call from any thread; each call opens its own socket.
 pub fn notify(state: &str) -> io::Result<bool> {
+    // Not sd_notify::notify: 0.5 cannot reach an `@` abstract socket.
     let Some(socket) = env_str(NOTIFY_SOCKET)? else {
         return Ok(false);
     };
@@ -134,53 +140,25 @@ fn notify_addr(socket: &str) -> io::Result<SocketAddr> {
 /// The cadence at which to send [`WATCHDOG`]: half of `WatchdogSec=`, the
 /// usual margin for a ping that may be late by a scheduling hiccup.
 ///
-/// `None` when the unit has no watchdog, when the period is meant for
+/// `None` when the unit has no watchdog, or when the period is meant for
 /// another process (`WATCHDOG_PID` is set to a pid that is not ours, e.g.
-/// a child that inherited the environment), or when the variables are
-/// malformed; use [`try_watchdog_interval`] to log the latter.
+/// a child that inherited the environment). The variables are read, not
+/// removed, so the environment is never mutated from a running thread.
 pub fn watchdog_interval() -> Option<Duration> {
-    try_watchdog_interval().ok().flatten()
+    sd_notify::watchdog_enabled()
+        // sd_watchdog_enabled(3) rejects a period of 0; sd-notify 0.5 returns it.
+        .filter(|period| !period.is_zero())
+        .map(|period| (period / 2).max(Duration::from_micros(1)))
 }
 
-/// Like [`watchdog_interval`], but a malformed `WATCHDOG_USEC` or
-/// `WATCHDOG_PID` is an error: systemd will kill a service that expected
-/// to be pinged and was not, so the caller should say why it is not
-/// pinging.
+/// [`watchdog_interval`], in the `Result` that callers log errors from.
+///
+/// Currently never an error: the variables are read by sd-notify, which
+/// ignores a malformed `WATCHDOG_USEC` (no watchdog) and a malformed
+/// `WATCHDOG_PID` (no pid restriction). systemd never sets either; the
+/// `Result` stays so callers keep handling a failure should one appear.
 pub fn try_watchdog_interval() -> io::Result<Option<Duration>> {
-    parse_watchdog(
-        env_str(WATCHDOG_USEC)?.as_deref(),
-        env_str(WATCHDOG_PID)?.as_deref(),
-        std::process::id(),
-    )
-}
-
-/// The pure part of [`try_watchdog_interval`]: the ping cadence for the
-/// values of `WATCHDOG_USEC` and `WATCHDOG_PID`, as seen by process
-/// `our_pid`.
-pub fn parse_watchdog(
-    usec: Option<&str>,
-    pid: Option<&str>,
-    our_pid: u32,
-) -> io::Result<Option<Duration>> {
-    let Some(usec) = usec else {
-        return Ok(None);
-    };
-    let period: u64 = usec
-        .parse()
-        .map_err(|e| invalid(format!("{WATCHDOG_USEC}={usec:?} is not a number: {e}")))?;
-    if let Some(pid) = pid {
-        let pid: u32 = pid
-            .parse()
-            .map_err(|e| invalid(format!("{WATCHDOG_PID}={pid:?} is not a pid: {e}")))?;
-        if pid != our_pid {
-            return Ok(None);
-        }
-    }
-    if period == 0 {
-        // sd_watchdog_enabled treats 0 as "no watchdog".
-        return Ok(None);
-    }
-    Ok(Some(Duration::from_micros((period / 2).max(1))))
+    Ok(watchdog_interval())
 }
 
 /// Takes the listening sockets systemd passed to this process (socket
@@ -212,90 +190,50 @@ pub fn listen_fds() -> io::Result<Vec<OwnedFd>> {
 /// Like [`listen_fds`], with each socket's `FileDescriptorName=`
 /// (`"unknown"` when the socket unit set none, as in `sd_listen_fds(3)`).
 /// The same rule applies: call it before spawning threads.
-pub fn listen_fds_with_names() -> io::Result<Vec<(OwnedFd, String)>> {
-    let pid = env_str(LISTEN_PID);
-    let fds = env_str(LISTEN_FDS);
-    let names = env_str(LISTEN_FDNAMES);
-    // Unset whatever happens next, like sd_listen_fds(unset_environment=1):
-    // even a malformed or foreign set must not reach a child process.
-    for key in [LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES] {
-        // Sound only while no other thread runs: see the doc comment.
-        std::env::remove_var(key);
-    }
-    let passed = parse_listen_fds(
-        pid?.as_deref(),
-        fds?.as_deref(),
-        names?.as_deref(),
-        std::process::id(),
-    )?;
-    let mut out = Vec::with_capacity(passed.len());
-    for (fd, name) in passed {
-        set_cloexec(fd).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("socket activation: fd {fd} ({name}) from {LISTEN_FDS}: {e}"),
-            )
-        })?;
-        // SAFETY: systemd passed `fd` to this process for it to own, and
-        // set_cloexec just showed it is open. Nothing else in the process
-        // claims descriptors from LISTEN_FDS: the variables are gone now,
-        // so this is the only time they are handed out.
-        out.push((unsafe { OwnedFd::from_raw_fd(fd) }, name));
-    }
-    Ok(out)
-}
-
-/// The pure part of [`listen_fds_with_names`]: which descriptors the
-/// values of `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES` hand to
-/// process `our_pid`, with their names.
 ///
 /// As `sd_listen_fds(3)`: nothing when `LISTEN_PID` is unset or names
 /// another process (the variables were inherited, not meant for us);
-/// otherwise `LISTEN_FDS` descriptors from 3 on. A malformed value, or a
-/// name list whose length differs from the count, is an error.
-pub fn parse_listen_fds(
-    pid: Option<&str>,
-    fds: Option<&str>,
-    names: Option<&str>,
-    our_pid: u32,
-) -> io::Result<Vec<(RawFd, String)>> {
-    let Some(pid) = pid else {
-        return Ok(Vec::new());
+/// otherwise `LISTEN_FDS` descriptors from [`LISTEN_FDS_START`] on. A
+/// malformed value, a name list whose length differs from the count, or a
+/// descriptor that is not open is an error showing the three variables.
+pub fn listen_fds_with_names() -> io::Result<Vec<(OwnedFd, String)>> {
+    // sd-notify's errors say "invalid LISTEN_FDS", not what it held.
+    let seen = describe_env(&[LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES]);
+    let foreign = matches!(
+        std::env::var(LISTEN_PID).map(|pid| pid.parse::<u32>()),
+        Ok(Ok(pid)) if pid != std::process::id()
+    );
+    // SAFETY: this removes the three variables whatever the outcome (like
+    // sd_listen_fds(unset_environment=1): even a malformed or foreign set
+    // must not reach a child process), which is sound only while no other
+    // thread reads the environment: the caller's contract, see above.
+    let passed = match unsafe { sd_notify::listen_fds_with_names_and_unset_env() } {
+        // sd-notify 0.5 checks LISTEN_FDNAMES even when LISTEN_PID is another
+        // process's (then it has touched no descriptor); libsystemd returns 0.
+        Err(_) if foreign => return Ok(Vec::new()),
+        passed => passed.map_err(|e| io::Error::new(e.kind(), format!("{e} ({seen})")))?,
     };
-    let pid: u32 = pid
-        .parse()
-        .map_err(|e| invalid(format!("{LISTEN_PID}={pid:?} is not a pid: {e}")))?;
-    if pid != our_pid {
-        return Ok(Vec::new());
-    }
-    let Some(fds) = fds else {
-        return Ok(Vec::new());
-    };
-    let count: RawFd = fds
-        .parse()
-        .ok()
-        .filter(|n: &RawFd| (0..=RawFd::MAX - LISTEN_FDS_START).contains(n))
-        .ok_or_else(|| invalid(format!("{LISTEN_FDS}={fds:?} is not a descriptor count")))?;
-    let names: Vec<String> = match names {
-        Some(list) => {
-            let names: Vec<String> = if count == 0 && list.is_empty() {
-                Vec::new()
-            } else {
-                list.split(':').map(str::to_owned).collect()
-            };
-            if names.len() != count as usize {
-                return Err(invalid(format!(
-                    "{LISTEN_FDNAMES}={list:?} names {} sockets, {LISTEN_FDS}={count}",
-                    names.len()
-                )));
-            }
-            names
-        }
-        None => vec!["unknown".to_owned(); count as usize],
-    };
-    Ok((LISTEN_FDS_START..LISTEN_FDS_START + count)
-        .zip(names)
+    Ok(passed
+        .map(|(fd, name)| {
+            // SAFETY: systemd passed `fd` to this process for it to own,
+            // and sd-notify just set close-on-exec on it, so it is open
+            // (F_GETFD fails on a closed descriptor). Nothing else in the
+            // process claims descriptors from LISTEN_FDS: the variables are
+            // gone now, so this is the only time they are handed out.
+            (unsafe { OwnedFd::from_raw_fd(fd) }, name)
+        })
         .collect())
+}
+
+/// `KEY="value"` (or `KEY unset`) for each of `keys`, for error messages.
+fn describe_env(keys: &[&str]) -> String {
+    keys.iter()
+        .map(|key| match std::env::var_os(key) {
+            Some(value) => format!("{key}={value:?}"),
+            None => format!("{key} unset"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Turns a passed descriptor into a listener a shard can accept on:
@@ -348,23 +286,6 @@ fn sockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<libc::c_int> 
     Ok(value)
 }
 
-fn set_cloexec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFD/F_SETFD only read and write the descriptor's flags;
-    // an fd that is not open yields EBADF, which is reported.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFD);
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if flags & libc::FD_CLOEXEC == 0
-            && libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 /// An environment variable as UTF-8, `None` when unset. Every variable
 /// read here is ASCII when systemd sets it; anything else is an error
 /// rather than a silently ignored value.
@@ -387,117 +308,6 @@ mod tests {
     use super::*;
     use std::os::unix::process::CommandExt;
     use std::process::Command;
-
-    #[test]
-    fn watchdog_absent_or_zero_is_off() {
-        assert_eq!(parse_watchdog(None, None, 10).unwrap(), None);
-        assert_eq!(parse_watchdog(None, Some("10"), 10).unwrap(), None);
-        assert_eq!(parse_watchdog(Some("0"), None, 10).unwrap(), None);
-    }
-
-    #[test]
-    fn watchdog_pings_at_half_the_period() {
-        assert_eq!(
-            parse_watchdog(Some("10000000"), None, 10).unwrap(),
-            Some(Duration::from_secs(5))
-        );
-        assert_eq!(
-            parse_watchdog(Some("10000000"), Some("10"), 10).unwrap(),
-            Some(Duration::from_secs(5))
-        );
-        // A 1 µs period still yields a usable (non-zero) interval.
-        assert_eq!(
-            parse_watchdog(Some("1"), None, 10).unwrap(),
-            Some(Duration::from_micros(1))
-        );
-    }
-
-    #[test]
-    fn watchdog_for_another_pid_is_not_ours() {
-        assert_eq!(
-            parse_watchdog(Some("10000000"), Some("11"), 10).unwrap(),
-            None
-        );
-    }
-
-    #[test]
-    fn watchdog_malformed_values_are_errors_naming_the_variable() {
-        for (usec, pid) in [
-            (Some("ten"), None),
-            (Some("-5"), None),
-            (Some(""), None),
-            (Some("10000000"), Some("pid")),
-            (Some("10000000"), Some("")),
-        ] {
-            let err = parse_watchdog(usec, pid, 10).unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-            let msg = err.to_string();
-            assert!(msg.contains("WATCHDOG_"), "{msg}");
-        }
-    }
-
-    #[test]
-    fn listen_fds_absent_or_foreign_is_empty() {
-        assert!(parse_listen_fds(None, None, None, 7).unwrap().is_empty());
-        assert!(parse_listen_fds(None, Some("2"), None, 7)
-            .unwrap()
-            .is_empty());
-        assert!(parse_listen_fds(Some("8"), Some("2"), None, 7)
-            .unwrap()
-            .is_empty());
-        assert!(parse_listen_fds(Some("7"), None, None, 7)
-            .unwrap()
-            .is_empty());
-        assert!(parse_listen_fds(Some("7"), Some("0"), None, 7)
-            .unwrap()
-            .is_empty());
-        assert!(parse_listen_fds(Some("7"), Some("0"), Some(""), 7)
-            .unwrap()
-            .is_empty());
-    }
-
-    #[test]
-    fn listen_fds_start_at_three_with_names() {
-        assert_eq!(
-            parse_listen_fds(Some("7"), Some("2"), None, 7).unwrap(),
-            vec![(3, "unknown".to_owned()), (4, "unknown".to_owned())]
-        );
-        assert_eq!(
-            parse_listen_fds(Some("7"), Some("3"), Some("shardcast:shardcast:admin"), 7).unwrap(),
-            vec![
-                (3, "shardcast".to_owned()),
-                (4, "shardcast".to_owned()),
-                (5, "admin".to_owned())
-            ]
-        );
-        // An empty name is a name (a socket unit without one, among named).
-        assert_eq!(
-            parse_listen_fds(Some("7"), Some("2"), Some(":x"), 7).unwrap(),
-            vec![(3, String::new()), (4, "x".to_owned())]
-        );
-    }
-
-    #[test]
-    fn listen_fds_malformed_values_are_errors() {
-        for (pid, fds, names) in [
-            (Some("seven"), Some("1"), None),
-            (Some(""), Some("1"), None),
-            (Some("7"), Some("one"), None),
-            (Some("7"), Some("-1"), None),
-            (Some("7"), Some("2147483647"), None),
-            (Some("7"), Some("2"), Some("only-one")),
-            (Some("7"), Some("1"), Some("a:b")),
-            (Some("7"), Some("0"), Some("a")),
-        ] {
-            let err = parse_listen_fds(pid, fds, names, 7).unwrap_err();
-            assert_eq!(
-                err.kind(),
-                io::ErrorKind::InvalidData,
-                "{pid:?} {fds:?} {names:?}"
-            );
-            assert!(err.to_string().contains("LISTEN_"), "{err}");
-        }
-    }
 
     #[test]
     fn status_and_extend_timeout_lines() {
@@ -591,49 +401,81 @@ mod tests {
         assert!(err.to_string().contains("not listening"), "{err}");
     }
 
-    /// Set by [`socket_activation_end_to_end`] for the copy of this test
-    /// binary it starts the way systemd would.
-    const CHILD_MARK: &str = "SHARDCAST_SD_TEST_CHILD_ADDR";
+    /// Set, to its argument, in the copy of this test binary that
+    /// [`run_child`] starts; the `*_child` tests do nothing without it.
+    const CHILD_MARK: &str = "SHARDCAST_SD_TEST_CHILD";
 
-    /// Socket activation for real: this test binary is re-run with a
-    /// listening socket at fd 3 and LISTEN_PID set to the child's own pid
-    /// (by `sh`, which then execs the binary under the same pid), as
-    /// systemd does. The child takes the socket, checks it, and reports
-    /// through its exit status. A separate process, because taking fds and
-    /// removing variables in the shared test process would be unsound.
-    #[test]
-    fn socket_activation_end_to_end() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let fd = listener.as_fd().as_raw_fd();
+    /// Runs `test`, one of this module's `*_child` tests, alone in a copy of
+    /// this test binary with [`CHILD_MARK`] set to `arg`; fails unless it
+    /// passed.
+    ///
+    /// The environment-reading functions are tested this way because the
+    /// child sets variables and takes descriptors, which is sound only where
+    /// no other thread runs: the child runs that one test
+    /// (`--test-threads=1`), while this process runs many tests at once and
+    /// never edits its environment.
+    ///
+    /// With `passed`, those listening sockets are handed over as systemd
+    /// does: at fds 3, 4, … without close-on-exec, `LISTEN_FDS` and
+    /// `LISTEN_FDNAMES` = `names` set, and `LISTEN_PID` set to the child's
+    /// own pid by `sh`, which then execs the binary under that pid.
+    fn run_child(test: &str, arg: &str, passed: &[RawFd], names: &str) {
         // Test names leave out the crate: "systemd::tests::…" wherever the
         // module is declared.
         let module = module_path!().split_once("::").map_or("", |(_, m)| m);
-        let child_test = format!("{module}::socket_activation_child");
-        let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg("export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=shardcast; exec \"$0\" \"$@\"")
-            .arg(std::env::current_exe().unwrap())
-            .args(["--exact", &child_test, "--test-threads=1", "--nocapture"])
-            .env(CHILD_MARK, addr.to_string());
-        // SAFETY: dup2 and fcntl are async-signal-safe; they put the
-        // listener at fd 3 in the child without close-on-exec (dup2 onto
-        // itself would keep the flag, hence the fcntl) and touch nothing
-        // else.
-        unsafe {
-            cmd.pre_exec(move || {
-                let rc = if fd == LISTEN_FDS_START {
-                    libc::fcntl(fd, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(fd, LISTEN_FDS_START)
-                };
-                if rc < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = if passed.is_empty() {
+            Command::new(exe)
+        } else {
+            let mut cmd = Command::new("/bin/sh");
+            cmd.arg("-c")
+                .arg(format!(
+                    "export LISTEN_PID=$$ LISTEN_FDS={} LISTEN_FDNAMES={names}; exec \"$0\" \"$@\"",
+                    passed.len()
+                ))
+                .arg(exe);
+            let mut fds: [RawFd; 4] = [-1; 4];
+            fds[..passed.len()].copy_from_slice(passed);
+            let n = passed.len();
+            // SAFETY: fcntl and dup2 are async-signal-safe and nothing here
+            // allocates. The listeners are first copied out of the way
+            // (close-on-exec copies at 64 and up, so moving one cannot
+            // overwrite another still to be moved), then put at 3, 4, …,
+            // where dup2 leaves them open across exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut high: [RawFd; 4] = [-1; 4];
+                    for (h, &fd) in high.iter_mut().zip(&fds[..n]) {
+                        *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64);
+                        if *h < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    for (target, &h) in (LISTEN_FDS_START..).zip(&high[..n]) {
+                        if libc::dup2(h, target) < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+            cmd
+        };
+        for key in [
+            LISTEN_PID,
+            LISTEN_FDS,
+            LISTEN_FDNAMES,
+            WATCHDOG_USEC,
+            WATCHDOG_PID,
+        ] {
+            cmd.env_remove(key);
         }
-        let out = cmd.output().unwrap();
+        let child_test = format!("{module}::{test}");
+        let out = cmd
+            .args(["--exact", &child_test, "--test-threads=1", "--nocapture"])
+            .env(CHILD_MARK, arg)
+            .output()
+            .unwrap();
         let report = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -641,10 +483,146 @@ mod tests {
         );
         assert!(out.status.success(), "child failed:\n{report}");
         assert!(report.contains("1 passed"), "child ran no test:\n{report}");
-        // The child took the socket and accepted on it; our copy still
-        // works too (it is the same socket), so the listener was shared,
-        // not re-bound.
-        drop(listener);
+    }
+
+    /// Sets (or, for `None`, removes) each variable. Only in a `*_child`
+    /// test: see [`run_child`].
+    fn set_env(vars: &[(&str, Option<&str>)]) {
+        for &(key, value) in vars {
+            match value {
+                Some(value) => std::env::set_var(key, value),
+                None => std::env::remove_var(key),
+            }
+        }
+    }
+
+    #[test]
+    fn watchdog_from_the_environment() {
+        run_child("watchdog_env_child", "", &[], "");
+    }
+
+    /// The child half of [`watchdog_from_the_environment`]; does nothing in
+    /// a normal test run.
+    #[test]
+    fn watchdog_env_child() {
+        if std::env::var_os(CHILD_MARK).is_none() {
+            return;
+        }
+        let ours = std::process::id().to_string();
+        let other = (std::process::id() + 1).to_string();
+        let half = Some(Duration::from_secs(5));
+        for (usec, pid, want) in [
+            // No watchdog, or a period of 0 (as sd_watchdog_enabled(3)).
+            (None, None, None),
+            (None, Some(ours.as_str()), None),
+            (Some("0"), None, None),
+            // Half the period, whether or not WATCHDOG_PID names us.
+            (Some("10000000"), None, half),
+            (Some("10000000"), Some(ours.as_str()), half),
+            // A 1 µs period still yields a usable (non-zero) interval.
+            (Some("1"), None, Some(Duration::from_micros(1))),
+            // Meant for another process (a parent that kept its variables).
+            (Some("10000000"), Some(other.as_str()), None),
+        ] {
+            set_env(&[(WATCHDOG_USEC, usec), (WATCHDOG_PID, pid)]);
+            assert_eq!(try_watchdog_interval().unwrap(), want, "{usec:?} {pid:?}");
+            assert_eq!(watchdog_interval(), want, "{usec:?} {pid:?}");
+            // Read, not taken: the environment is left as it was.
+            assert_eq!(std::env::var(WATCHDOG_USEC).ok().as_deref(), usec);
+            assert_eq!(std::env::var(WATCHDOG_PID).ok().as_deref(), pid);
+        }
+        // A malformed period never yields pings (sd-notify ignores it).
+        for usec in ["ten", "-5", "", "1e6"] {
+            set_env(&[(WATCHDOG_USEC, Some(usec)), (WATCHDOG_PID, None)]);
+            assert!(!matches!(try_watchdog_interval(), Ok(Some(_))), "{usec:?}");
+        }
+    }
+
+    #[test]
+    fn listen_fds_from_the_environment() {
+        run_child("listen_fds_env_child", "", &[], "");
+    }
+
+    /// The child half of [`listen_fds_from_the_environment`]: absent,
+    /// foreign and malformed variables (the real handover is
+    /// [`socket_activation_end_to_end`]); does nothing in a normal test run.
+    #[test]
+    fn listen_fds_env_child() {
+        if std::env::var_os(CHILD_MARK).is_none() {
+            return;
+        }
+        let ours = std::process::id().to_string();
+        let ours = Some(ours.as_str());
+        let other = (std::process::id() + 1).to_string();
+        let gone = || {
+            for key in [LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES] {
+                assert!(std::env::var_os(key).is_none(), "{key} still set");
+            }
+        };
+        // Nothing passed, or passed to another process: empty, no error.
+        for (pid, fds, names) in [
+            (None, None, None),
+            (None, Some("2"), None),
+            // systemd sets names with the count, so a foreign set has them.
+            (Some(other.as_str()), Some("2"), Some("a:b")),
+            (ours, None, None),
+            (ours, Some("0"), None),
+        ] {
+            set_env(&[
+                (LISTEN_PID, pid),
+                (LISTEN_FDS, fds),
+                (LISTEN_FDNAMES, names),
+            ]);
+            let got = listen_fds_with_names().unwrap();
+            assert!(got.is_empty(), "{pid:?} {fds:?} {names:?}: {got:?}");
+            gone();
+        }
+        // Malformed: an error that shows what the variables held, and the
+        // variables are gone all the same.
+        for (pid, fds, names) in [
+            (Some("seven"), Some("1"), None),
+            (Some(""), Some("1"), None),
+            (ours, Some("one"), None),
+            (ours, Some("-1"), None),
+            (ours, Some("2147483647"), None),
+            (ours, Some("1"), Some("a:b")),
+            (ours, Some("0"), Some("a")),
+        ] {
+            set_env(&[
+                (LISTEN_PID, pid),
+                (LISTEN_FDS, fds),
+                (LISTEN_FDNAMES, names),
+            ]);
+            let err = listen_fds_with_names().unwrap_err();
+            let msg = err.to_string();
+            let shown = format!("{LISTEN_FDS}={:?}", fds.unwrap());
+            assert!(msg.contains(&shown), "{pid:?} {fds:?} {names:?}: {msg}");
+            gone();
+        }
+    }
+
+    /// Socket activation for real: this test binary is re-run with two
+    /// listening sockets at fds 3 and 4 and LISTEN_PID set to the child's
+    /// own pid, as systemd does. The child takes the sockets, checks them,
+    /// and reports through its exit status.
+    #[test]
+    fn socket_activation_end_to_end() {
+        let first = TcpListener::bind("127.0.0.1:0").unwrap();
+        let second = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = format!(
+            "{},{}",
+            first.local_addr().unwrap(),
+            second.local_addr().unwrap()
+        );
+        run_child(
+            "socket_activation_child",
+            &addrs,
+            &[first.as_raw_fd(), second.as_raw_fd()],
+            "shardcast:admin",
+        );
+        // The child took the sockets and accepted on them; ours are the
+        // same sockets (shared, not re-bound) and close only now.
+        drop((first, second));
     }
 
     /// The child half of [`socket_activation_end_to_end`]; does nothing in
@@ -654,38 +632,47 @@ mod tests {
         let Some(expected) = std::env::var_os(CHILD_MARK) else {
             return;
         };
-        let expected: std::net::SocketAddr = expected.to_str().unwrap().parse().unwrap();
+        let expected: Vec<std::net::SocketAddr> = expected
+            .to_str()
+            .unwrap()
+            .split(',')
+            .map(|a| a.parse().unwrap())
+            .collect();
         // This process runs this one test (--test-threads=1) and no other
         // thread reads the environment.
         let fds = listen_fds_with_names().unwrap();
-        assert_eq!(fds.len(), 1);
-        let (fd, name) = fds.into_iter().next().unwrap();
-        assert_eq!(fd.as_raw_fd(), LISTEN_FDS_START);
-        assert_eq!(name, "shardcast");
-        // SAFETY: reads the flags of an fd we own.
-        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
-        assert!(flags & libc::FD_CLOEXEC != 0, "close-on-exec not set");
+        let names: Vec<&str> = fds.iter().map(|(_, name)| name.as_str()).collect();
+        assert_eq!(names, ["shardcast", "admin"]);
         for key in [LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES] {
             assert!(std::env::var_os(key).is_none(), "{key} still set");
         }
         // A second call finds nothing: the descriptors have one owner.
         assert!(listen_fds().unwrap().is_empty());
 
-        let listener = tcp_listener(fd).unwrap();
-        assert_eq!(listener.local_addr().unwrap(), expected);
-        let client = std::net::TcpStream::connect(expected).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let (accepted, peer) = loop {
-            match listener.accept() {
-                Ok(conn) => break conn,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    assert!(std::time::Instant::now() < deadline, "accept timed out");
-                    std::thread::sleep(Duration::from_millis(5));
+        for ((raw, (fd, _)), expected) in (LISTEN_FDS_START..).zip(fds).zip(expected) {
+            assert_eq!(fd.as_raw_fd(), raw);
+            // SAFETY: reads the flags of an fd we own.
+            let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+            assert!(
+                flags & libc::FD_CLOEXEC != 0,
+                "fd {raw}: close-on-exec not set"
+            );
+            let listener = tcp_listener(fd).unwrap();
+            assert_eq!(listener.local_addr().unwrap(), expected);
+            let client = std::net::TcpStream::connect(expected).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let (accepted, peer) = loop {
+                match listener.accept() {
+                    Ok(conn) => break conn,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        assert!(std::time::Instant::now() < deadline, "accept timed out");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("accept: {e}"),
                 }
-                Err(e) => panic!("accept: {e}"),
-            }
-        };
-        assert_eq!(peer, client.local_addr().unwrap());
-        drop(accepted);
+            };
+            assert_eq!(peer, client.local_addr().unwrap());
+            drop(accepted);
+        }
     }
 }
