@@ -240,8 +240,8 @@ pub fn serve(config: Config) -> Result<(), String> {
     let shards = config.shard_count();
     let (buses, bus_kind, bus_metrics) = build_buses(&config, shards)?;
     let dictionary = load_dictionary(&config)?;
-    let server = crate::shard::start(&config, buses, dictionary, inherited)
-        .map_err(|e| e.to_string())?;
+    let server =
+        crate::shard::start(&config, buses, dictionary, inherited).map_err(|e| e.to_string())?;
     if let Some(c) = bus_metrics {
         server.registry.add_collector(c);
     }
