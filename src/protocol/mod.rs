@@ -3,5 +3,6 @@
 
 pub mod channel;
 pub mod compression;
+pub mod pusher;
 pub mod wire;
 pub mod ws;
