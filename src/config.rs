@@ -21,36 +21,66 @@ use thiserror::Error;
 /// key (or variable / flag) at fault so the operator knows what to fix.
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    /// The config file could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The file's path, as given.
         path: String,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The file is not TOML, or has an unknown section or key or a value of
+    /// the wrong type (also for the merged result of the overrides, `path`
+    /// `<overrides>`).
     #[error("config file {path}: {message}")]
-    Parse { path: String, message: String },
+    Parse {
+        /// The file's path, or `<overrides>`.
+        path: String,
+        /// The TOML or serde message (it points at the line).
+        message: String,
+    },
+    /// An override (environment variable or flag) names no known key.
     #[error("unknown config key `{key}` (from {origin}); known keys: {known}")]
     UnknownKey {
+        /// The key (or the environment variable's name) as given.
         key: String,
+        /// Where it came from, e.g. `environment variable SHARDCAST_X`.
         origin: String,
+        /// Every valid key (or variable name), comma-separated.
         known: String,
     },
+    /// A key that was renamed is set (in the file, the environment or a
+    /// flag).
     #[error("config key `{old}` (from {origin}) was renamed `{new}`: set that instead")]
     Renamed {
+        /// The old `section.key`.
         old: &'static str,
+        /// The `section.key` to set instead.
         new: &'static str,
+        /// Where it was set.
         origin: String,
     },
+    /// An override's value does not parse as the key's type (the type of
+    /// its default).
     #[error("config key `{key}` (from {origin}): cannot parse {value:?} as {expected}")]
     BadOverride {
+        /// The `section.key`.
         key: String,
+        /// Where it came from (environment variable or flag).
         origin: String,
+        /// The value as given.
         value: String,
+        /// The type wanted, e.g. `"an integer"`.
         expected: &'static str,
     },
+    /// A value is out of its allowed range or otherwise unusable.
     #[error("config key `{key}` = {value}: {reason}")]
     Invalid {
+        /// The `section.key`.
         key: &'static str,
+        /// The value (`(redacted)` for secrets and URLs).
         value: String,
+        /// What is allowed, e.g. `must be between 1 and 1024 inclusive`.
         reason: String,
     },
 }
@@ -59,18 +89,29 @@ pub enum ConfigError {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[server]`: listen address, shards, drain.
     pub server: ServerConfig,
+    /// `[websocket]`: frame and handshake caps.
     pub websocket: WebSocketConfig,
+    /// `[fanout]`: outbound budgets, batching, publish and subscription caps.
     pub fanout: FanoutConfig,
+    /// `[limits]`: connection, rate and keepalive limits.
     pub limits: LimitsConfig,
+    /// `[history]`: what is kept for recovery.
     pub history: HistoryConfig,
+    /// `[redis]`: the Redis bus (empty `url` = embedded bus).
     pub redis: RedisConfig,
+    /// `[compression]`: zstd framing.
     pub compression: CompressionConfig,
+    /// `[auth]`: connect tokens.
     pub auth: AuthConfig,
+    /// `[admin]`: the admin HTTP endpoint.
     pub admin: AdminConfig,
+    /// `[log]`: log level.
     pub log: LogConfig,
 }
 
+/// The `[server]` section: where shards listen and how they stop.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -88,6 +129,9 @@ pub struct ServerConfig {
     pub drain_window_ms: u32,
 }
 
+/// The `[websocket]` section: caps on what a client may send (over a frame
+/// or message cap: close 1009; over a handshake cap: HTTP 431) and the
+/// close timeout.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebSocketConfig {
@@ -106,6 +150,8 @@ pub struct WebSocketConfig {
     pub close_timeout_ms: u32,
 }
 
+/// The `[fanout]` section: per-connection outbound budgets, batching, and
+/// caps on publishes and subscriptions.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FanoutConfig {
@@ -241,8 +287,8 @@ pub struct CompressionConfig {
     pub min_bytes: u32,
     /// Path of a trained dictionary (`shardcast zstd-train`); empty = none.
     pub dictionary: String,
-    /// The id clients use to fetch it (`/dictionaries/<id>` on the admin
-    /// port) and that compressed frames carry.
+    /// The id clients use to fetch it (`GET /dictionaries/<id>` on
+    /// `server.listen`, where they connect) and that compressed frames carry.
     pub dictionary_id: u32,
 }
 
@@ -333,6 +379,7 @@ impl Default for AdminConfig {
     }
 }
 
+/// The `[log]` section.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -389,7 +436,9 @@ impl Default for LogConfig {
 /// Where an override came from, for error messages.
 #[derive(Clone, Debug)]
 pub enum Origin {
+    /// An environment variable (its name, `SHARDCAST_SECTION_KEY`).
     Env(String),
+    /// A command-line flag (its name, `--section-key`).
     Flag(String),
 }
 
@@ -405,8 +454,11 @@ impl std::fmt::Display for Origin {
 /// One `section.key = value` override, not yet typed.
 #[derive(Clone, Debug)]
 pub struct Override {
+    /// The `section.key` it sets.
     pub key: String,
+    /// The value as given; typed by the key's default when applied.
     pub value: String,
+    /// Where it came from.
     pub origin: Origin,
 }
 

@@ -9,6 +9,7 @@
 // syscalls the driver and systemd need, and the generated FlatBuffers
 // code. Every unsafe block carries a `SAFETY:` comment.
 #![deny(unsafe_code)]
+#![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod api;

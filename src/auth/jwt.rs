@@ -16,26 +16,38 @@ use thiserror::Error;
 /// Why a token was refused. Messages never contain the token itself.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TokenError {
+    /// Not three dot-separated parts (RFC 7515 §7.1).
     #[error("token is not a compact JWS (header.payload.signature)")]
     Malformed,
+    /// A part is not unpadded base64url, or the header or claims are not
+    /// the expected JSON.
     #[error("token header or claims are not valid base64url JSON")]
     BadEncoding,
+    /// `alg` is not `HS256` or `EdDSA`, or has no configured key (its first
+    /// 16 characters).
     #[error("token algorithm {0:?} is not accepted by this server")]
     AlgorithmNotAllowed(String),
     /// The JOSE header has a `crit` parameter: the token depends on JWS
     /// extensions, and this server implements none (RFC 7515 §4.1.11).
     #[error("token header marks extensions critical (crit); none are supported")]
     CriticalExtension,
+    /// The HS256 MAC (compared in constant time) or the Ed25519 signature
+    /// (strict verification) does not match.
     #[error("token signature does not verify")]
     BadSignature,
+    /// `now` is past `exp` plus the leeway (seconds).
     #[error("token has expired")]
     Expired,
+    /// `now` plus the leeway (seconds) is before `nbf`.
     #[error("token is not valid yet (nbf)")]
     NotYetValid,
+    /// An issuer is configured and `iss` is absent or differs.
     #[error("token issuer does not match")]
     WrongIssuer,
+    /// An audience is configured and `aud` is absent or does not contain it.
     #[error("token audience does not match")]
     WrongAudience,
+    /// `sub` is absent or empty.
     #[error("token has no subject (sub)")]
     NoSubject,
 }
@@ -52,10 +64,15 @@ pub struct Verifier {
 /// The claims shardcast uses.
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
 pub struct Claims {
+    /// Subject: the user id (required by [`Verifier::verify`]).
     pub sub: Option<String>,
+    /// Expiry, seconds since the Unix epoch (RFC 7519 §4.1.4).
     pub exp: Option<u64>,
+    /// Not before, seconds since the Unix epoch (RFC 7519 §4.1.5).
     pub nbf: Option<u64>,
+    /// Issuer (RFC 7519 §4.1.1), checked against `auth.issuer` if set.
     pub iss: Option<String>,
+    /// Audience (RFC 7519 §4.1.3), checked against `auth.audience` if set.
     #[serde(default)]
     pub aud: Audience,
     /// Channel patterns the holder may subscribe to (and publish to, when
@@ -67,12 +84,16 @@ pub struct Claims {
     pub publish: Option<Vec<String>>,
 }
 
+/// The `aud` claim, which RFC 7519 §4.1.3 allows as one string or an array.
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum Audience {
+    /// No `aud` claim.
     #[default]
     None,
+    /// `aud` as a single string.
     One(String),
+    /// `aud` as an array of strings; matches if any element does.
     Many(Vec<String>),
 }
 
@@ -101,6 +122,8 @@ pub const MIN_HS256_SECRET_BYTES: usize = 32;
 #[derive(Debug, Error)]
 #[error("{}: {}", self.key(), self.reason())]
 pub enum KeyError {
+    /// `auth.ed25519_public_key` is neither a PEM Ed25519 SPKI nor base64 of
+    /// 32 bytes, or is not a valid point (why, never the key).
     Ed25519(String),
     /// The HS256 secret's length in bytes (never its value).
     Hs256TooShort(usize),
@@ -289,6 +312,8 @@ pub mod mint {
         )
     }
 
+    /// A compact HS256 JWS (`{"alg":"HS256","typ":"JWT"}`) of `claims`,
+    /// signed with `secret` (any length).
     pub fn hs256(secret: &[u8], claims: &serde_json::Value) -> String {
         hs256_raw(
             secret,
@@ -312,6 +337,8 @@ pub mod mint {
         format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig))
     }
 
+    /// A compact EdDSA (Ed25519) JWS (`{"alg":"EdDSA","typ":"JWT"}`) of
+    /// `claims`, signed with `key`.
     pub fn eddsa(key: &ed25519_dalek::SigningKey, claims: &serde_json::Value) -> String {
         use ed25519_dalek::Signer;
         let signed = encode(r#"{"alg":"EdDSA","typ":"JWT"}"#, claims);

@@ -22,6 +22,7 @@ pub const PROTECTED_PREFIXES: [&str; 3] = ["private-", "presence-", channel::PER
 /// An authenticated connection's identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
+    /// The user id: the token's `sub` (never empty for a verified token).
     pub user: String,
     /// The user's personal channel (`None` for a token without `sub`).
     personal: Option<String>,
@@ -54,22 +55,32 @@ impl Identity {
 /// The connect policy, from configuration.
 pub struct Auth {
     verifier: Verifier,
+    /// Whether a Connect without a token is allowed (`auth.anonymous`).
     pub anonymous: bool,
+    /// Whether anonymous connections may publish to unprotected channels
+    /// (`auth.anonymous_publish`).
     pub anonymous_publish: bool,
 }
 
 /// Why a Connect was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConnectError {
+    /// No (or an empty) token while `auth.anonymous` is off.
     #[error("a token is required")]
     TokenRequired,
+    /// The token did not verify.
     #[error("{0}")]
     Token(#[from] TokenError),
+    /// The token's `sub` gives a personal channel name over
+    /// [`channel::MAX_CHANNEL_BYTES`] once encoded.
     #[error("the token's sub has no personal channel: {0}")]
     Subject(#[from] ChannelError),
 }
 
 impl Auth {
+    /// The policy of the `[auth]` section. Errors: the key errors of
+    /// [`Verifier::new`] (HS256 secret under 32 bytes, unparsable Ed25519
+    /// key).
     pub fn from_config(c: &AuthConfig) -> Result<Self, KeyError> {
         Ok(Auth {
             verifier: Verifier::new(
@@ -93,6 +104,9 @@ impl Auth {
         }
     }
 
+    /// Whether `who` (`None` = anonymous) may subscribe to `channel`:
+    /// always for an unprotected channel; for a protected one, only its own
+    /// personal channel or a match of the token's `channels` patterns.
     pub fn may_subscribe(&self, who: Option<&Identity>, channel: &str) -> bool {
         if !is_protected(channel) {
             return true;
@@ -103,6 +117,10 @@ impl Auth {
         id.personal.as_deref() == Some(channel) || matches_any(&id.channels, channel)
     }
 
+    /// Whether `who` (`None` = anonymous) may publish to `channel`.
+    /// Anonymous: only unprotected channels, and only if
+    /// `anonymous_publish`. With a `publish` claim: exactly its patterns.
+    /// Otherwise: unprotected channels and matches of `channels`.
     pub fn may_publish(&self, who: Option<&Identity>, channel: &str) -> bool {
         match who {
             None => self.anonymous_publish && !is_protected(channel),
@@ -114,6 +132,8 @@ impl Auth {
     }
 }
 
+/// Whether `channel` starts with one of [`PROTECTED_PREFIXES`] (so needs a
+/// token).
 pub fn is_protected(channel: &str) -> bool {
     PROTECTED_PREFIXES.iter().any(|p| channel.starts_with(p))
 }

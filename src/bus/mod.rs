@@ -44,7 +44,10 @@ pub fn unix_us() -> u64 {
 /// offsets are gone (history lost or never kept).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Position {
+    /// The history this position belongs to; nonzero for a channel the bus
+    /// knows (0 only in `{0, 0}`, "no history at all").
     pub epoch: u64,
+    /// Publications counted from 1 within `epoch`; 0 = none yet.
     pub offset: u64,
 }
 
@@ -52,12 +55,15 @@ pub struct Position {
 /// shards.
 #[derive(Clone, Debug)]
 pub struct Publication {
+    /// The publication's offset in its channel's current epoch (the epoch
+    /// travels with the batch, see [`BusEvent::Publications`]).
     pub offset: u64,
     /// When the publication was sequenced (Unix time, microseconds).
     pub published_us: u64,
     /// When the publisher's frame was read by its shard (Unix time,
     /// microseconds); for the ingress→write latency metric.
     pub ingress_us: u64,
+    /// The application bytes, as published.
     pub payload: Bytes,
 }
 
@@ -65,13 +71,19 @@ pub struct Publication {
 /// connection and request that sent it. Opaque to the bus.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplyTo {
+    /// The publishing connection's id within its shard.
     pub conn: u64,
+    /// The id of the client's `Publish` message (0 = none), echoed on the
+    /// reply.
     pub request: u32,
 }
 
 /// Why a publish was not stored.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum BusError {
+    /// The bus could not store or answer (e.g. Redis unreachable or timed
+    /// out, the bus stopped); the text says why. Clients get
+    /// `ErrorCode::Unavailable`.
     #[error("bus unavailable: {0}")]
     Unavailable(String),
 }
@@ -82,8 +94,11 @@ pub enum BusEvent {
     /// Consecutive publications of one channel, in offset order. The same
     /// `Arc` is handed to every interested shard.
     Publications {
+        /// The channel published on.
         channel: Arc<str>,
+        /// The epoch every item belongs to.
         epoch: u64,
+        /// The publications, offsets ascending by 1.
         items: Arc<[Publication]>,
     },
     /// This shard's interest in `channel` took effect; every later
@@ -91,19 +106,29 @@ pub enum BusEvent {
     /// a new epoch, when a bus finds the channel's history lost before any
     /// publication of the new epoch reached this shard.
     Subscribed {
+        /// The channel subscribed to.
         channel: Arc<str>,
+        /// The channel's newest position when the interest took effect.
         position: Position,
     },
     /// The outcome of a publish this shard asked for.
     Published {
+        /// The connection and request that published, as given to
+        /// [`Bus::publish`].
         reply_to: ReplyTo,
+        /// The channel published on.
         channel: Arc<str>,
+        /// Where the publication was stored (for a retried idempotency key,
+        /// where the first one was), or why it was not.
         result: Result<Position, BusError>,
     },
     /// The answer to [`Bus::history`].
     History {
+        /// The `request` given to [`Bus::history`].
         request: u64,
+        /// The channel read.
         channel: Arc<str>,
+        /// What the read found.
         result: History,
     },
     /// `user` became present on the presence channel `channel` (its first
@@ -111,15 +136,21 @@ pub enum BusEvent {
     /// last one left). Sent to every shard with subscribers, in order with
     /// the channel's publications.
     Presence {
+        /// The presence channel.
         channel: Arc<str>,
+        /// The user id (its token's `sub`).
         user: Arc<str>,
+        /// True: the user became present; false: it left.
         joined: bool,
     },
     /// The answer to [`Bus::presence_members`]: every user present on
     /// `channel`, sorted, each once.
     Members {
+        /// The `request` given to [`Bus::presence_members`].
         request: u64,
+        /// The presence channel asked about.
         channel: Arc<str>,
+        /// The user ids, sorted, or why the bus could not answer.
         result: Result<Vec<Arc<str>>, BusError>,
     },
 }
@@ -127,14 +158,25 @@ pub enum BusEvent {
 /// What a history read found.
 #[derive(Clone, Debug)]
 pub enum History {
-    /// Every publication after the requested position, in order, up to the
-    /// newest stored when the read ran (possibly none). Offsets are
-    /// consecutive and start right after the requested one.
-    Items { epoch: u64, items: Vec<Publication> },
+    /// Publications after the requested position, in order: one page (at
+    /// most about the history page size in payload bytes, so that a reader
+    /// is fed as its socket drains) of what was stored when the read ran,
+    /// possibly none; read again from the last one for the next page.
+    /// Offsets are consecutive and start right after the requested one.
+    Items {
+        /// The epoch of the items (that of the requested position).
+        epoch: u64,
+        /// The publications, offsets ascending by 1.
+        items: Vec<Publication>,
+    },
     /// The requested position cannot be continued: the epoch changed
     /// (history lost) or the next publication was trimmed or expired.
     /// `current` is the newest position, from which live delivery goes on.
-    Lost { current: Position },
+    Lost {
+        /// The channel's newest position (the local bus answers `{0, 0}` for
+        /// a channel it has no record of).
+        current: Position,
+    },
     /// The history store could not be reached.
     Unavailable(String),
 }

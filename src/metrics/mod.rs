@@ -20,18 +20,30 @@ const MAX_LATENCY_US: u64 = 60_000_000;
 /// Why a connection was refused before the upgrade or closed by a limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
+    /// The shard holds `limits.max_connections_per_shard`; HTTP 503.
     Capacity,
+    /// The address holds `limits.max_connections_per_ip`; HTTP 503.
     PerIp,
+    /// The address connects faster than `limits.accept_rate_per_ip`; HTTP 503.
     AcceptRate,
+    /// `Origin` not in `limits.allowed_origins`; HTTP 403.
     Origin,
+    /// The upgrade request did not complete within
+    /// `limits.handshake_timeout_ms`; cut without a response.
     Handshake,
+    /// No Connect within `auth.deadline_ms`; native close 4005.
     AuthDeadline,
+    /// `limits.rate_limit_strikes` messages in a row over
+    /// `limits.messages_per_second`; native close 4008.
     Rate,
+    /// Nothing received for `limits.idle_timeout_ms`; native close 4002.
     Idle,
+    /// The token's `exp` (plus leeway) passed without a refresh; native close 4003.
     TokenExpired,
 }
 
 impl Limit {
+    /// Every limit, in the order of [`Counters::limit_hits`].
     pub const ALL: [Limit; 9] = [
         Limit::Capacity,
         Limit::PerIp,
@@ -44,6 +56,8 @@ impl Limit {
         Limit::TokenExpired,
     ];
 
+    /// The `limit` label value of `shardcast_limit_hits_total`, e.g.
+    /// `"shard_capacity"`.
     pub fn name(self) -> &'static str {
         match self {
             Limit::Capacity => "shard_capacity",
@@ -62,20 +76,35 @@ impl Limit {
 /// Counters one shard keeps. Gauges are filled in when published.
 #[derive(Clone, Debug, Default)]
 pub struct Counters {
+    /// Gauge: open connections (filled in when published).
     pub connections: u64,
+    /// Gauge: subscriptions held by this shard's connections.
     pub subscriptions: u64,
+    /// Gauge: channels with at least one subscriber on this shard (filled in
+    /// when published).
     pub channels: u64,
+    /// Connections accepted, refused ones included.
     pub connections_accepted: u64,
+    /// Client requests decoded (one per message of a frame, rate-limited
+    /// ones included).
     pub messages_in: u64,
+    /// Publications and presence events delivered, one per recipient.
     pub messages_out: u64,
+    /// Bytes read from client sockets.
     pub bytes_in: u64,
+    /// Bytes written to client sockets.
     pub bytes_out: u64,
+    /// Connections closed for exceeding their outbound budget (native close 4001).
     pub slow_consumer_closes: u64,
+    /// Connect requests refused (native close 4004).
     pub auth_failures: u64,
+    /// Hits per [`Limit`], indexed by `Limit as usize` (the order of
+    /// [`Limit::ALL`]).
     pub limit_hits: [u64; Limit::ALL.len()],
 }
 
 impl Counters {
+    /// Counts one hit of `l`.
     pub fn limit(&mut self, l: Limit) {
         self.limit_hits[l as usize] += 1;
     }
@@ -130,18 +159,19 @@ impl Latencies {
 /// What one shard last published.
 #[derive(Clone, Debug, Default)]
 pub struct ShardReport {
+    /// The counters as of the shard's last publish.
     pub counters: Counters,
     /// Cumulative since start.
     pub latencies: Latencies,
 }
 
-/// Shared between the shards (writers, one slot each) and the admin
-/// endpoint (reader). Each slot's lock is taken a few times a second by its
-/// shard and on each scrape; never per message.
 /// Reads counters kept elsewhere (e.g. by the Redis bus) at scrape time:
 /// (metric name, help, value).
 pub type Collector = Box<dyn Fn() -> Vec<(&'static str, &'static str, u64)> + Send + Sync>;
 
+/// Shared between the shards (writers, one slot each) and the admin
+/// endpoint (reader). Each slot's lock is taken a few times a second by its
+/// shard and on each scrape; never per message.
 pub struct Registry {
     shards: Vec<Mutex<ShardReport>>,
     collectors: Mutex<Vec<Collector>>,
@@ -153,6 +183,7 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A registry with `shards` empty slots, not ready, not draining.
     pub fn new(shards: usize) -> Self {
         Registry {
             shards: (0..shards).map(|_| Mutex::default()).collect(),
@@ -172,6 +203,7 @@ impl Registry {
         interval.reset();
     }
 
+    /// A copy of every shard's last report, indexed by shard.
     pub fn snapshot(&self) -> Vec<ShardReport> {
         self.shards
             .iter()
@@ -179,6 +211,7 @@ impl Registry {
             .collect()
     }
 
+    /// Shard `shard` is alive: bumps its heartbeat counter.
     pub fn heartbeat(&self, shard: usize) {
         self.heartbeats[shard].fetch_add(1, Ordering::Relaxed);
     }
@@ -209,14 +242,18 @@ impl Registry {
             .collect()
     }
 
+    /// Marks the process ready (every shard accepting).
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
     }
 
+    /// Marks the process draining; [`Registry::is_ready`] is false from now
+    /// on.
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
     }
 
+    /// Whether [`Registry::set_draining`] was called.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }

@@ -8,12 +8,16 @@ use thiserror::Error;
 /// Longest channel name accepted, in bytes.
 pub const MAX_CHANNEL_BYTES: usize = 200;
 
+/// Why [`validate`] (or [`personal`]) refused a channel name.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ChannelError {
+    /// The name is 0 bytes long.
     #[error("channel name is empty")]
     Empty,
+    /// The name's length in bytes, over [`MAX_CHANNEL_BYTES`].
     #[error("channel name is {0} bytes; the limit is {MAX_CHANNEL_BYTES}")]
     TooLong(usize),
+    /// The first character outside A-Z a-z 0-9 and `_ - = @ , . ; : / # %`.
     #[error("channel name contains {0:?}; allowed: A-Z a-z 0-9 and _ - = @ , . ; : / # %")]
     BadChar(char),
 }

@@ -28,8 +28,12 @@ use thiserror::Error;
 /// The subprotocol that opts a connection into zstd framing.
 pub const SUBPROTOCOL: &str = "shardcast.v1+zstd";
 
+/// Flag byte: a plain FlatBuffers `Frame` follows.
 pub const FLAG_PLAIN: u8 = 0x00;
+/// Flag byte: one zstd frame (no dictionary) follows.
 pub const FLAG_ZSTD: u8 = 0x01;
+/// Flag byte: a little-endian `u32` dictionary id, then one zstd frame
+/// compressed with that dictionary, follow.
 pub const FLAG_ZSTD_DICT: u8 = 0x02;
 
 /// Largest zstd window (as log2) the server accepts from clients: 1 MiB,
@@ -37,18 +41,30 @@ pub const FLAG_ZSTD_DICT: u8 = 0x02;
 /// decompression can demand.
 pub const MAX_WINDOW_LOG: u32 = 20;
 
+/// Why [`Decompressor::open`] refused a message. The shard closes the
+/// connection with 1009 for [`TooLarge`](Self::TooLarge) and 4000 for the
+/// others.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CompressionError {
+    /// The message is 0 bytes: no flag byte.
     #[error("empty message: a flag byte is required on zstd connections")]
     Empty,
+    /// A flag byte other than 0x00, 0x01 or 0x02 (the byte).
     #[error("unknown compression flag {0:#04x}")]
     UnknownFlag(u8),
+    /// Flag 0x02 with a dictionary id this server does not have (the id).
     #[error("unknown dictionary id {0}")]
     UnknownDictionary(u32),
+    /// The content (declared or decompressed) exceeds the output cap, in
+    /// bytes (the cap).
     #[error("decompressed size exceeds the {0}-byte limit")]
     TooLarge(usize),
+    /// The zstd frame header declares a window over 1 MiB
+    /// ([`MAX_WINDOW_LOG`]); the declared window, in bytes.
     #[error("zstd window of {0} bytes exceeds the limit of 1 MiB")]
     WindowTooLarge(u64),
+    /// zstd rejected the frame, or the dictionary id is truncated (zstd's
+    /// error text).
     #[error("zstd frame rejected: {0}")]
     Corrupt(String),
 }
@@ -56,7 +72,9 @@ pub enum CompressionError {
 /// A trained dictionary and its id.
 #[derive(Clone, Debug)]
 pub struct Dictionary {
+    /// The id carried after flag 0x02 (`compression.dictionary_id`).
     pub id: u32,
+    /// The raw zstd dictionary (as written by [`train`]).
     pub bytes: Vec<u8>,
 }
 
@@ -70,6 +88,9 @@ pub struct Compressor {
 }
 
 impl Compressor {
+    /// A compressor at zstd `level` that compresses frames of at least
+    /// `min_bytes` bytes plainly and shorter ones only with `dict`. Errors
+    /// are zstd's (invalid level, unusable dictionary).
     pub fn new(level: i32, min_bytes: usize, dict: Option<&Dictionary>) -> io::Result<Self> {
         Ok(Compressor {
             plain: zstd::bulk::Compressor::new(level)?,
@@ -123,6 +144,9 @@ pub struct Decompressor {
 }
 
 impl Decompressor {
+    /// A decompressor whose output is capped at `max_output` bytes and whose
+    /// window is capped at 1 MiB; `dict` is the one dictionary it accepts
+    /// with flag 0x02. Errors are zstd's (unusable dictionary).
     pub fn new(max_output: usize, dict: Option<&Dictionary>) -> io::Result<Self> {
         let bounded = |mut d: zstd::bulk::Decompressor<'static>| -> io::Result<_> {
             d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(MAX_WINDOW_LOG))?;

@@ -52,47 +52,91 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 /// How often time budgets (slow consumers, close lingering) are enforced.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Why [`start`] failed; no shard is left serving.
 #[derive(Debug, Error)]
 pub enum StartError {
+    /// Binding a shard's listener (or reading its local address) failed.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
+        /// The configured `server.listen` address.
         addr: SocketAddr,
+        /// The OS error (e.g. address in use, permission denied).
         source: std::io::Error,
     },
+    /// A shard could not start: invalid listen address, thread spawn,
+    /// runtime or listener registration failed, or its thread exited.
     #[error("shard {shard} failed to start: {message}")]
-    Shard { shard: usize, message: String },
+    Shard {
+        /// The shard's index (0 when not specific to one).
+        shard: usize,
+        /// What failed.
+        message: String,
+    },
+    /// The `[auth]` keys are unusable (see [`crate::auth::KeyError`]).
     #[error("{0}")]
     Auth(#[from] crate::auth::KeyError),
 }
 
 /// Per-shard settings derived from the configuration.
 pub struct Settings {
+    /// Inbound frame caps (`websocket.max_frame_bytes`,
+    /// `max_message_bytes`, `max_fragments`); over one: close 1009.
     pub frame_limits: FrameLimits,
+    /// Cap on the upgrade request head, in bytes
+    /// (`websocket.handshake_max_header_bytes`); over it: HTTP 431.
     pub handshake_max_header_bytes: usize,
+    /// Cap on the upgrade request's header lines
+    /// (`websocket.handshake_max_headers`); over it: HTTP 431.
     pub handshake_max_headers: usize,
+    /// Native frame decoding limits: `max_bytes` =
+    /// `websocket.max_message_bytes`, `max_messages` the default 256.
     pub decode_limits: DecodeLimits,
+    /// Most publications of one channel per outgoing frame
+    /// (`fanout.max_batch`).
     pub max_batch: usize,
     /// Pause after a tick that batched publications (zero: never).
     pub tick_pause: Duration,
+    /// Bytes that may wait in one connection's outbound queue
+    /// (`fanout.outbound_budget_bytes`); over it: native close 4001.
     pub outbound_budget: usize,
+    /// How long the oldest queued byte may wait
+    /// (`fanout.outbound_max_age_ms`); over it: native close 4001.
     pub outbound_max_age: Duration,
+    /// Largest publish payload, in bytes (`fanout.max_publish_bytes`); over
+    /// it: `Error PayloadTooLarge`.
     pub max_publish_bytes: usize,
+    /// Most channels per connection
+    /// (`fanout.max_subscriptions_per_connection`); over it:
+    /// `Error TooManySubscriptions`.
     pub max_subscriptions: usize,
+    /// How long a connection the server closed may take to flush and answer
+    /// before its socket is shut (`websocket.close_timeout_ms`).
     pub close_timeout: Duration,
+    /// The `[limits]` section as configured.
     pub limits: LimitsConfig,
     /// Browser origins allowed to connect; empty allows any.
     pub allowed_origins: Vec<String>,
+    /// The connect policy and token verifier (`[auth]`).
     pub auth: Auth,
+    /// Time allowed for Connect after the upgrade, in ms
+    /// (`auth.deadline_ms`); over it: native close 4005.
     pub auth_deadline_ms: u32,
+    /// Clock skew tolerated on token `exp`, in seconds (`auth.leeway_secs`).
     pub leeway_secs: u32,
     /// Shared by all shards: one address's connections land on any shard.
     pub admission: Arc<admission::Admission>,
+    /// zstd level for broadcasts (`compression.level`, 1–19).
     pub compression_level: i32,
+    /// Broadcast frames at least this many bytes are zstd-compressed; shorter
+    /// ones only with a dictionary (`compression.min_bytes`).
     pub compression_min_bytes: usize,
+    /// The trained zstd dictionary, if one is configured.
     pub dictionary: Option<Dictionary>,
 }
 
 impl Settings {
+    /// The settings of `c` for one shard. Errors: the `[auth]` key errors
+    /// of [`Auth::from_config`].
     pub fn from_config(
         c: &Config,
         admission: Arc<admission::Admission>,
@@ -166,7 +210,10 @@ fn now() -> Time {
 
 /// The running server: shard threads and the address they listen on.
 pub struct Server {
+    /// The address the shards listen on (with port 0 configured, the port
+    /// the OS picked).
     pub local_addr: SocketAddr,
+    /// Number of shard threads.
     pub shards: usize,
     /// "io_uring" or "epoll".
     pub driver: &'static str,

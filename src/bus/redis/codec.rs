@@ -16,22 +16,32 @@ pub const ANNOUNCEMENT_V1: u8 = 1;
 /// version + epoch + offset + published_us + ingress_us.
 pub const ANNOUNCEMENT_HEADER: usize = 1 + 8 * 4;
 
+/// Why bytes read from Redis were rejected (Redis payloads are untrusted
+/// input); counted in `shardcast_redis_malformed_total` and dropped.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum Malformed {
+    /// An announcement shorter than `ANNOUNCEMENT_HEADER` (its length in bytes).
     #[error("announcement shorter than its header ({0} bytes)")]
     Short(usize),
+    /// An announcement whose first byte is not `ANNOUNCEMENT_V1`.
     #[error("unknown announcement version {0}")]
     Version(u8),
+    /// Epoch 0, which no channel is given.
     #[error("epoch 0")]
     ZeroEpoch,
+    /// Offset 0, which no publication is given (offsets count from 1).
     #[error("offset 0")]
     ZeroOffset,
+    /// A payload over the largest message a client may send (its length in bytes).
     #[error("payload of {0} bytes exceeds the limit")]
     TooLarge(usize),
+    /// An epoch field that is not a non-zero decimal u64.
     #[error("bad epoch {0:?}")]
     Epoch(String),
+    /// A stream entry missing a field or with a field of the wrong type.
     #[error("bad stream entry: {0}")]
     Entry(&'static str),
+    /// A script reply of an unexpected shape.
     #[error("bad reply: {0}")]
     Reply(&'static str),
 }
@@ -39,7 +49,9 @@ pub enum Malformed {
 /// A publication as announced on Pub/Sub.
 #[derive(Clone, Debug)]
 pub struct Announcement {
+    /// The channel's epoch the publication belongs to.
     pub epoch: u64,
+    /// The publication, its payload sharing the announcement's buffer.
     pub publication: Publication,
 }
 

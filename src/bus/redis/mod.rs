@@ -189,19 +189,25 @@ impl RedisStats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The current value of one of these counters.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
 }
 
+/// Why the Redis bus could not start.
 #[derive(Debug, Error)]
 pub enum SetupError {
+    /// `redis.url` does not parse as a Redis URL (fred's reason).
     #[error("bad redis url: {0}")]
     Url(String),
+    /// An option fred refused (its reason).
     #[error("bad redis option: {0}")]
     Option(String),
+    /// The first connection failed or took over 5 s (fred's reason).
     #[error("cannot connect to redis: {0}")]
     Connect(String),
+    /// A companion thread could not be spawned (the OS's reason).
     #[error("cannot start the redis companion thread: {0}")]
     Thread(String),
 }

@@ -37,6 +37,8 @@ impl Default for Encoder {
 }
 
 impl Encoder {
+    /// An encoder with a 4 KiB builder and room for 64 batch items; it grows
+    /// as needed and shrinks back once past 4 MiB.
     pub fn new() -> Self {
         Self {
             fbb: FlatBufferBuilder::with_capacity(INITIAL_CAPACITY),
@@ -238,24 +240,31 @@ impl Default for ClientEncoder {
 }
 
 impl ClientEncoder {
+    /// An encoder with a 1 KiB builder (it grows as needed).
     pub fn new() -> Self {
         Self {
             fbb: FlatBufferBuilder::with_capacity(1024),
         }
     }
 
+    /// A frame with one `Connect` (request `id`); `token: None` = anonymous.
     pub fn connect(&mut self, id: u32, token: Option<&str>) -> Vec<u8> {
         self.frame(&[(id, ClientRequest::Connect { token })])
     }
 
+    /// A frame with one `Subscribe` (request `id`); `recover` = the last
+    /// position seen on `channel`, `None` = start from now.
     pub fn subscribe(&mut self, id: u32, channel: &str, recover: Option<Position>) -> Vec<u8> {
         self.frame(&[(id, ClientRequest::Subscribe { channel, recover })])
     }
 
+    /// A frame with one `Unsubscribe` (request `id`).
     pub fn unsubscribe(&mut self, id: u32, channel: &str) -> Vec<u8> {
         self.frame(&[(id, ClientRequest::Unsubscribe { channel })])
     }
 
+    /// A frame with one `Publish` (request `id`) of `payload` on `channel`;
+    /// `idempotency_key: None` = no deduplication.
     pub fn publish(
         &mut self,
         id: u32,
@@ -273,10 +282,12 @@ impl ClientEncoder {
         )])
     }
 
+    /// A frame with one `Ping` (request `id`).
     pub fn ping(&mut self, id: u32) -> Vec<u8> {
         self.frame(&[(id, ClientRequest::Ping)])
     }
 
+    /// A frame with one `PresenceQuery` (request `id`) for `channel`.
     pub fn presence_query(&mut self, id: u32, channel: &str) -> Vec<u8> {
         self.frame(&[(id, ClientRequest::PresenceQuery { channel })])
     }

@@ -42,7 +42,8 @@ mod tests;
     unsafe_code,
     clippy::undocumented_unsafe_blocks,
     elided_lifetimes_in_paths,
-    mismatched_lifetime_syntaxes
+    mismatched_lifetime_syntaxes,
+    missing_docs
 )]
 #[rustfmt::skip]
 mod shardcast_generated;
@@ -83,11 +84,16 @@ pub mod close {
 /// publication; `epoch` changes when the channel's history was lost.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Position {
+    /// Identifies one continuous history of the channel; offsets of
+    /// different epochs are not comparable.
     pub epoch: u64,
+    /// Sequence number within `epoch`: +1 per publication, no gaps or
+    /// repeats; 0 = nothing published yet in this epoch.
     pub offset: u64,
 }
 
 impl Position {
+    /// The position `offset` in `epoch`.
     pub const fn new(epoch: u64, offset: u64) -> Self {
         Self { epoch, offset }
     }
@@ -111,16 +117,33 @@ impl From<&fb::Position> for Position {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u16)]
 pub enum ErrorCode {
+    /// 1: the request is malformed or not allowed in the current state
+    /// (e.g. a `Connect` for another user, an empty field).
     BadRequest = 1,
+    /// 2: the channel name is not acceptable (syntax, length, reserved
+    /// prefix).
     InvalidChannel = 2,
+    /// 3: `Unsubscribe` (or `PresenceQuery`) for a channel this connection is
+    /// not subscribed to.
     NotSubscribed = 3,
+    /// 4: `Subscribe` for a channel this connection is already subscribed to.
     AlreadySubscribed = 4,
+    /// 5: the per-connection subscription limit is reached.
     TooManySubscriptions = 5,
+    /// 6: a publish payload (or a presence member list) exceeds the
+    /// configured maximum.
     PayloadTooLarge = 6,
+    /// 7: missing or invalid token, not allowed on this channel, or a request
+    /// before `Connect`.
     Unauthorized = 7,
+    /// 8: too many requests; retry later with backoff.
     RateLimited = 8,
+    /// 9: a dependency (e.g. the history store) is temporarily unavailable.
     Unavailable = 9,
+    /// 10: a bug or unexpected condition on the server; also what an absent
+    /// `Error.code` reads as.
     Internal = 10,
+    /// 11: a valid message that makes no sense in this direction or state.
     UnexpectedMessage = 11,
 }
 
@@ -206,7 +229,12 @@ impl Default for DecodeLimits {
 pub enum WireError {
     /// Longer than [`DecodeLimits::max_bytes`]; not looked at.
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// The frame's length, in bytes.
+        len: usize,
+        /// The limit it exceeded ([`DecodeLimits::max_bytes`]), in bytes.
+        max: usize,
+    },
     /// Shorter than 8 bytes, or bytes 4..8 are not `"SCW1"`.
     #[error("not a shardcast frame: too short or file identifier is not \"SCW1\"")]
     FileIdentifier,
@@ -253,26 +281,39 @@ impl WireError {
 /// A decoded client → server message, borrowing from the frame's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientRequest<'a> {
+    /// Authenticate (first message on a connection), or refresh the token.
     Connect {
+        /// The credential (a JWT); `None` = anonymous.
         token: Option<&'a str>,
     },
-    /// `recover: None` = start from now.
+    /// Start receiving `channel`; `recover: None` = start from now.
     Subscribe {
+        /// Channel name, as sent (not validated here).
         channel: &'a str,
+        /// Last position the client saw on the channel: deliver everything
+        /// after it, or answer `recovered: false`.
         recover: Option<Position>,
     },
+    /// Stop receiving `channel`.
     Unsubscribe {
+        /// Channel name, as sent (not validated here).
         channel: &'a str,
     },
-    /// An absent payload decodes as empty.
+    /// Publish `payload` on `channel`. An absent payload decodes as empty.
     Publish {
+        /// Channel name, as sent (not validated here).
         channel: &'a str,
+        /// Opaque application bytes.
         payload: &'a [u8],
+        /// Client-chosen key: a retry with the same key on the same channel
+        /// is stored at most once; `None` = no deduplication.
         idempotency_key: Option<&'a str>,
     },
+    /// Application-level keepalive, answered by `Pong` with the same id.
     Ping,
     /// Who is present on a presence channel.
     PresenceQuery {
+        /// Channel name, as sent (not validated here).
         channel: &'a str,
     },
 }
@@ -280,49 +321,77 @@ pub enum ClientRequest<'a> {
 /// A decoded server → client message, owned (client side; not a hot path).
 #[derive(Clone, Debug, PartialEq)]
 pub enum ServerMessage {
+    /// Reply to `Connect`.
     Connected {
+        /// Server-assigned id of this connection.
         client_id: u64,
+        /// Index of the shard (core) serving the connection.
         shard: u32,
+        /// Server wall clock, ms since the Unix epoch.
         server_time_ms: u64,
     },
+    /// Reply to `Subscribe`.
     Subscribed {
+        /// The channel subscribed to.
         channel: String,
+        /// Last position already delivered to or known by the client; the
+        /// next publication is `position.offset + 1` in `position.epoch`.
         position: Position,
+        /// True only if `recover` was given and nothing after it is missing.
         recovered: bool,
     },
+    /// Reply to `Unsubscribe`; no publication of the channel follows it.
     Unsubscribed {
+        /// The channel unsubscribed from.
         channel: String,
     },
-    /// Also produced once per item of a `PublicationBatch`.
+    /// One publication (id 0). Also produced once per item of a
+    /// `PublicationBatch`.
     Publication {
+        /// The channel published on.
         channel: String,
+        /// Epoch of the publication's position.
         epoch: u64,
+        /// Offset of the publication's position within `epoch`.
         offset: u64,
+        /// When the server accepted the publication, ms since the Unix epoch.
         timestamp_ms: u64,
+        /// Opaque application bytes (absent decodes as empty).
         payload: Vec<u8>,
     },
-    /// An absent `channel` decodes as empty.
+    /// Reply to `Publish`. An absent `channel` decodes as empty.
     PublishAck {
+        /// The channel published on.
         channel: String,
+        /// Where the publication was stored.
         position: Position,
     },
-    /// `code` is the raw wire value (see [`ErrorCode::from_u16`]), so codes
-    /// newer than this build survive.
+    /// A request failed (the request's id), or a connection-level notice
+    /// (id 0). `code` is the raw wire value (see [`ErrorCode::from_u16`]), so
+    /// codes newer than this build survive.
     Error {
+        /// Raw [`ErrorCode`] value; an absent field reads as 10 (`Internal`).
         code: u16,
+        /// Human-readable detail, for logs; never parse it.
         message: String,
     },
+    /// Reply to `Ping`.
     Pong,
     /// A user's first connection joined (`joined`) or its last one left a
-    /// presence channel.
+    /// presence channel (id 0).
     PresenceEvent {
+        /// The presence channel.
         channel: String,
+        /// The user's id (its token's `sub`).
         user: String,
+        /// True: the user became present; false: it left.
         joined: bool,
     },
     /// Reply to `PresenceQuery`; an absent `users` decodes as empty.
     PresenceMembers {
+        /// The presence channel.
         channel: String,
+        /// Every present user, sorted, each once.
         users: Vec<String>,
     },
 }

@@ -40,13 +40,21 @@ const MAX_CONTROL: usize = 125;
 /// A close reason must leave room for the 2-byte code within a control payload.
 const MAX_CLOSE_REASON: usize = MAX_CONTROL - 2;
 
+/// A frame's opcode (RFC 6455 §5.2; the reserved values are not
+/// representable).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpCode {
+    /// 0x0: a later fragment of the open data message.
     Continuation,
+    /// 0x1: a text message (UTF-8), or its first fragment.
     Text,
+    /// 0x2: a binary message, or its first fragment.
     Binary,
+    /// 0x8: close (§5.5.1), optionally a 2-byte code and a UTF-8 reason.
     Close,
+    /// 0x9: ping (§5.5.2), to be answered with a pong of the same payload.
     Ping,
+    /// 0xA: pong (§5.5.3).
     Pong,
 }
 
@@ -108,8 +116,11 @@ impl Default for FrameLimits {
 pub enum Message {
     /// Validated UTF-8.
     Text(Bytes),
+    /// The unmasked payload of a binary message, fragments joined.
     Binary(Bytes),
+    /// A ping's payload (≤ 125 bytes), to echo in the pong.
     Ping(Bytes),
+    /// A pong's payload (≤ 125 bytes).
     Pong(Bytes),
     /// `None` for an empty close payload, else the (wire-valid) code and the reason.
     Close(Option<(u16, String)>),
@@ -119,34 +130,50 @@ pub enum Message {
 /// (≤ 123 bytes) to be the reason of the close frame we answer with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum WsError {
+    /// The MASK bit is clear (client frames must be masked, §5.1); 1002.
     #[error("client frame not masked")]
     Unmasked,
+    /// Any of RSV1–3 set: no extension that defines them is supported
+    /// (§5.2); 1002.
     #[error("reserved bits set")]
     ReservedBits,
+    /// A reserved opcode (3–7, 0xB–0xF), the 4-bit value; 1002.
     #[error("unknown opcode {0:#x}")]
     UnknownOpcode(u8),
+    /// A control frame with a payload over 125 bytes (§5.5); 1002.
     #[error("control frame longer than 125 bytes")]
     ControlTooLong,
+    /// A control frame without FIN (§5.5); 1002.
     #[error("fragmented control frame")]
     FragmentedControl,
+    /// A continuation frame with no data message open (§5.4); 1002.
     #[error("continuation frame without a message")]
     UnexpectedContinuation,
+    /// A text or binary frame while a fragmented message is open (§5.4); 1002.
     #[error("new message before the previous one finished")]
     MessageInterleaved,
+    /// A 64-bit payload length with its most significant bit set (§5.2); 1002.
     #[error("payload length has the most significant bit set")]
     InvalidLength,
+    /// A data frame over [`FrameLimits::max_frame_bytes`]; 1009.
     #[error("frame too big")]
     FrameTooBig,
+    /// A message over [`FrameLimits::max_message_bytes`]; 1009.
     #[error("message too big")]
     MessageTooBig,
+    /// A message of more than [`FrameLimits::max_fragments`] data frames; 1009.
     #[error("too many fragments")]
     TooManyFragments,
+    /// Invalid UTF-8 in a text message (§8.1); 1007.
     #[error("invalid UTF-8 in text message")]
     InvalidUtf8,
+    /// A close payload of exactly 1 byte (§5.5.1); 1002.
     #[error("close frame with a 1-byte payload")]
     CloseTooShort,
+    /// A close code not allowed on the wire (§7.4), the code; 1002.
     #[error("invalid close code {0}")]
     InvalidCloseCode(u16),
+    /// Invalid UTF-8 in a close reason (§5.5.1); 1007.
     #[error("invalid UTF-8 in close reason")]
     InvalidCloseReason,
 }
@@ -207,6 +234,7 @@ pub struct Deframer {
 }
 
 impl Deframer {
+    /// An idle deframer (no heap memory) enforcing `limits`.
     pub fn new(limits: FrameLimits) -> Self {
         Self {
             limits,

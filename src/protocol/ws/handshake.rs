@@ -84,38 +84,67 @@ pub struct Request {
 /// Why a handshake was refused; [`HandshakeError::status`] gives the HTTP status to answer with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
+    /// The head exceeds [`HandshakeLimits::max_header_bytes`]; 431.
     #[error("request head exceeds {limit} bytes")]
-    HeadersTooLarge { limit: usize },
+    HeadersTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// More header lines than [`HandshakeLimits::max_headers`]; 431.
     #[error("more than {limit} header fields")]
-    TooManyHeaders { limit: usize },
+    TooManyHeaders {
+        /// The limit, in header lines.
+        limit: usize,
+    },
+    /// A line ends in a bare LF, or has a CR inside it (RFC 9112 §2.2); 400.
     #[error("line not terminated by CRLF")]
     BareLineFeed,
+    /// The request line is not `METHOD SP target SP HTTP/x.y`; 400.
     #[error("malformed request line")]
     MalformedRequestLine,
+    /// A method other than `GET` (its first 16 bytes); 405.
     #[error("method {0} not allowed, use GET")]
     MethodNotAllowed(String),
+    /// An HTTP version other than `HTTP/1.1`; 505.
     #[error("HTTP version not supported, use HTTP/1.1")]
     HttpVersionNotSupported,
+    /// The target is not printable ASCII, has a `#` fragment, or is neither
+    /// origin-form nor absolute-form with scheme http/https/ws/wss; 400.
     #[error("request target must be an origin-form path without a fragment")]
     InvalidTarget,
+    /// A header line starting with SP or HTAB (obs-fold, RFC 9112 §5.2); 400.
     #[error("obsolete header line folding is not allowed")]
     ObsoleteLineFolding,
+    /// No colon, a name that is not a token (e.g. space before the colon),
+    /// a control byte in the value, or a non-UTF-8 value where text is
+    /// needed; 400.
     #[error("malformed header field")]
     MalformedHeader,
+    /// A required header is absent (its name: `Host`, `Upgrade`,
+    /// `Connection`, `Sec-WebSocket-Key`); 400.
     #[error("missing {0} header")]
     MissingHeader(&'static str),
+    /// A single-valued header appears twice (its name: `Host`,
+    /// `Sec-WebSocket-Key`, `Sec-WebSocket-Version`, `Origin`); 400.
     #[error("duplicate {0} header")]
     DuplicateHeader(&'static str),
+    /// `Upgrade` is present but does not list `websocket`; 400.
     #[error("Upgrade header does not name websocket")]
     NotWebSocketUpgrade,
+    /// `Connection` is present but does not list `upgrade`; 400.
     #[error("Connection header does not contain upgrade")]
     ConnectionNotUpgrade,
+    /// `Sec-WebSocket-Version` is missing or not `13`; 426.
     #[error("unsupported WebSocket version, use 13")]
     UnsupportedVersion,
+    /// `Sec-WebSocket-Key` is not canonical base64 of exactly 16 bytes
+    /// (RFC 6455 §4.1); 400.
     #[error("Sec-WebSocket-Key is not base64 of 16 bytes")]
     InvalidKey,
+    /// A `Sec-WebSocket-Protocol` element is not a token; 400.
     #[error("Sec-WebSocket-Protocol is not a list of tokens")]
     InvalidSubprotocol,
+    /// `Transfer-Encoding`, or a `Content-Length` other than `0`; 400.
     #[error("an upgrade request must not have a body")]
     UnexpectedBody,
     /// The caller fed the parser again after it returned a request or an error.
@@ -176,6 +205,7 @@ pub struct HandshakeParser {
 }
 
 impl HandshakeParser {
+    /// A parser at the start of a head, enforcing `limits`.
     pub fn new(limits: HandshakeLimits) -> Self {
         Self {
             limits,

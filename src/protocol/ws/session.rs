@@ -31,12 +31,15 @@ const EMPTY_CLOSE: &[u8] = &[0x88, 0x00];
 pub enum Event {
     /// A complete text message, validated UTF-8.
     Text(Bytes),
+    /// A complete binary message, fragments joined.
     Binary(Bytes),
     /// A pong (answer to our ping, or unsolicited heartbeat); the payload as sent.
     Pong(Bytes),
     /// The client closed; `code` is `None` when its Close frame had no payload.
     Close {
+        /// The close code (valid on the wire, RFC 6455 §7.4), if any.
         code: Option<u16>,
+        /// The close reason (valid UTF-8, ≤ 123 bytes); empty if none.
         reason: String,
     },
 }
@@ -51,6 +54,7 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session with no pending pong, whose deframer enforces `limits`.
     pub fn new(limits: FrameLimits) -> Self {
         Self {
             deframer: Deframer::new(limits),
