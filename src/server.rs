@@ -10,7 +10,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::bus::local::Retention;
-use crate::bus::redis::{RedisBus, RedisOptions, RedisStats};
+use crate::bus::redis::{self, RedisBus, RedisOptions, RedisStats, SetupError};
 use crate::bus::{Bus, LocalBus};
 use crate::config::Config;
 use crate::metrics::{Collector, Registry};
@@ -71,7 +71,65 @@ fn history_page_bytes(config: &Config) -> usize {
     (config.fanout.outbound_budget_bytes as usize / 4).max(1)
 }
 
-fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
+/// Why the buses could not be built.
+enum BusStart {
+    /// Redis could not be reached (or did not answer in time): worth
+    /// another try. The sentence names the URL (without its password) and
+    /// the reason.
+    Unreachable(String),
+    /// A configuration error no retry fixes.
+    Fatal(String),
+}
+
+/// How long the TCP probe of Redis may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// First delay between attempts to reach Redis at start; it doubles up to
+/// [`REDIS_RETRY_MAX`].
+const REDIS_RETRY_FIRST: Duration = Duration::from_millis(250);
+/// Longest delay between attempts to reach Redis at start.
+const REDIS_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The buses, once they can be built: with the Redis bus, a Redis that is
+/// not reachable yet (late at boot, restarting) is tried again with an
+/// exponential back-off (250 ms doubling to 5 s), each failure logged as a
+/// sentence, the service manager told why it is not ready yet (and given
+/// more start time, `EXTEND_TIMEOUT_USEC`), and `/readyz` answering 503
+/// meanwhile. `Ok(None)`: a shutdown signal came first.
+fn connect_buses(
+    config: &Config,
+    shards: usize,
+    signals: &mpsc::Receiver<i32>,
+) -> Result<Option<Buses>, String> {
+    let mut delay = REDIS_RETRY_FIRST;
+    loop {
+        match build_buses(config, shards) {
+            Ok(buses) => return Ok(Some(buses)),
+            Err(BusStart::Fatal(message)) => return Err(message),
+            Err(BusStart::Unreachable(message)) => {
+                tracing::warn!(
+                    "{message}; trying again in {} ms (not ready until then)",
+                    delay.as_millis()
+                );
+                notify(&format!(
+                    "{}\n{}",
+                    systemd::status(&format!("waiting for Redis: {message}")),
+                    systemd::extend_timeout(delay + Duration::from_secs(10))
+                ));
+                match signals.recv_timeout(delay) {
+                    Ok(_) => return Ok(None),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err("signal thread stopped".into())
+                    }
+                }
+                delay = (delay * 2).min(REDIS_RETRY_MAX);
+            }
+        }
+    }
+}
+
+fn build_buses(config: &Config, shards: usize) -> Result<Buses, BusStart> {
     let secs = |s: u32| Duration::from_secs(u64::from(s));
     if config.redis.url.is_empty() {
         let retention = Retention {
@@ -106,8 +164,15 @@ fn build_buses(config: &Config, shards: usize) -> Result<Buses, String> {
         wait_replicas: config.redis.wait_replicas,
         history_page_bytes: history_page_bytes(config),
     };
-    let handles = RedisBus::cluster(&config.redis.url, shards, options)
-        .map_err(|e| format!("redis.url {}: {e}", redact(&config.redis.url)))?;
+    let url = redact(&config.redis.url);
+    let classify = |e: SetupError| match e {
+        SetupError::Connect(why) => BusStart::Unreachable(format!("redis.url {url}: {why}")),
+        other => BusStart::Fatal(format!("redis.url {url}: {other}")),
+    };
+    // A TCP probe first: its reason is the operating system's sentence
+    // ("Connection refused"), where fred's is a debug dump.
+    redis::probe(&config.redis.url, PROBE_TIMEOUT).map_err(classify)?;
+    let handles = RedisBus::cluster(&config.redis.url, shards, options).map_err(classify)?;
     let stats = handles.first().map(RedisBus::stats);
     let collector: Option<Collector> = stats.map(|s| -> Collector {
         Box::new(move || {
@@ -238,20 +303,26 @@ pub fn serve(config: Config) -> Result<(), String> {
         );
     }
     let shards = config.shard_count();
-    let (buses, bus_kind, bus_metrics) = build_buses(&config, shards)?;
     let dictionary = load_dictionary(&config)?;
-    let server =
-        crate::shard::start(&config, buses, dictionary, inherited).map_err(|e| e.to_string())?;
-    if let Some(c) = bus_metrics {
-        server.registry.add_collector(c);
-    }
+    // The admin endpoint comes first: while the bus is not connected,
+    // `/readyz` answers 503 and `/healthz` 200.
+    let registry = Arc::new(Registry::new(shards));
     let admin = match config.admin_addr().map_err(|e| e.to_string())? {
         Some(addr) => Some(
-            crate::api::admin::spawn(addr, server.registry.clone())
+            crate::api::admin::spawn(addr, registry.clone())
                 .map_err(|e| format!("cannot listen on admin.listen {addr}: {e}"))?,
         ),
         None => None,
     };
+    let Some((buses, bus_kind, bus_metrics)) = connect_buses(&config, shards, &signals)? else {
+        tracing::info!("stopped by a signal before Redis could be reached");
+        return Ok(());
+    };
+    let server = crate::shard::start(&config, registry, buses, dictionary, inherited)
+        .map_err(|e| e.to_string())?;
+    if let Some(c) = bus_metrics {
+        server.registry.add_collector(c);
+    }
     // One machine-readable line on stdout: tests and scripts read the
     // address from it (useful with port 0).
     let mut out = std::io::stdout().lock();

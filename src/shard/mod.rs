@@ -248,9 +248,11 @@ impl Server {
 ///
 /// `inherited` are listening sockets handed over by the service manager
 /// (socket activation); shard `i` takes socket `i % len`, and
-/// `server.listen` is not bound.
+/// `server.listen` is not bound. `registry` (made with one slot per bus)
+/// may already serve the admin endpoint: it is marked ready here.
 pub fn start(
     config: &Config,
+    registry: Arc<Registry>,
     buses: Vec<Box<dyn Bus>>,
     dictionary: Option<Dictionary>,
     inherited: Vec<std::net::TcpListener>,
@@ -276,7 +278,6 @@ pub fn start(
         config.limits.accept_rate_per_ip,
         config.limits.accept_burst_per_ip,
     ));
-    let registry = Arc::new(Registry::new(shards));
     let (drain_tx, drain_rx) = watch::channel(false);
     let drain_window = Duration::from_millis(u64::from(config.server.drain_window_ms));
     let cpus = listener::allowed_cpus();

@@ -25,7 +25,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 mod redis_server;
 #[allow(unused_imports)] // only the Redis test files use it
-pub use redis_server::RedisServer;
+pub use redis_server::{free_port, RedisServer};
 
 /// Lifts the per-connection message rate limit, for tests that publish in
 /// bulk from one connection.

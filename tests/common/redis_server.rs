@@ -54,6 +54,23 @@ impl RedisServer {
         panic!("redis-server found no port of its own in {PORT_ATTEMPTS} attempts");
     }
 
+    /// A server with its port and directory chosen but not started: for a
+    /// test of what happens before Redis is up. [`RedisServer::start_now`]
+    /// starts it on that port.
+    pub fn reserve(appendonly: bool) -> RedisServer {
+        RedisServer {
+            child: None,
+            port: free_port(),
+            dir: Self::fresh_dir(),
+            appendonly,
+        }
+    }
+
+    /// Starts a [`RedisServer::reserve`]d server on its port.
+    pub fn start_now(&mut self) {
+        self.respawn();
+    }
+
     fn fresh_dir() -> PathBuf {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -268,7 +285,7 @@ impl RedisServer {
 /// test's Redis could, which `spawn` detects. Ports are drawn from a
 /// pseudo-random sequence seeded per process, so concurrent test binaries
 /// do not walk the same ports.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static STATE: AtomicU64 = AtomicU64::new(0);
     let range =

@@ -549,3 +549,113 @@ async fn after_redis_lost_everything_presence_comes_back_and_ingest_resumes() {
     let want: HashSet<Vec<u8>> = payloads("e", 20).into_iter().collect();
     receive_set(&mut feed, "feed", &want).await;
 }
+
+/// Answers `GET path` on `addr` with (status, body), or `None` while
+/// nothing listens there yet.
+fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    std::net::TcpStream::connect(addr).ok()?;
+    Some(common::http_get(addr, path))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_redis_is_not_ready_until_redis_comes_then_serves() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+
+    let mut redis = RedisServer::reserve(false);
+    let admin: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .arg("serve")
+        .args(["--server-listen", "127.0.0.1:0", "--server-shards", "2"])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--redis-url", &redis.url()])
+        .env("SHARDCAST_LOG_LEVEL", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shardcast");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let logs = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    // The admin endpoint answers while Redis is down: alive, not ready.
+    let until = Instant::now() + WAIT;
+    let (status, body) = loop {
+        if let Some(answer) = try_http_get(admin, "/readyz") {
+            break answer;
+        }
+        assert!(Instant::now() < until, "the admin endpoint never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!((status, body.trim()), (503, "starting"));
+    assert_eq!(common::http_get(admin, "/healthz").0, 200);
+    // It keeps trying (several attempts in a second and a half) and stays
+    // up, not ready.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "the process exited");
+    assert_eq!(common::http_get(admin, "/readyz").0, 503);
+
+    redis.start_now();
+    // Then it serves: the listening line, ready, and a publish is stored.
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the listening line");
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("address");
+    assert_eq!(common::http_get(admin, "/readyz").0, 200);
+    let mut c = Client::connect(addr).await;
+    let at = c.publish("late-redis", b"hello").await;
+    assert_eq!(at.offset, 1);
+
+    let _ = child.kill();
+    let _ = child.wait();
+    let logs = logs.join().expect("stderr reader");
+    // Each failed attempt is one readable sentence naming the URL and the
+    // operating system's reason, never a debug dump.
+    let attempts: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("trying again in"))
+        .collect();
+    assert!(attempts.len() >= 2, "retries logged:\n{logs}");
+    for l in &attempts {
+        assert!(
+            l.contains(&format!("redis.url {}", redis.url())) && l.contains("Connection refused"),
+            "{l}"
+        );
+    }
+    assert!(!logs.contains("Os {"), "a debug dump in the logs:\n{logs}");
+}
+
+#[test]
+fn a_signal_while_waiting_for_redis_stops_the_node_at_once() {
+    let redis = RedisServer::reserve(false);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .arg("serve")
+        .args(["--server-listen", "127.0.0.1:0", "--admin-listen", ""])
+        .args(["--redis-url", &redis.url()])
+        .env("SHARDCAST_LOG_LEVEL", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn shardcast");
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let until = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < until, "still running 5 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+}

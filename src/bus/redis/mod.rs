@@ -250,6 +250,37 @@ pub struct RedisBus {
     stats: Arc<RedisStats>,
 }
 
+/// Whether Redis at `url` accepts a TCP connection within `timeout`
+/// (any of its listed hosts). `Err` says why in a sentence: a URL that
+/// does not parse ([`SetupError::Url`], a configuration error that no
+/// retry fixes), or the operating system's reason for the last host that
+/// failed ([`SetupError::Connect`], e.g. "Connection refused (os error
+/// 111)"). fred reports a refused connection as a debug dump of
+/// `io::Error`; probing first gives the operator a readable reason.
+pub fn probe(url: &str, timeout: Duration) -> Result<(), SetupError> {
+    use std::net::ToSocketAddrs;
+    let config =
+        fred::types::config::Config::from_url(url).map_err(|e| SetupError::Url(e.to_string()))?;
+    let mut last = String::from("no host in the URL");
+    for server in config.server.hosts() {
+        let host = format!("{}:{}", server.host, server.port);
+        let addrs = match host.to_socket_addrs() {
+            Ok(a) => a,
+            Err(e) => {
+                last = format!("cannot resolve {host}: {e}");
+                continue;
+            }
+        };
+        for addr in addrs {
+            match std::net::TcpStream::connect_timeout(&addr, timeout) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = format!("cannot connect to {addr}: {e}"),
+            }
+        }
+    }
+    Err(SetupError::Connect(last))
+}
+
 impl RedisBus {
     /// Starts one companion thread per shard, connects each to Redis at
     /// `url` (`redis://[user:pass@]host:port[/db]`), and returns the
