@@ -29,6 +29,14 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// An environment file (`--env-file`) could not be read.
+    #[error("cannot read environment file {path}: {source}")]
+    ReadEnvFile {
+        /// The file's path, as given.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The file is not TOML, or has an unknown section or key or a value of
     /// the wrong type (also for the merged result of the overrides, `path`
     /// `<overrides>`).
@@ -57,6 +65,17 @@ pub enum ConfigError {
         old: &'static str,
         /// The `section.key` to set instead.
         new: &'static str,
+        /// Where it was set.
+        origin: String,
+    },
+    /// A key that was removed is set (in the file, the environment or a
+    /// flag).
+    #[error("config key `{key}` (from {origin}) was removed: {reason}")]
+    Removed {
+        /// The `section.key`.
+        key: &'static str,
+        /// Why, and what to do instead.
+        reason: &'static str,
         /// Where it was set.
         origin: String,
     },
@@ -107,7 +126,7 @@ pub struct Config {
     pub auth: AuthConfig,
     /// `[admin]`: the admin HTTP endpoint.
     pub admin: AdminConfig,
-    /// `[log]`: log level.
+    /// `[log]`: log level and format.
     pub log: LogConfig,
 }
 
@@ -286,10 +305,10 @@ pub struct CompressionConfig {
     /// dictionary.
     pub min_bytes: u32,
     /// Path of a trained dictionary (`shardcast zstd-train`); empty = none.
+    /// Its id (carried by compressed frames, and what clients fetch it by:
+    /// `GET /dictionaries/<id>` on `server.listen`) is derived from its
+    /// content ([`crate::protocol::compression::dictionary_id`]).
     pub dictionary: String,
-    /// The id clients use to fetch it (`GET /dictionaries/<id>` on
-    /// `server.listen`, where they connect) and that compressed frames carry.
-    pub dictionary_id: u32,
 }
 
 impl Default for CompressionConfig {
@@ -298,7 +317,6 @@ impl Default for CompressionConfig {
             level: 1,
             min_bytes: 512,
             dictionary: String::new(),
-            dictionary_id: 1,
         }
     }
 }
@@ -316,8 +334,9 @@ pub struct AuthConfig {
     /// Shared secret for HS256 tokens (empty = HS256 not accepted); its
     /// UTF-8 bytes are the key, at least 32 of them (RFC 7518 §3.2).
     pub hs256_secret: String,
-    /// Ed25519 public key for EdDSA tokens: PEM (SPKI) or base64 of the
-    /// 32 raw bytes (empty = EdDSA not accepted).
+    /// Ed25519 public key for EdDSA tokens: PEM (SPKI), base64 of the 32
+    /// raw bytes, or base64 of the 44-byte DER SPKI (a PEM's body) (empty =
+    /// EdDSA not accepted).
     pub ed25519_public_key: String,
     /// Required `iss` claim (empty = not checked).
     pub issuer: String,
@@ -385,6 +404,9 @@ impl Default for AdminConfig {
 pub struct LogConfig {
     /// One of error, warn, info, debug, trace.
     pub level: String,
+    /// `text` (one human-readable line per event; ANSI colour only when
+    /// stderr is a terminal) or `json` (one JSON object per line).
+    pub format: String,
 }
 
 impl Default for ServerConfig {
@@ -429,6 +451,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            format: "text".into(),
         }
     }
 }
@@ -440,6 +463,14 @@ pub enum Origin {
     Env(String),
     /// A command-line flag (its name, `--section-key`).
     Flag(String),
+    /// A variable of an environment file (`check-config --env-file`, read
+    /// as systemd's `EnvironmentFile=` reads it).
+    EnvFile {
+        /// The file's path, as given.
+        path: String,
+        /// The variable's name, `SHARDCAST_SECTION_KEY`.
+        name: String,
+    },
 }
 
 impl std::fmt::Display for Origin {
@@ -447,8 +478,44 @@ impl std::fmt::Display for Origin {
         match self {
             Origin::Env(name) => write!(f, "environment variable {name}"),
             Origin::Flag(name) => write!(f, "flag {name}"),
+            Origin::EnvFile { path, name } => write!(f, "{name} in environment file {path}"),
         }
     }
+}
+
+/// Where a value of the effective configuration came from
+/// (`check-config --print`).
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The built-in default.
+    Default,
+    /// The config file (its path).
+    File(String),
+    /// An environment variable, an environment file's variable or a flag.
+    Override(Origin),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Default => write!(f, "default"),
+            Source::File(path) => write!(f, "config file {path}"),
+            Source::Override(origin) => origin.fmt(f),
+        }
+    }
+}
+
+/// One key of the effective configuration, for display: never a secret in
+/// clear.
+#[derive(Clone, Debug)]
+pub struct Setting {
+    /// The `section.key`.
+    pub key: String,
+    /// The value as TOML would write it, with `auth.hs256_secret` replaced
+    /// by its length and the password of `redis.url` by `***`.
+    pub value: String,
+    /// Where the value came from.
+    pub source: Source,
 }
 
 /// One `section.key = value` override, not yet typed.
@@ -654,11 +721,6 @@ impl Config {
             self.compression.min_bytes,
             16..=(64 << 20),
         )?;
-        check(
-            "compression.dictionary_id",
-            self.compression.dictionary_id,
-            1..=u32::MAX,
-        )?;
         check("history.ttl_secs", self.history.ttl_secs, 1..=30 * 86_400)?;
         // The keys as the server will use them: one rule, here and at start.
         crate::auth::Auth::from_config(&self.auth).map_err(|e| ConfigError::Invalid {
@@ -674,6 +736,13 @@ impl Config {
                 key: "log.level",
                 value: format!("{:?}", self.log.level),
                 reason: "allowed: error, warn, info, debug, trace".into(),
+            });
+        }
+        if !["text", "json"].contains(&self.log.format.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "log.format",
+                value: format!("{:?}", self.log.format),
+                reason: "allowed: text, json".into(),
             });
         }
         Ok(())
@@ -743,6 +812,28 @@ impl Config {
     pub fn env_overrides(
         vars: impl Iterator<Item = (String, String)>,
     ) -> Result<Vec<Override>, ConfigError> {
+        Config::variable_overrides(vars, |name| Origin::Env(name.to_string()))
+    }
+
+    /// The `SHARDCAST_*` variables of an environment file as overrides,
+    /// read as systemd reads `EnvironmentFile=` (see [`parse_env_file`]);
+    /// other variables are ignored, an unknown `SHARDCAST_*` one is an
+    /// error (as it is for `serve` started with that file).
+    pub fn env_file_overrides(path: &str) -> Result<Vec<Override>, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadEnvFile {
+            path: path.to_string(),
+            source,
+        })?;
+        Config::variable_overrides(parse_env_file(&text).into_iter(), |name| Origin::EnvFile {
+            path: path.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    fn variable_overrides(
+        vars: impl Iterator<Item = (String, String)>,
+        origin: impl Fn(&str) -> Origin,
+    ) -> Result<Vec<Override>, ConfigError> {
         let keys = Config::keys();
         let mut out = Vec::new();
         for (name, value) in vars {
@@ -752,11 +843,11 @@ impl Config {
             let key = keys
                 .iter()
                 .map(String::as_str)
-                .chain(RENAMED.iter().map(|(old, _)| *old))
+                .chain(retired_keys())
                 .find(|k| Config::env_name(k) == name)
                 .ok_or_else(|| ConfigError::UnknownKey {
                     key: name.clone(),
-                    origin: format!("environment variable {name}"),
+                    origin: origin(&name).to_string(),
                     known: keys
                         .iter()
                         .map(|k| Config::env_name(k))
@@ -766,7 +857,7 @@ impl Config {
             out.push(Override {
                 key: key.to_string(),
                 value,
-                origin: Origin::Env(name),
+                origin: origin(&name),
             });
         }
         Ok(out)
@@ -778,9 +869,244 @@ impl Config {
     pub fn key_for_flag(flag: &str) -> Option<String> {
         Config::keys()
             .into_iter()
-            .chain(RENAMED.iter().map(|(old, _)| old.to_string()))
+            .chain(retired_keys().map(str::to_string))
             .find(|k| Config::flag_name(k) == flag)
     }
+}
+
+impl Config {
+    /// Valid settings that leave a server nobody can use (or a part of it
+    /// nobody can reach), one sentence each. `check-config` prints them on
+    /// stderr and `serve` logs them; neither refuses to run.
+    pub fn warnings(&self) -> Vec<String> {
+        let a = &self.auth;
+        let keys = !a.hs256_secret.is_empty() || !a.ed25519_public_key.trim().is_empty();
+        let mut out = Vec::new();
+        if !a.anonymous && !keys {
+            out.push(
+                "auth.anonymous = false and no key is configured (auth.hs256_secret, auth.ed25519_public_key): every Connect will be refused, so no client can use this server".to_string(),
+            );
+        } else if !keys && (!a.issuer.is_empty() || !a.audience.is_empty()) {
+            out.push(
+                "auth.issuer or auth.audience is set but no key is configured (auth.hs256_secret, auth.ed25519_public_key): every token will be refused; only anonymous clients on public channels can connect".to_string(),
+            );
+        }
+        out
+    }
+
+    /// Every key of this (loaded) configuration with its value and where
+    /// it came from: the last override that set it, else the config file
+    /// `path` if it sets it, else the default. `overrides` are those given
+    /// to [`Config::load`]. Secrets are masked (see [`Setting::value`]).
+    pub fn settings(
+        &self,
+        path: Option<&str>,
+        overrides: &[Override],
+    ) -> Result<Vec<Setting>, ConfigError> {
+        let file: toml::Table = match path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read {
+                    path: path.to_string(),
+                    source,
+                })?
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path.to_string(),
+                    message: e.to_string(),
+                })?,
+            None => toml::Table::new(),
+        };
+        let values = match toml::Value::try_from(self) {
+            Ok(toml::Value::Table(t)) => t,
+            other => unreachable!("config did not serialise to a table: {other:?}"),
+        };
+        let mut out = Vec::new();
+        for key in Config::keys() {
+            let (section, name) = key.split_once('.').expect("section.key");
+            let value = &values[section][name];
+            let value = match (key.as_str(), value) {
+                ("auth.hs256_secret", toml::Value::String(s)) if !s.is_empty() => {
+                    format!("(secret, {} bytes)", s.len())
+                }
+                ("redis.url", toml::Value::String(s)) => {
+                    toml::Value::String(redact_url(s)).to_string()
+                }
+                (_, v) => v.to_string(),
+            };
+            let source = match overrides.iter().rev().find(|o| o.key == key) {
+                Some(o) => Source::Override(o.origin.clone()),
+                None if file
+                    .get(section)
+                    .and_then(toml::Value::as_table)
+                    .is_some_and(|t| t.contains_key(name)) =>
+                {
+                    Source::File(path.unwrap_or_default().to_string())
+                }
+                None => Source::Default,
+            };
+            out.push(Setting { key, value, source });
+        }
+        Ok(out)
+    }
+}
+
+/// A Redis URL with its password (the user-info part when it has no `:`)
+/// replaced by `***`, for display.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    match url[scheme..].rfind('@').map(|i| scheme + i) {
+        Some(at) => {
+            let user = match url[scheme..at].split_once(':') {
+                Some((user, _)) => format!("{user}:"),
+                None => String::new(),
+            };
+            format!("{}{user}***{}", &url[..scheme], &url[at..])
+        }
+        None => url.to_string(),
+    }
+}
+
+/// The assignments of an environment file, read as systemd reads
+/// `EnvironmentFile=` (systemd.exec(5)): `KEY=VALUE` lines; empty lines and
+/// lines starting with `#` or `;` are ignored, as are lines without `=`;
+/// whitespace around the key and the value is dropped; a value may be
+/// quoted, `'…'` literally or `"…"` where `\` escapes `"`, `\`, `` ` `` and
+/// `$` (and is kept before anything else); outside quotes `\` escapes the
+/// next character; a `\` at the end of a line, outside quotes or within
+/// `"…"`, continues the value on the next line. A later assignment of a
+/// name replaces an earlier one (both are returned, in order).
+pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum S {
+        PreKey,
+        Key,
+        PreValue,
+        Value,
+        ValueEscape,
+        Single,
+        Double,
+        DoubleEscape,
+        Comment,
+        CommentEscape,
+    }
+    let newline = |c: char| c == '\n' || c == '\r';
+    let white = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r');
+    let mut out = Vec::new();
+    let (mut key, mut value) = (String::new(), String::new());
+    // Byte lengths up to the first of the trailing whitespace, if any.
+    let (mut key_ws, mut value_ws): (Option<usize>, Option<usize>) = (None, None);
+    let mut state = S::PreKey;
+    let finish = |out: &mut Vec<(String, String)>,
+                  key: &mut String,
+                  value: &mut String,
+                  key_ws: Option<usize>,
+                  value_ws: Option<usize>| {
+        if let Some(n) = key_ws {
+            key.truncate(n);
+        }
+        if let Some(n) = value_ws {
+            value.truncate(n);
+        }
+        out.push((std::mem::take(key), std::mem::take(value)));
+    };
+    for c in text.chars() {
+        state = match state {
+            S::PreKey if c == '#' || c == ';' => S::Comment,
+            S::PreKey if white(c) => S::PreKey,
+            S::PreKey => {
+                key_ws = None;
+                key.push(c);
+                S::Key
+            }
+            S::Key if newline(c) => {
+                key.clear();
+                S::PreKey
+            }
+            S::Key if c == '=' => {
+                value_ws = None;
+                S::PreValue
+            }
+            S::Key => {
+                if !white(c) {
+                    key_ws = None;
+                } else if key_ws.is_none() {
+                    key_ws = Some(key.len());
+                }
+                key.push(c);
+                S::Key
+            }
+            S::PreValue if newline(c) => {
+                finish(&mut out, &mut key, &mut value, key_ws, None);
+                S::PreKey
+            }
+            S::PreValue if c == '\'' => S::Single,
+            S::PreValue if c == '"' => S::Double,
+            S::PreValue if c == '\\' => S::ValueEscape,
+            S::PreValue if white(c) => S::PreValue,
+            S::PreValue => {
+                value.push(c);
+                S::Value
+            }
+            S::Value if newline(c) => {
+                finish(&mut out, &mut key, &mut value, key_ws, value_ws);
+                S::PreKey
+            }
+            S::Value if c == '\\' => {
+                value_ws = None;
+                S::ValueEscape
+            }
+            S::Value => {
+                if !white(c) {
+                    value_ws = None;
+                } else if value_ws.is_none() {
+                    value_ws = Some(value.len());
+                }
+                value.push(c);
+                S::Value
+            }
+            S::ValueEscape => {
+                if !newline(c) {
+                    value.push(c);
+                }
+                S::Value
+            }
+            S::Single if c == '\'' => S::PreValue,
+            S::Single => {
+                value.push(c);
+                S::Single
+            }
+            S::Double if c == '"' => S::PreValue,
+            S::Double if c == '\\' => S::DoubleEscape,
+            S::Double => {
+                value.push(c);
+                S::Double
+            }
+            S::DoubleEscape => {
+                if matches!(c, '"' | '\\' | '`' | '$') {
+                    value.push(c);
+                } else if c != '\n' {
+                    value.push('\\');
+                    value.push(c);
+                }
+                S::Double
+            }
+            S::Comment if c == '\\' => S::CommentEscape,
+            S::Comment if newline(c) => S::PreKey,
+            S::Comment => S::Comment,
+            S::CommentEscape if newline(c) => S::PreKey,
+            S::CommentEscape => S::Comment,
+        };
+    }
+    match state {
+        S::Value => finish(&mut out, &mut key, &mut value, key_ws, value_ws),
+        S::PreValue | S::ValueEscape | S::Single | S::Double | S::DoubleEscape => {
+            finish(&mut out, &mut key, &mut value, key_ws, None)
+        }
+        S::PreKey | S::Key | S::Comment | S::CommentEscape => {}
+    }
+    out
 }
 
 fn check(key: &'static str, value: u32, range: RangeInclusive<u32>) -> Result<(), ConfigError> {
@@ -827,8 +1153,38 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 /// names the new one, rather than "unknown key" or a silent default.
 const RENAMED: &[(&str, &str)] = &[("redis.idempotency_ttl_secs", "history.idempotency_ttl_secs")];
 
-/// Refuses a renamed key in a config file's table.
+/// Keys that were removed: (key, why and what to do instead). Setting one
+/// is an error that says so, rather than "unknown key".
+const REMOVED: &[(&str, &str)] = &[(
+    "compression.dictionary_id",
+    "a dictionary's id is now derived from its content (`shardcast check-config` prints it): delete this setting",
+)];
+
+/// Every key that was renamed or removed: accepted as a name by flags and
+/// variables, then refused with the reason when loading.
+fn retired_keys<'a>() -> impl Iterator<Item = &'a str> {
+    RENAMED
+        .iter()
+        .map(|(old, _)| -> &'a str { old })
+        .chain(REMOVED.iter().map(|(key, _)| -> &'a str { key }))
+}
+
+/// Refuses a renamed or removed key in a config file's table.
 fn reject_renamed(file: &toml::Table, origin: &str) -> Result<(), ConfigError> {
+    for (key, reason) in REMOVED {
+        let (section, name) = key.split_once('.').expect("section.key");
+        if file
+            .get(section)
+            .and_then(|s| s.as_table())
+            .is_some_and(|s| s.contains_key(name))
+        {
+            return Err(ConfigError::Removed {
+                key,
+                reason,
+                origin: origin.to_string(),
+            });
+        }
+    }
     for (old, new) in RENAMED {
         let (section, key) = old.split_once('.').expect("section.key");
         if file
@@ -847,6 +1203,13 @@ fn reject_renamed(file: &toml::Table, origin: &str) -> Result<(), ConfigError> {
 }
 
 fn apply_override(table: &mut toml::Table, o: &Override) -> Result<(), ConfigError> {
+    if let Some((key, reason)) = REMOVED.iter().find(|(key, _)| *key == o.key) {
+        return Err(ConfigError::Removed {
+            key,
+            reason,
+            origin: o.origin.to_string(),
+        });
+    }
     if let Some((old, new)) = RENAMED.iter().find(|(old, _)| *old == o.key) {
         return Err(ConfigError::Renamed {
             old,
@@ -1038,6 +1401,167 @@ mod tests {
         };
         let err = Config::load(None, &[over]).unwrap_err().to_string();
         assert!(err.contains("flag --redis-idempotency-ttl-secs"), "{err}");
+    }
+
+    #[test]
+    fn the_removed_dictionary_id_is_refused_saying_why() {
+        let path =
+            std::env::temp_dir().join(format!("shardcast-removed-{}.toml", std::process::id()));
+        std::fs::write(&path, "[compression]\ndictionary_id = 1\n").unwrap();
+        let err = Config::load(path.to_str(), &[]).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            err.contains("compression.dictionary_id") && err.contains("derived from its content"),
+            "{err}"
+        );
+        let env = Config::env_overrides(
+            [(
+                "SHARDCAST_COMPRESSION_DICTIONARY_ID".to_string(),
+                "1".to_string(),
+            )]
+            .into_iter(),
+        )
+        .unwrap();
+        let err = Config::load(None, &env).unwrap_err().to_string();
+        assert!(err.contains("was removed"), "{err}");
+        let key = Config::key_for_flag("--compression-dictionary-id").expect("known");
+        let err = Config::load(None, &[flag(&key, "1")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flag --compression-dictionary-id"), "{err}");
+        assert!(!Config::keys().contains(&key));
+    }
+
+    #[test]
+    fn environment_files_are_read_as_systemd_reads_them() {
+        // Trailing blanks are dropped (written with escapes: no trailing
+        // whitespace in the source).
+        let text = "SHARDCAST_A=plain value \t \n".to_string()
+            + r#"# a comment
+; another comment
+  SHARDCAST_B = spaced
+SHARDCAST_C="double \"quoted\" \$HOME \n kept"
+SHARDCAST_D='single \ "literal"'
+SHARDCAST_E=con\
+tinued
+SHARDCAST_F="a"b 'c'
+SHARDCAST_G=
+no equals sign here
+SHARDCAST_H=esc\ aped\\
+# comment \
+SHARDCAST_I=after a continued comment
+SHARDCAST_A=later wins"#;
+        let vars = parse_env_file(&text);
+        let get = |k: &str| {
+            vars.iter()
+                .rev()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("SHARDCAST_A"), Some("later wins"));
+        assert_eq!(vars[0], ("SHARDCAST_A".into(), "plain value".into()));
+        assert_eq!(get("SHARDCAST_B"), Some("spaced"));
+        assert_eq!(get("SHARDCAST_C"), Some("double \"quoted\" $HOME \\n kept"));
+        assert_eq!(get("SHARDCAST_D"), Some("single \\ \"literal\""));
+        assert_eq!(get("SHARDCAST_E"), Some("continued"));
+        assert_eq!(
+            get("SHARDCAST_F"),
+            Some("ab 'c'"),
+            "quotes only open a value"
+        );
+        assert_eq!(get("SHARDCAST_G"), Some(""));
+        assert_eq!(get("SHARDCAST_H"), Some("esc aped\\"));
+        assert_eq!(get("SHARDCAST_I"), Some("after a continued comment"));
+        assert!(
+            vars.iter().all(|(n, _)| n.starts_with("SHARDCAST_")),
+            "{vars:?}"
+        );
+    }
+
+    #[test]
+    fn env_file_overrides_name_the_file_and_refuse_unknown_variables() {
+        let dir = std::env::temp_dir().join(format!("shardcast-envfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.env");
+        std::fs::write(&good, "PATH=/ignored\nSHARDCAST_SERVER_SHARDS=\"3\"\n").unwrap();
+        let o = Config::env_file_overrides(good.to_str().unwrap()).unwrap();
+        assert_eq!(o.len(), 1);
+        assert_eq!(o[0].key, "server.shards");
+        let origin = o[0].origin.to_string();
+        assert!(
+            origin.contains("SHARDCAST_SERVER_SHARDS") && origin.contains("good.env"),
+            "{origin}"
+        );
+        assert_eq!(Config::load(None, &o).unwrap().server.shards, 3);
+        let bad = dir.join("bad.env");
+        std::fs::write(&bad, "SHARDCAST_SERVER_SHARDZ=3\n").unwrap();
+        let err = Config::env_file_overrides(bad.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("SHARDCAST_SERVER_SHARDZ") && err.contains("bad.env"),
+            "{err}"
+        );
+        let err = Config::env_file_overrides(dir.join("missing.env").to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot read environment file"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn settings_show_every_key_its_source_and_no_secret() {
+        let path =
+            std::env::temp_dir().join(format!("shardcast-settings-{}.toml", std::process::id()));
+        std::fs::write(&path, "[server]\nshards = 2\nbacklog = 100\n").unwrap();
+        let secret = "a-secret-of-at-least-32-bytes-xxxx";
+        let overrides = [
+            Override {
+                key: "server.backlog".into(),
+                value: "200".into(),
+                origin: Origin::Env("SHARDCAST_SERVER_BACKLOG".into()),
+            },
+            flag("auth.hs256_secret", secret),
+            flag("redis.url", "redis://app:hunter2@redis.local:6379/1"),
+        ];
+        let c = Config::load(path.to_str(), &overrides).unwrap();
+        let settings = c.settings(path.to_str(), &overrides).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(settings.len(), Config::keys().len());
+        let get = |k: &str| settings.iter().find(|s| s.key == k).unwrap();
+        assert_eq!(get("server.shards").value, "2");
+        assert!(matches!(get("server.shards").source, Source::File(_)));
+        assert_eq!(get("server.backlog").value, "200");
+        assert_eq!(
+            get("server.backlog").source.to_string(),
+            "environment variable SHARDCAST_SERVER_BACKLOG"
+        );
+        assert_eq!(get("server.listen").value, "\"127.0.0.1:8080\"");
+        assert_eq!(get("server.listen").source.to_string(), "default");
+        assert_eq!(get("auth.hs256_secret").value, "(secret, 34 bytes)");
+        assert_eq!(
+            get("auth.hs256_secret").source.to_string(),
+            "flag --auth-hs256-secret"
+        );
+        assert_eq!(
+            get("redis.url").value,
+            "\"redis://app:***@redis.local:6379/1\""
+        );
+        for s in &settings {
+            assert!(
+                !s.value.contains(secret) && !s.value.contains("hunter2"),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn redis_urls_lose_their_password() {
+        assert_eq!(redact_url("redis://u:p@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact_url("redis://:p@h:1"), "redis://:***@h:1");
+        assert_eq!(redact_url("redis://p@h:1"), "redis://***@h:1");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        assert_eq!(redact_url(""), "");
     }
 }
 

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod metrics;
+pub mod preflight;
 pub mod protocol;
 pub mod server;
 pub mod shard;

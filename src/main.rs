@@ -5,6 +5,7 @@
 use std::process::ExitCode;
 
 use shardcast::config::{Config, Origin, Override};
+use shardcast::preflight;
 use shardcast::protocol::compression;
 use shardcast::server::serve;
 
@@ -18,8 +19,13 @@ const USAGE: &str = "\
 shardcast — thread-per-core WebSocket push server
 
 USAGE:
-    shardcast serve [--config FILE] [--SECTION-KEY VALUE]...
-    shardcast check-config [--config FILE] [--SECTION-KEY VALUE]...
+    shardcast serve [--config FILE] [--env-file FILE]... [--SECTION-KEY VALUE]...
+    shardcast check-config [--config FILE] [--env-file FILE]... [--print] [--SECTION-KEY VALUE]...
+                          run every check `serve` runs before it binds (files
+                          readable, keys parse, ...) and warn about settings
+                          that leave a server nobody can use; --print shows
+                          every key, its value and where it came from
+                          (secrets masked)
     shardcast keys        list every config key with its flag and environment variable
     shardcast zstd-train --out FILE [--max-bytes N] [--lines] SAMPLE...
                           train a zstd dictionary for small messages
@@ -27,20 +33,32 @@ USAGE:
 
 Every config key `section.key` can be set in the TOML file, by the
 environment variable SHARDCAST_SECTION_KEY, or by the flag --section-key
-(flags win over the environment, which wins over the file).
+(flags win over the environment, which wins over the file). --env-file
+reads SHARDCAST_* variables from a file as systemd's EnvironmentFile= does
+(KEY=VALUE lines, # comments, quotes); they count as environment variables
+and win over the process's own.
 ";
 
 struct Args {
     config: Option<String>,
+    env_files: Vec<String>,
+    print: bool,
     overrides: Vec<Override>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
     let mut config = None;
+    let mut env_files = Vec::new();
+    let mut print = false;
     let mut overrides = Vec::new();
     let mut i = 0;
     while i < args.len() {
         let arg = &args[i];
+        if arg == "--print" {
+            print = true;
+            i += 1;
+            continue;
+        }
         let (flag, inline) = match arg.split_once('=') {
             Some((f, v)) => (f.to_string(), Some(v.to_string())),
             None => (arg.clone(), None),
@@ -59,6 +77,8 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         };
         if flag == "--config" || flag == "-c" {
             config = Some(value()?);
+        } else if flag == "--env-file" {
+            env_files.push(value()?);
         } else if let Some(key) = Config::key_for_flag(&flag) {
             let v = value()?;
             overrides.push(Override {
@@ -73,14 +93,67 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         }
         i += 1;
     }
-    Ok(Args { config, overrides })
+    Ok(Args {
+        config,
+        env_files,
+        print,
+        overrides,
+    })
 }
 
-fn load(args: &[String]) -> Result<Config, String> {
+/// A loaded configuration and what it was loaded from.
+struct Loaded {
+    config: Config,
+    path: Option<String>,
+    overrides: Vec<Override>,
+    print: bool,
+}
+
+/// The configuration: the file, then the environment, then each
+/// `--env-file` in turn, then the flags, each winning over what came before.
+fn load(args: &[String]) -> Result<Loaded, String> {
     let args = parse_args(args)?;
     let mut overrides = Config::env_overrides(std::env::vars()).map_err(|e| e.to_string())?;
+    for path in &args.env_files {
+        overrides.extend(Config::env_file_overrides(path).map_err(|e| e.to_string())?);
+    }
     overrides.extend(args.overrides);
-    Config::load(args.config.as_deref(), &overrides).map_err(|e| e.to_string())
+    let config = Config::load(args.config.as_deref(), &overrides).map_err(|e| e.to_string())?;
+    Ok(Loaded {
+        config,
+        path: args.config,
+        overrides,
+        print: args.print,
+    })
+}
+
+/// `shardcast check-config`: the checks `serve` runs before binding, the
+/// warnings (on stderr), and with `--print` the effective configuration.
+fn check_config(args: &[String]) -> Result<(), String> {
+    let loaded = load(args)?;
+    let config = &loaded.config;
+    let checked = preflight::check(config)?;
+    for warning in &checked.warnings {
+        eprintln!("shardcast: warning: {warning}");
+    }
+    if loaded.print {
+        let settings = config
+            .settings(loaded.path.as_deref(), &loaded.overrides)
+            .map_err(|e| e.to_string())?;
+        for s in settings {
+            println!("{:58} # {}", format!("{} = {}", s.key, s.value), s.source);
+        }
+    }
+    let dictionary = checked
+        .dictionary
+        .map(|d| format!(", dictionary id {} ({} bytes)", d.id, d.bytes.len()))
+        .unwrap_or_default();
+    println!(
+        "config OK: listen {} with {} shards{dictionary}",
+        config.server.listen,
+        config.shard_count()
+    );
+    Ok(())
 }
 
 /// `shardcast zstd-train --out FILE [--max-bytes N] [--lines] SAMPLE...`:
@@ -131,9 +204,10 @@ fn zstd_train(args: &[String]) -> Result<(), String> {
         .map_err(|e| format!("training failed: {e} (more or more varied samples help)"))?;
     std::fs::write(&out, &dict).map_err(|e| format!("cannot write {out}: {e}"))?;
     println!(
-        "wrote a {}-byte dictionary trained on {} samples to {out}",
+        "wrote a {}-byte dictionary trained on {} samples to {out} (its id: {})",
         dict.len(),
-        samples.len()
+        samples.len(),
+        compression::dictionary_id(&dict)
     );
     Ok(())
 }
@@ -141,14 +215,13 @@ fn zstd_train(args: &[String]) -> Result<(), String> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("serve") => load(&args[1..]).and_then(serve),
-        Some("check-config") => load(&args[1..]).map(|c| {
-            println!(
-                "config OK: listen {} with {} shards",
-                c.server.listen,
-                c.shard_count()
-            );
+        Some("serve") => load(&args[1..]).and_then(|l| {
+            if l.print {
+                return Err("--print is for `shardcast check-config`".into());
+            }
+            serve(l.config)
         }),
+        Some("check-config") => check_config(&args[1..]),
         Some("zstd-train") => zstd_train(&args[1..]),
         Some("keys") => {
             for key in Config::keys() {

@@ -14,16 +14,37 @@ use crate::bus::redis::{self, RedisBus, RedisOptions, RedisStats, SetupError};
 use crate::bus::{Bus, LocalBus};
 use crate::config::Config;
 use crate::metrics::{Collector, Registry};
-use crate::protocol::compression::Dictionary;
 use crate::systemd;
 
-fn init_logging(level: &str) {
-    let level = level.parse().unwrap_or(tracing::Level::INFO);
-    tracing_subscriber::fmt()
+/// Logs to stderr at `log.level`, as text or JSON lines (`log.format`).
+/// Text is coloured only on a terminal: files and the journal get no ANSI
+/// codes.
+fn init_logging(log: &crate::config::LogConfig) {
+    let level = log.level.parse().unwrap_or(tracing::Level::INFO);
+    let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if log.format == "json" {
+        // {"timestamp":…,"level":…,"message":…,<fields>}: one object per
+        // line, the event's fields at the top level.
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_ansi(false)
+            .init();
+    } else {
+        builder.with_ansi(colour_on_stderr()).init();
+    }
+}
+
+/// ANSI colour on stderr: only when it is a terminal, and not when
+/// `NO_COLOR` is set to anything (<https://no-color.org>).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread
@@ -238,19 +259,6 @@ fn redact(url: &str) -> String {
     }
 }
 
-fn load_dictionary(config: &Config) -> Result<Option<Dictionary>, String> {
-    let path = &config.compression.dictionary;
-    if path.is_empty() {
-        return Ok(None);
-    }
-    let bytes = std::fs::read(path)
-        .map_err(|e| format!("config key `compression.dictionary`: cannot read {path}: {e}"))?;
-    Ok(Some(Dictionary {
-        id: config.compression.dictionary_id,
-        bytes,
-    }))
-}
-
 /// Pings the service manager's watchdog while every shard is alive: a
 /// wedged shard stops its heartbeat, the pings stop, and systemd restarts
 /// the service.
@@ -295,7 +303,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         })
         .collect::<Result<_, _>>()?;
     let signals = signal_channel(block_shutdown_signals());
-    init_logging(&config.log.level);
+    init_logging(&config.log);
     if !inherited.is_empty() {
         tracing::info!(
             sockets = inherited.len(),
@@ -303,7 +311,12 @@ pub fn serve(config: Config) -> Result<(), String> {
         );
     }
     let shards = config.shard_count();
-    let dictionary = load_dictionary(&config)?;
+    // The same checks as `check-config`, before anything is bound.
+    let checked = crate::preflight::check(&config)?;
+    for warning in &checked.warnings {
+        tracing::warn!("{warning}");
+    }
+    let dictionary = checked.dictionary;
     // The admin endpoint comes first: while the bus is not connected,
     // `/readyz` answers 503 and `/healthz` 200.
     let registry = Arc::new(Registry::new(shards));

@@ -100,3 +100,303 @@ fn port_in_use_is_reported() {
         "{err}"
     );
 }
+
+/// `serve` with `args` on a free port, stopped as soon as it listens:
+/// `Ok(())` if it started, else its exit code and stderr.
+fn serve_outcome(args: &[&str], env: &[(&str, &str)]) -> Result<(), (i32, String)> {
+    use std::io::{BufRead, Read};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .arg("serve")
+        .args(["--server-listen", "127.0.0.1:0", "--server-shards", "1"])
+        .args(["--admin-listen", ""])
+        .args(args)
+        .env("SHARDCAST_LOG_LEVEL", "warn")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn shardcast serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.contains("listening") {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        return Ok(());
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    Err((status.code().unwrap_or(-1), err))
+}
+
+/// `check-config` with `args`: `Ok(())` if it passed, else its exit code
+/// and stderr.
+fn check_outcome(args: &[&str], env: &[(&str, &str)]) -> Result<(), (i32, String)> {
+    let mut all = vec!["check-config"];
+    all.extend_from_slice(args);
+    match shardcast(&all, env) {
+        (0, _, _) => Ok(()),
+        (code, _, err) => Err((code, err)),
+    }
+}
+
+/// The body of the PEM `openssl pkey -pubout` writes for an Ed25519 key:
+/// base64 of the 44-byte DER SubjectPublicKeyInfo.
+const SPKI_BODY: &str = "MCowBQYDK2VwAyEAw9e+9fMljcYScipsMTLAR1sYwC5cFHUZUC0BFwQPC4I=";
+
+#[test]
+fn check_config_fails_exactly_where_serve_fails() {
+    let empty = temp_file("empty.dict", "");
+    // A zstd dictionary header (magic, id) followed by garbage tables:
+    // readable, but zstd refuses it.
+    let corrupt = temp_file("corrupt.dict", "");
+    std::fs::write(
+        &corrupt,
+        [
+            &[0x37u8, 0xa4, 0x30, 0xec, 1, 0, 0, 0][..],
+            &[0xffu8; 64][..],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let missing = corrupt.with_file_name("missing.dict");
+    let pem = format!("-----BEGIN PUBLIC KEY-----\n{SPKI_BODY}\n-----END PUBLIC KEY-----\n");
+    let cases: Vec<(Vec<&str>, bool)> = vec![
+        (
+            vec!["--compression-dictionary", missing.to_str().unwrap()],
+            false,
+        ),
+        (
+            vec!["--compression-dictionary", empty.to_str().unwrap()],
+            false,
+        ),
+        (
+            vec!["--compression-dictionary", corrupt.to_str().unwrap()],
+            false,
+        ),
+        (vec!["--auth-ed25519-public-key", "notakey"], false),
+        // Base64 of 3 bytes: neither 32 key bytes nor a 44-byte SPKI.
+        (vec!["--auth-ed25519-public-key", "AAAA"], false),
+        (
+            vec!["--redis-url", "redis://app:hunter2@localhost:notaport"],
+            false,
+        ),
+        (vec!["--compression-dictionary-id", "1"], false),
+        // The PEM body alone (44 bytes, SPKI) and the whole PEM: accepted.
+        (vec!["--auth-ed25519-public-key", SPKI_BODY], true),
+        (vec!["--auth-ed25519-public-key", &pem], true),
+        (vec![], true),
+    ];
+    for (args, ok) in cases {
+        let checked = check_outcome(&args, &[]);
+        let served = serve_outcome(&args, &[]);
+        assert_eq!(checked.is_ok(), ok, "check-config {args:?}: {checked:?}");
+        assert_eq!(served.is_ok(), ok, "serve {args:?}: {served:?}");
+        if let (Err((c1, e1)), Err((c2, e2))) = (&checked, &served) {
+            assert_eq!((c1, c2), (&2, &2), "{args:?}");
+            assert!(
+                e2.contains(e1.trim()),
+                "{args:?}: check-config said {e1:?}, serve said {e2:?}"
+            );
+            assert!(!e1.contains("hunter2"), "the password leaked: {e1}");
+        }
+    }
+}
+
+#[test]
+fn env_file_is_read_like_systemds_environment_file() {
+    let env = temp_file(
+        "unit.env",
+        "# secrets for the unit\nSHARDCAST_SERVER_SHARDS=\"3\"\nSHARDCAST_AUTH_HS256_SECRET='an hs256 secret of 32 bytes or more'\nLANG=C\n",
+    );
+    let env = env.to_str().unwrap();
+    let (code, out, err) = shardcast(&["check-config", "--env-file", env], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 shards"), "{out}");
+    // The file wins over the process environment, flags over the file.
+    let (code, out, err) = shardcast(
+        &["check-config", "--env-file", env],
+        &[("SHARDCAST_SERVER_SHARDS", "5")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 shards"), "{out}");
+    let (_, out, _) = shardcast(
+        &["check-config", "--env-file", env, "--server-shards", "4"],
+        &[],
+    );
+    assert!(out.contains("4 shards"), "{out}");
+
+    // What the unit would refuse, check-config refuses.
+    let bad = temp_file("bad.env", "SHARDCAST_SERVER_SHARDS=5000\n");
+    let bad = bad.to_str().unwrap();
+    let (code, _, err) = shardcast(&["check-config", "--env-file", bad], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("server.shards") && err.contains("between 0 and 1024"),
+        "{err}"
+    );
+    let typo = temp_file("typo.env", "SHARDCAST_SERVER_SHARDZ=2\n");
+    let (code, _, err) = shardcast(&["check-config", "--env-file", typo.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("SHARDCAST_SERVER_SHARDZ"), "{err}");
+    let (code, _, err) = shardcast(&["check-config", "--env-file", "/nonexistent.env"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent.env"), "{err}");
+    // serve reads it alike (a key the helper does not set by flag).
+    let batch = temp_file("batch.env", "SHARDCAST_FANOUT_MAX_BATCH=0\n");
+    let batch = batch.to_str().unwrap();
+    let (code, err) = serve_outcome(&["--env-file", batch], &[]).unwrap_err();
+    assert_eq!(code, 2);
+    assert!(err.contains("fanout.max_batch"), "{err}");
+    let (code, _, checked) = shardcast(&["check-config", "--env-file", batch], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains(checked.trim()), "{checked} vs {err}");
+}
+
+#[test]
+fn print_shows_every_key_with_its_origin_and_masks_secrets() {
+    let config = temp_file("print.toml", "[server]\nbacklog = 100\n");
+    let secret = "an hs256 secret of 32 bytes or more";
+    let env = temp_file(
+        "print.env",
+        &format!("SHARDCAST_AUTH_HS256_SECRET=\"{secret}\"\n"),
+    );
+    let (code, out, err) = shardcast(
+        &[
+            "check-config",
+            "--config",
+            config.to_str().unwrap(),
+            "--env-file",
+            env.to_str().unwrap(),
+            "--print",
+            "--server-shards",
+            "2",
+        ],
+        &[
+            (
+                "SHARDCAST_REDIS_URL",
+                "redis://app:hunter2@redis.local:6379/0",
+            ),
+            ("SHARDCAST_LOG_LEVEL", "debug"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("no line for {key}:\n{out}"))
+            .to_string()
+    };
+    // Every key has its line.
+    let (_, keys, _) = shardcast(&["keys"], &[]);
+    for key in keys.lines().filter_map(|l| l.split_whitespace().next()) {
+        line(key);
+    }
+    assert!(line("server.listen").ends_with("# default"), "{out}");
+    assert!(
+        line("server.backlog").contains("= 100")
+            && line("server.backlog").contains("# config file"),
+        "{out}"
+    );
+    assert!(
+        line("server.shards").ends_with("# flag --server-shards"),
+        "{out}"
+    );
+    assert!(
+        line("log.level").ends_with("# environment variable SHARDCAST_LOG_LEVEL"),
+        "{out}"
+    );
+    let secret_line = line("auth.hs256_secret");
+    assert!(
+        secret_line.contains("SHARDCAST_AUTH_HS256_SECRET in environment file"),
+        "{secret_line}"
+    );
+    assert!(secret_line.contains("(secret, 35 bytes)"), "{secret_line}");
+    assert!(
+        line("redis.url").contains("redis://app:***@redis.local:6379/0"),
+        "{out}"
+    );
+    assert!(!out.contains(secret) && !err.contains(secret), "{out}{err}");
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+    assert!(out.contains("config OK"), "{out}");
+    let (code, _, err) = shardcast(&["serve", "--print"], &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("check-config"), "{err}");
+}
+
+#[test]
+fn a_server_nobody_can_use_is_warned_about() {
+    let (code, out, err) = shardcast(&["check-config", "--auth-anonymous", "false"], &[]);
+    assert_eq!(code, 0, "a warning is not an error: {err}");
+    assert!(out.contains("config OK"), "{out}");
+    assert!(
+        err.contains("warning") && err.contains("auth.anonymous = false"),
+        "{err}"
+    );
+    let (code, _, err) = shardcast(
+        &[
+            "check-config",
+            "--auth-anonymous",
+            "false",
+            "--auth-ed25519-public-key",
+            SPKI_BODY,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "a key makes it usable: {err}");
+}
+
+#[test]
+fn a_dictionary_id_follows_its_content() {
+    let samples: String = (0..2000)
+        .map(|i| {
+            format!(
+                "{{\"room\":\"r{}\",\"user\":{i},\"text\":\"hello {i}\"}}\n",
+                i % 9
+            )
+        })
+        .collect();
+    let samples = temp_file("samples.txt", &samples);
+    let dict = std::env::temp_dir()
+        .join(format!("shardcast-cli-{}", std::process::id()))
+        .join("a.dict");
+    let dict_s = dict.to_str().unwrap();
+    let (code, out, err) = shardcast(
+        &[
+            "zstd-train",
+            "--lines",
+            "--max-bytes",
+            "4096",
+            "--out",
+            dict_s,
+            samples.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let bytes = std::fs::read(&dict).unwrap();
+    let id = shardcast::protocol::compression::dictionary_id(&bytes);
+    assert!(out.contains(&format!("its id: {id}")), "{out}");
+    let (code, out, err) = shardcast(&["check-config", "--compression-dictionary", dict_s], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("dictionary id {id} ")), "{out}");
+    // Retrained (here: edited) content, new id.
+    let mut edited = bytes.clone();
+    *edited.last_mut().unwrap() ^= 0x55;
+    std::fs::write(&dict, &edited).unwrap();
+    let (_, out, _) = shardcast(&["check-config", "--compression-dictionary", dict_s], &[]);
+    let new_id = shardcast::protocol::compression::dictionary_id(&edited);
+    assert_ne!(new_id, id);
+    assert!(out.contains(&format!("dictionary id {new_id} ")), "{out}");
+}

@@ -84,27 +84,34 @@ async fn dictionary_compressed_single_message_round_trips() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let s = Server::start(&[
-        "--compression-dictionary",
-        dict_path.to_str().unwrap(),
-        "--compression-dictionary-id",
-        "9",
-    ]);
+    // The id is derived from the dictionary's content: zstd-train prints
+    // it, and anyone can compute it from the file.
+    let trained = String::from_utf8_lossy(&out.stdout).into_owned();
+    let id = shardcast::protocol::compression::dictionary_id(&std::fs::read(&dict_path).unwrap());
+    assert!(trained.contains(&format!("(its id: {id})")), "{trained}");
+
+    let s = Server::start(&["--compression-dictionary", dict_path.to_str().unwrap()]);
     // Clients fetch the dictionary where they connect (the admin port is
     // private).
-    let (status, dict) = http_get_bytes(s.addr, "/dictionaries/9");
+    let (status, dict) = http_get_bytes(s.addr, &format!("/dictionaries/{id}"));
     assert_eq!(status, 200);
     assert_eq!(dict, std::fs::read(&dict_path).unwrap());
-    assert_eq!(http_get_bytes(s.addr, "/dictionaries/8").0, 404);
+    assert_eq!(
+        http_get_bytes(s.addr, &format!("/dictionaries/{}", id ^ 1)).0,
+        404
+    );
     assert_eq!(
         http_get_bytes(s.addr, "/ws").0,
         426,
         "the WebSocket endpoint wants an upgrade"
     );
-    assert_eq!(http_get_bytes(s.admin.unwrap(), "/dictionaries/9").0, 404);
+    assert_eq!(
+        http_get_bytes(s.admin.unwrap(), &format!("/dictionaries/{id}")).0,
+        404
+    );
 
     let zstd = Zstd {
-        dictionary: Some((9, dict)),
+        dictionary: Some((id, dict)),
         ..Zstd::default()
     };
     let mut z = Client::connect_with(s.addr, Some(zstd)).await;

@@ -302,6 +302,49 @@ fn socket_activation_serves_on_the_passed_socket() {
 }
 
 #[test]
+fn socket_activation_on_the_configured_address_starts_and_blocks_a_second_server() {
+    // The usual setup: the socket unit and server.listen name the same
+    // address. The passed socket is not this process's to check, so the
+    // server starts although something (systemd, here the test) listens.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let passed_addr = listener.local_addr().unwrap();
+    let listen = passed_addr.to_string();
+    let notify = NotifySocket::path("activation-same");
+    let server = Server::start(
+        &["--server-listen", &listen],
+        &[("NOTIFY_SOCKET", &notify.name)],
+        Some(listener.as_fd().as_raw_fd()),
+    );
+    assert_eq!(server.addr, passed_addr);
+    notify.until("READY=1");
+    drop(listener);
+    // A second server started by hand on that address refuses.
+    let mut second = Command::new(env!("CARGO_BIN_EXE_shardcast"))
+        .args(["serve", "--server-listen", &listen, "--admin-listen", ""])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run a second shardcast");
+    let until = Instant::now() + WAIT;
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() >= until {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second server on {listen} started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = second.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&listen) && err.contains("another process already listens"),
+        "{err}"
+    );
+    TcpStream::connect_timeout(&passed_addr, WAIT).expect("the first one still serves");
+}
+
+#[test]
 fn ready_watchdog_stopping_arrive_in_order() {
     let notify = NotifySocket::path("order");
     let mut server = Server::start(

@@ -123,7 +123,8 @@ pub const MIN_HS256_SECRET_BYTES: usize = 32;
 #[error("{}: {}", self.key(), self.reason())]
 pub enum KeyError {
     /// `auth.ed25519_public_key` is neither a PEM Ed25519 SPKI nor base64 of
-    /// 32 bytes, or is not a valid point (why, never the key).
+    /// the 32 key bytes or of the 44-byte DER SPKI, or is not a valid point
+    /// (why, never the key).
     Ed25519(String),
     /// The HS256 secret's length in bytes (never its value).
     Hs256TooShort(usize),
@@ -267,35 +268,43 @@ fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError
     serde_json::from_slice(&bytes).map_err(|_| TokenError::BadEncoding)
 }
 
-/// Accepts a PEM `PUBLIC KEY` (SubjectPublicKeyInfo for Ed25519, whose DER
-/// ends with the 32 key bytes after a fixed 12-byte prefix) or base64 of the
-/// 32 raw bytes.
+/// The DER of an Ed25519 SubjectPublicKeyInfo (RFC 8410) is this fixed
+/// 12-byte prefix followed by the 32 key bytes.
+const SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// Accepts a PEM `PUBLIC KEY` (SubjectPublicKeyInfo for Ed25519), base64 of
+/// the 32 raw bytes, or base64 of the 44-byte DER SubjectPublicKeyInfo (the
+/// body of the PEM that `openssl pkey -pubout` writes, pasted without its
+/// `-----BEGIN/END-----` lines). Whitespace inside the base64 is ignored.
 fn parse_ed25519_key(text: &str) -> Result<ed25519_dalek::VerifyingKey, String> {
     use base64::engine::general_purpose::STANDARD;
-    const SPKI_PREFIX: [u8; 12] = [
-        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-    ];
     let text = text.trim();
-    let raw: Vec<u8> = if text.starts_with("-----BEGIN PUBLIC KEY-----") {
-        let body: String = text
-            .lines()
-            .filter(|l| !l.starts_with("-----"))
-            .collect::<Vec<_>>()
-            .concat();
-        let der = STANDARD
-            .decode(body.trim())
-            .map_err(|e| format!("PEM body is not base64: {e}"))?;
-        der.strip_prefix(&SPKI_PREFIX[..])
-            .ok_or("PEM is not an Ed25519 SubjectPublicKeyInfo")?
-            .to_vec()
-    } else {
-        STANDARD
-            .decode(text)
-            .map_err(|e| format!("expected PEM or base64 of 32 bytes: {e}"))?
+    let pem = text.starts_with("-----BEGIN PUBLIC KEY-----");
+    let body: String = text
+        .lines()
+        .filter(|l| !pem || !l.starts_with("-----"))
+        .flat_map(|l| l.chars().filter(|c| !c.is_ascii_whitespace()))
+        .collect();
+    let der = STANDARD.decode(&body).map_err(|e| {
+        if pem {
+            format!("PEM body is not base64: {e}")
+        } else {
+            format!("expected a PEM PUBLIC KEY, or base64 of the 32 key bytes or of the 44-byte DER SubjectPublicKeyInfo: not base64 ({e})")
+        }
+    })?;
+    let raw = match der.strip_prefix(&SPKI_PREFIX[..]) {
+        Some(key) => key,
+        None if pem => return Err("PEM is not an Ed25519 SubjectPublicKeyInfo".into()),
+        None => &der[..],
     };
-    let bytes: [u8; 32] = raw
-        .try_into()
-        .map_err(|v: Vec<u8>| format!("key is {} bytes, expected 32", v.len()))?;
+    let bytes: [u8; 32] = raw.try_into().map_err(|_| {
+        format!(
+            "key is {} bytes; expected the 32 key bytes, or 44 bytes of DER SubjectPublicKeyInfo (the prefix 302a300506032b6570032100, then the key)",
+            der.len()
+        )
+    })?;
     ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|e| format!("invalid key: {e}"))
 }
 
@@ -558,5 +567,37 @@ mod tests {
         );
         assert_eq!(parse_ed25519_key(&pem).unwrap().to_bytes(), raw);
         assert!(parse_ed25519_key("AAAA").is_err());
+    }
+
+    #[test]
+    fn base64_of_the_spki_der_is_accepted() {
+        let raw = signing_key().verifying_key().to_bytes();
+        let mut der = SPKI_PREFIX.to_vec();
+        der.extend_from_slice(&raw);
+        // The PEM body alone: what one pastes from `openssl pkey -pubout`.
+        let body = STANDARD.encode(&der);
+        assert_eq!(body.len(), 60);
+        assert_eq!(parse_ed25519_key(&body).unwrap().to_bytes(), raw);
+        assert_eq!(
+            parse_ed25519_key(&format!(" {}\n{} ", &body[..30], &body[30..]))
+                .unwrap()
+                .to_bytes(),
+            raw,
+            "whitespace inside is ignored"
+        );
+        assert_eq!(
+            parse_ed25519_key(&STANDARD.encode(raw)).unwrap().to_bytes(),
+            raw
+        );
+        // 44 bytes with another prefix: the message says what is expected.
+        let mut other = der.clone();
+        other[0] = 0x31;
+        let msg = parse_ed25519_key(&STANDARD.encode(&other)).unwrap_err();
+        assert!(
+            msg.contains("44 bytes") && msg.contains("302a300506032b6570032100"),
+            "{msg}"
+        );
+        let msg = parse_ed25519_key("notakey").unwrap_err();
+        assert!(msg.contains("not base64"), "{msg}");
     }
 }

@@ -72,10 +72,34 @@ pub enum CompressionError {
 /// A trained dictionary and its id.
 #[derive(Clone, Debug)]
 pub struct Dictionary {
-    /// The id carried after flag 0x02 (`compression.dictionary_id`).
+    /// The id carried after flag 0x02 and served at `/dictionaries/<id>`:
+    /// [`dictionary_id`] of `bytes` (see [`Dictionary::new`]).
     pub id: u32,
     /// The raw zstd dictionary (as written by [`train`]).
     pub bytes: Vec<u8>,
+}
+
+impl Dictionary {
+    /// The dictionary `bytes` with the id derived from them
+    /// ([`dictionary_id`]).
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Dictionary {
+            id: dictionary_id(&bytes),
+            bytes,
+        }
+    }
+}
+
+/// The id of a dictionary, derived from its content: the first four bytes
+/// of the SHA-256 of the file, read as a big-endian `u32` (the first eight
+/// hex digits of `sha256sum`), with 0 taken as 1. Any change to the file
+/// (a retrained dictionary) gives a new id, so a client's cached copy,
+/// served as immutable, is never stale.
+pub fn dictionary_id(bytes: &[u8]) -> u32 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(bytes);
+    let id = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    id.max(1)
 }
 
 /// Compresses broadcasts, one per shard (it keeps zstd contexts and a
@@ -316,6 +340,24 @@ mod tests {
             no_dict.open(&z),
             Err(CompressionError::UnknownDictionary(7))
         );
+    }
+
+    #[test]
+    fn a_dictionary_id_follows_its_content() {
+        // `printf '' | sha256sum` starts e3b0c442.
+        assert_eq!(dictionary_id(b""), 0xe3b0_c442);
+        let samples: Vec<Vec<u8>> = (0..2000).map(json_like).collect();
+        let a = train(&samples, 8 * 1024).unwrap();
+        let b = train(&samples[..1000], 4 * 1024).unwrap();
+        assert_ne!(a, b);
+        let (da, db) = (Dictionary::new(a.clone()), Dictionary::new(b));
+        assert_eq!(da.id, dictionary_id(&a));
+        assert_eq!(Dictionary::new(a.clone()).id, da.id, "same bytes, same id");
+        assert_ne!(da.id, db.id, "a retrained dictionary gets a new id");
+        let mut edited = a;
+        *edited.last_mut().unwrap() ^= 1;
+        assert_ne!(dictionary_id(&edited), da.id, "one byte changes the id");
+        assert_ne!(da.id, 0);
     }
 
     #[test]

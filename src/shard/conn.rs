@@ -9,7 +9,7 @@
 #![forbid(unsafe_code)]
 
 use std::io;
-use std::net::{IpAddr, Shutdown};
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 
@@ -43,7 +43,7 @@ enum Input {
 }
 
 /// Drives one accepted connection until it is closed.
-pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: IpAddr) {
+pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
     let fd = stream.as_raw_fd();
     let stream = Rc::new(stream);
     let id = {
@@ -255,7 +255,13 @@ fn on_frames(
                 ))
             }
             Some(Event::Pong(_)) => {}
-            Some(Event::Close { code, .. }) => {
+            Some(Event::Close { code, reason }) => {
+                tracing::debug!(
+                    peer = %state.peer(id).map_or("?".into(), |p| p.to_string()),
+                    code,
+                    reason = %reason,
+                    "connection closed by the peer"
+                );
                 // Echo the peer's code, as RFC 6455 §5.5.1 asks.
                 return Err(CloseCause::PeerClosed(code));
             }

@@ -12,7 +12,13 @@ use socket2::{Domain, Socket, Type};
 /// Binds one `SO_REUSEPORT` listener per shard, so the kernel spreads
 /// incoming connections over the shards without an acceptor thread. With
 /// port 0 the first bind picks a free port and the others join it.
+///
+/// Before that, [`probe_unserved`] makes sure no other process listens on
+/// `addr`: `SO_REUSEPORT` would otherwise let this process join that
+/// process's group, and the kernel would split new connections between two
+/// servers whose buses do not know each other.
 pub fn bind_all(addr: SocketAddr, shards: usize, backlog: i32) -> io::Result<Vec<TcpListener>> {
+    probe_unserved(addr)?;
     let mut addr = addr;
     let mut out = Vec::with_capacity(shards);
     for _ in 0..shards {
@@ -30,6 +36,25 @@ pub fn bind_all(addr: SocketAddr, shards: usize, backlog: i32) -> io::Result<Vec
         out.push(listener);
     }
     Ok(out)
+}
+
+/// Binds `addr` once *without* `SO_REUSEPORT` and lets go at once: the
+/// bind fails with `AddrInUse` if any socket listens there (ours with
+/// `SO_REUSEPORT` or not), which `bind_all`'s own binds would not notice.
+/// `SO_REUSEADDR` keeps connections in `TIME_WAIT` from a process that
+/// exited from counting, and a listener that is only shut down (a server
+/// draining for a restart) no longer listens, so the next one may start.
+/// Port 0 always gets a fresh port: nothing to check.
+///
+/// Two processes starting in the same instant can both pass; the check is
+/// for the common mistake of a second start, not a lock.
+pub fn probe_unserved(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
 }
 
 /// The CPUs this process may run on, in order.

@@ -63,6 +63,19 @@ pub enum StartError {
         /// The OS error (e.g. address in use, permission denied).
         source: std::io::Error,
     },
+    /// Another process (another shardcast, say) already listens on
+    /// `server.listen`. With `SO_REUSEPORT` the kernel would split new
+    /// connections between the two processes, whose buses do not know each
+    /// other, so publishes would be lost between them: refuse instead.
+    #[error(
+        "cannot listen on {addr}: another process already listens there (a second shardcast \
+         would split connections with it and lose publishes between the two), so stop that \
+         process or set server.listen to a free address"
+    )]
+    AddressInUse {
+        /// The configured `server.listen` address.
+        addr: SocketAddr,
+    },
     /// A shard could not start: invalid listen address, thread spawn,
     /// runtime or listener registration failed, or its thread exited.
     #[error("shard {shard} failed to start: {message}")]
@@ -262,6 +275,8 @@ pub fn start(
         shard: 0,
         message: e.to_string(),
     })?;
+    // Sockets passed by the service manager are not bound here, so they
+    // are not checked for another process either: systemd owns them.
     let listeners = if inherited.is_empty() {
         listener::bind_all(addr, shards, config.server.backlog as i32)
     } else {
@@ -269,7 +284,10 @@ pub fn start(
             .map(|i| inherited[i % inherited.len()].try_clone())
             .collect()
     }
-    .map_err(|source| StartError::Listen { addr, source })?;
+    .map_err(|source| match source.kind() {
+        std::io::ErrorKind::AddrInUse => StartError::AddressInUse { addr },
+        _ => StartError::Listen { addr, source },
+    })?;
     let local_addr = listeners[0]
         .local_addr()
         .map_err(|source| StartError::Listen { addr, source })?;
@@ -407,7 +425,7 @@ async fn run_shard(
             Ok((stream, peer)) => {
                 // Small pushes must leave at once, not wait for Nagle.
                 let _ = stream.set_nodelay(true);
-                monoio::spawn(conn::run(shard.clone(), stream, peer.ip()));
+                monoio::spawn(conn::run(shard.clone(), stream, peer));
             }
             Err(_) if shard.state.borrow().is_draining() => break,
             Err(e) => {

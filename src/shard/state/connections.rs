@@ -2,7 +2,7 @@
 //! connection, the admission decision at accept, the upgrade, and closing
 //! (close frame, linger, shutdown).
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,9 @@ pub struct Conn {
     pub(super) writer_active: bool,
     /// Shut the write side once `out` drains (after a close frame).
     pub(super) shutdown_after_flush: bool,
-    peer: IpAddr,
+    /// The client's address and port (for the per-address limits and the
+    /// debug log lines of its life).
+    pub(super) peer: SocketAddr,
     /// Counted in the per-IP table; released when the connection ends.
     admitted: bool,
     /// Decided at accept: answer the upgrade request with this instead.
@@ -84,7 +86,7 @@ impl State {
     /// will be admitted; a refused one is answered once its request head
     /// arrives. `handle` is the driver's opaque name for its socket (see
     /// [`Conn::handle`]).
-    pub fn add_conn(&mut self, peer: IpAddr, handle: u32) -> ConnId {
+    pub fn add_conn(&mut self, peer: SocketAddr, handle: u32) -> ConnId {
         let now = self.now;
         let limits = &self.settings.limits;
         let mut admitted = false;
@@ -97,7 +99,7 @@ impl State {
                 retry_after_secs: Some(5),
             })
         } else {
-            match self.settings.admission.admit(peer, now) {
+            match self.settings.admission.admit(peer.ip(), now) {
                 Verdict::Admit => {
                     admitted = true;
                     None
@@ -141,7 +143,13 @@ impl State {
         });
         let deadline = now + Duration::from_millis(u64::from(limits.handshake_timeout_ms));
         self.deadlines.push(deadline, (id, Deadline::Handshake));
+        tracing::debug!(shard = self.shard, %peer, "connection opened");
         id
+    }
+
+    /// The client's address of connection `id`, if it is still there.
+    pub fn peer(&self, id: ConnId) -> Option<SocketAddr> {
+        self.conns.get(id).map(|c| c.peer)
     }
 
     /// Takes the refusal decided at accept, if any.
@@ -164,8 +172,9 @@ impl State {
     pub fn remove_conn(&mut self, id: ConnId) {
         self.detach(id);
         if let Some(conn) = self.conns.remove(id) {
+            tracing::debug!(shard = self.shard, peer = %conn.peer, "connection ended");
             if conn.admitted {
-                self.settings.admission.release(conn.peer);
+                self.settings.admission.release(conn.peer.ip());
             }
         }
         // Leaving its channels may have queued unsubscribes for the bus.
@@ -185,6 +194,18 @@ impl State {
 
     /// The handshake failed: queue the HTTP error and close after it.
     pub fn reject_upgrade(&mut self, id: ConnId, response: Vec<u8>) {
+        if let Some(conn) = self.conns.get(id) {
+            tracing::debug!(
+                shard = self.shard,
+                peer = %conn.peer,
+                // "HTTP/1.1 404 ...": read only when debug is on.
+                status = %response
+                    .get(9..12)
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .unwrap_or("?"),
+                "upgrade answered with HTTP; closing"
+            );
+        }
         self.enqueue(id, Bytes::from(response));
         self.begin_close(id);
     }
@@ -203,6 +224,16 @@ impl State {
             self.counters.slow_consumer_closes += 1;
         }
         let (code, reason) = conn.form.close(why);
+        // The peer's own close (and reason) is logged where it arrives.
+        if !matches!(why, CloseCause::PeerClosed(_)) {
+            tracing::debug!(
+                shard = self.shard,
+                peer = %conn.peer,
+                code,
+                reason = %reason,
+                "closing connection"
+            );
+        }
         conn.out.push(ws::close_frame(code, &reason));
         self.mark_dirty(id);
         self.begin_close(id);

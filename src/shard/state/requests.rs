@@ -92,7 +92,14 @@ impl State {
             ClientRequest::Connect { token } => {
                 let identity = self.settings.auth.connect(token, now_secs).map_err(|e| {
                     self.counters.auth_failures += 1;
-                    tracing::debug!(error = %e, "connect refused");
+                    // Why, and from where; never the token (errors do not
+                    // carry it).
+                    tracing::debug!(
+                        shard = self.shard,
+                        peer = %conn.peer,
+                        error = %e,
+                        "connect refused"
+                    );
                     CloseCause::AuthFailed(e.to_string())
                 })?;
                 if connected {
@@ -116,6 +123,13 @@ impl State {
                 conn.phase = Phase::Open { connected: true };
                 self.next_client += 1;
                 let client_id = (u64::from(self.shard) << 48) | self.next_client;
+                tracing::debug!(
+                    shard = self.shard,
+                    peer = %conn.peer,
+                    client_id,
+                    anonymous = conn.identity.is_none(),
+                    "client connected"
+                );
                 let reply = Reply::Connected {
                     client_id,
                     shard: u32::from(self.shard),

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Shutdown};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Waker};
@@ -235,7 +235,7 @@ impl Sim {
         let t = self.time();
         let state = &mut self.shards[shard];
         state.touch(t);
-        let id = state.add_conn(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        let id = state.add_conn(SocketAddr::from((Ipv4Addr::LOCALHOST, 40000)), 0);
         self.sockets[shard].insert(
             id,
             FakeSocket {
@@ -255,7 +255,7 @@ impl Sim {
     pub fn accept_only(&mut self, shard: usize) -> Peer {
         let t = self.time();
         self.shards[shard].touch(t);
-        let id = self.shards[shard].add_conn(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        let id = self.shards[shard].add_conn(SocketAddr::from((Ipv4Addr::LOCALHOST, 40000)), 0);
         self.sockets[shard].insert(id, FakeSocket::default());
         Peer { shard, id }
     }

@@ -69,7 +69,7 @@ impl State {
             match (kind, &conn.phase) {
                 (Deadline::Handshake, Phase::Handshake) => {
                     // A slowloris: no response is owed, just the socket.
-                    tracing::debug!("handshake timed out");
+                    tracing::debug!(shard = self.shard, peer = %conn.peer, "handshake timed out");
                     self.counters.limit(Limit::Handshake);
                     self.shutdowns.push_back((id, Shutdown::Both));
                 }
