@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::clock::{now_ns, utc_stamp};
 use crate::measure::{self, Recorder, Window};
 use crate::plan::Scenario;
-use crate::proc_stats::{self, ProcSample};
+use crate::proc_stats::{self, CpuReading, CpuWindow, ProcSample};
 use crate::report::{self, Host, Report, ServerFigures};
 use crate::target::{self, ServerOpts, Target};
 use crate::worker::{Go, Job, Report as WorkerReport};
@@ -110,11 +110,10 @@ fn sample(pid: u32) -> Result<ProcSample, String> {
     proc_stats::sample(pid).map_err(|e| format!("reading server /proc/{pid}: {e} (did it exit?)"))
 }
 
-fn cpu_sum(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|&p| proc_stats::sample(p).ok())
-        .map(|s| s.user_us + s.system_us)
-        .sum()
+/// The workers' CPU together; a worker that cannot be read (it died, and
+/// says so elsewhere) counts as none.
+fn workers_cpu(pids: &[u32]) -> CpuReading {
+    proc_stats::cpu(pids).unwrap_or_default()
 }
 
 fn sleep_until_ns(t: u64) {
@@ -300,10 +299,10 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
     }
     sleep_until_ns(window.from_ns);
     let s_from = sample(pid)?;
-    let g_from = cpu_sum(&worker_pids);
+    let g_from = workers_cpu(&worker_pids);
     sleep_until_ns(window.to_ns);
     let s_to = sample(pid)?;
-    let g_to = cpu_sum(&worker_pids);
+    let g_to = workers_cpu(&worker_pids);
 
     let mut total_rec = Recorder::new(window);
     let mut first_error = None;
@@ -330,8 +329,15 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
     let c = total_rec.counts;
     let win = window_len.as_secs_f64();
     let per = |num: u64, den: u64| (den > 0).then(|| num as f64 / den as f64);
-    let user = s_to.user_us.saturating_sub(s_from.user_us);
-    let system = s_to.system_us.saturating_sub(s_from.system_us);
+    let tick_ns = proc_stats::tick_ns();
+    let cpu = CpuWindow::between(&s_from.cpu, &s_to.cpu, tick_ns);
+    let setup_cpu = CpuWindow::between(&base.cpu, &after_setup.cpu, tick_ns);
+    let generator_cpu = CpuWindow::between(&g_from, &g_to, tick_ns);
+    // µs: the split in whole ticks, the total in ns.
+    let user = cpu.user_ns() / 1000;
+    let system = cpu.system_ns() / 1000;
+    let total = cpu.total_ns as f64 / 1000.0;
+    let per_f = |num: f64, den: u64| (den > 0).then(|| num / den as f64);
     let server_fig = ServerFigures {
         rss_at_rest_bytes: at_rest.rss_bytes,
         rss_base_bytes: base.rss_bytes,
@@ -351,26 +357,18 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
         },
         window_user_us: user,
         window_system_us: system,
-        cpu_cores: if win > 0.0 {
-            (user + system) as f64 / 1e6 / win
-        } else {
-            0.0
-        },
+        cpu_cores: if win > 0.0 { total / 1e6 / win } else { 0.0 },
         user_us_per_msg: per(user, c.window_msgs),
         system_us_per_msg: per(system, c.window_msgs),
-        total_us_per_msg: per(user + system, c.window_msgs),
+        total_us_per_msg: per_f(total, c.window_msgs),
         user_us_per_frame: per(user, c.window_frames),
-        setup_cpu_us_per_connection: per(
-            (after_setup.user_us + after_setup.system_us)
-                .saturating_sub(base.user_us + base.system_us),
-            opened,
-        ),
+        setup_cpu_us_per_connection: per_f(setup_cpu.total_ns as f64 / 1000.0, opened),
         idle_cpu_us_per_connection_second: match scenario {
-            Scenario::Idle { .. } if opened > 0 && win > 0.0 => {
-                Some((user + system) as f64 / opened as f64 / win)
-            }
+            Scenario::Idle { .. } if opened > 0 && win > 0.0 => Some(total / opened as f64 / win),
             _ => None,
         },
+        window_cpu: cpu,
+        setup_cpu,
     };
     let mut rep = Report {
         scenario: scenario.clone(),
@@ -419,10 +417,11 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
         content_bytes_per_msg: per(c.window_content_bytes, c.window_msgs),
         server: server_fig,
         generator_cpu_cores: if win > 0.0 {
-            g_to.saturating_sub(g_from) as f64 / 1e6 / win
+            generator_cpu.total_ns as f64 / 1e9 / win
         } else {
             0.0
         },
+        generator_cpu,
         stopped_by: stopped_by.map(|s| {
             if failed > 0 {
                 format!("{failed} connection(s) failed after {opened} opened: {s}")

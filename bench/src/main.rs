@@ -8,6 +8,7 @@ mod measure;
 mod net;
 mod payload;
 mod plan;
+mod precision;
 mod proc_stats;
 mod proto;
 mod pusher;
@@ -60,12 +61,13 @@ OPTIONS:
     --zstd              shardcast: every connection negotiates
                         shardcast.v1+zstd and decompresses what it receives
     --zstd-dict FILE    with --zstd: give the server this dictionary
-                        (--compression-dictionary, id 1) and the clients too
+                        (--compression-dictionary; its id is derived from
+                        its content) and the clients too
     --per-worker N      connections per load-generator process [9000]
     --source-ips N      spread connections over 127.0.0.1..N [one per 25,000]
     --concurrency N     handshakes in flight per worker process [256]
     --warm-connections N  idle connections opened before the base RSS sample [200]
-    --out DIR           results directory [bench/results]
+    --out DIR           results directory [./shardcast-bench-results]
     --no-files          print only, write nothing
 
 Each run writes <out>/<scenario>-<target>-<utc time>/ with result.json,
@@ -80,9 +82,6 @@ where
         .parse()
         .map_err(|e| format!("{flag}: {e}"))
 }
-
-/// The id `--zstd-dict` gives the server's dictionary.
-const ZSTD_DICT_ID: u32 = 1;
 
 struct Cli {
     scenario: Scenario,
@@ -117,14 +116,6 @@ fn parse(name: &str, args: &[String]) -> Result<Cli, String> {
         other => return Err(format!("unknown scenario {other:?}\n\n{USAGE}")),
     };
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let default_out = {
-        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        if manifest.is_dir() {
-            manifest.join("results")
-        } else {
-            PathBuf::from("bench-results")
-        }
-    };
     let mut target = Target::Shardcast;
     let mut run = RunOpts {
         server: ServerOpts {
@@ -143,7 +134,7 @@ fn parse(name: &str, args: &[String]) -> Result<Cli, String> {
         source_ips: None,
         concurrency: 256,
         warm_connections: 200,
-        out_dir: default_out,
+        out_dir: PathBuf::from(report::DEFAULT_OUT),
         write_files: true,
     };
     let secs = |f: &str, v: Option<&String>| -> Result<Duration, String> {
@@ -206,7 +197,11 @@ fn parse(name: &str, args: &[String]) -> Result<Cli, String> {
                 // Workers and the server may run elsewhere than here.
                 let p = std::fs::canonicalize(&p)
                     .map_err(|e| format!("--zstd-dict {}: {e}", p.display()))?;
-                run.zstd_dict = Some((ZSTD_DICT_ID, p));
+                // The server derives the id from the content: so do we.
+                let bytes =
+                    std::fs::read(&p).map_err(|e| format!("--zstd-dict {}: {e}", p.display()))?;
+                let id = shardcast::protocol::compression::dictionary_id(&bytes);
+                run.zstd_dict = Some((id, p));
             }
             ("--per-worker", _) => run.per_worker = num(a, it.next())?,
             ("--source-ips", _) => run.source_ips = Some(num(a, it.next())?),
@@ -217,16 +212,13 @@ fn parse(name: &str, args: &[String]) -> Result<Cli, String> {
             (other, _) => return Err(format!("unknown option {other} for {name}\n\n{USAGE}")),
         }
     }
-    if let Some((id, p)) = &run.zstd_dict {
+    if let Some((_, p)) = &run.zstd_dict {
         if !run.zstd {
             return Err("--zstd-dict needs --zstd".into());
         }
-        run.server.extra_args.extend([
-            "--compression-dictionary".into(),
-            p.display().to_string(),
-            "--compression-dictionary-id".into(),
-            id.to_string(),
-        ]);
+        run.server
+            .extra_args
+            .extend(["--compression-dictionary".into(), p.display().to_string()]);
     }
     if run.zstd && target != Target::Shardcast {
         return Err("--zstd is shardcast's zstd framing: only with --target shardcast".into());
@@ -262,7 +254,7 @@ fn run_one(name: &str, args: &[String]) -> Result<(), String> {
             &cli.run.out_dir,
             &format!("{}-{}", rep.scenario.name(), rep.target),
             &rep.started_utc,
-        );
+        )?;
         report::write_files(&rep, &dir)?;
         println!("results: {}", dir.display());
     }
@@ -299,7 +291,7 @@ fn compare(args: &[String]) -> Result<(), String> {
                         &cli.run.out_dir,
                         &format!("{}-{}", r.scenario.name(), r.target),
                         &r.started_utc,
-                    );
+                    )?;
                     report::write_files(&r, &dir)?;
                 }
                 runs.push(r);
@@ -320,7 +312,7 @@ fn compare(args: &[String]) -> Result<(), String> {
     println!("compare {name}\n\n{text}");
     if cli.run.write_files {
         let stamp = clock::utc_stamp();
-        let dir = report::result_dir(&cli.run.out_dir, &format!("compare-{name}"), &stamp);
+        let dir = report::result_dir(&cli.run.out_dir, &format!("compare-{name}"), &stamp)?;
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let series: Vec<(&str, &[(f64, u64)])> = runs
             .iter()

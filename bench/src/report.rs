@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::measure::{Counts, Percentiles};
 use crate::plan::Scenario;
+use crate::precision;
+use crate::proc_stats::CpuWindow;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Host {
@@ -32,15 +34,24 @@ pub struct ServerFigures {
     /// After the workers finished (connections closing).
     pub rss_end_bytes: u64,
     pub rss_per_connection_bytes: f64,
-    /// CPU over the measured window.
+    /// CPU over the measured window: the total in ns (schedstat), the
+    /// user/system split in ticks (stat). See proc_stats.rs.
+    #[serde(default)]
+    pub window_cpu: CpuWindow,
+    /// The split in µs (whole ticks).
     pub window_user_us: u64,
     pub window_system_us: u64,
-    /// Cores busy on average during the window.
+    /// Cores busy on average during the window (from the total).
     pub cpu_cores: f64,
+    /// From ticks, like `user_us_per_frame`.
     pub user_us_per_msg: Option<f64>,
     pub system_us_per_msg: Option<f64>,
+    /// From the total.
     pub total_us_per_msg: Option<f64>,
     pub user_us_per_frame: Option<f64>,
+    /// CPU while the measured connections were being set up.
+    #[serde(default)]
+    pub setup_cpu: CpuWindow,
     /// Server CPU spent while the connections were being set up, per
     /// connection.
     pub setup_cpu_us_per_connection: Option<f64>,
@@ -54,6 +65,10 @@ pub enum Status {
     Fail,
     #[serde(rename = "n/a")]
     NotApplicable,
+    /// The run could judge it, but the figure is too coarse to (see
+    /// precision.rs); `measured` says which rule it missed.
+    #[serde(rename = "insufficient sample")]
+    Insufficient,
 }
 
 impl Status {
@@ -62,6 +77,7 @@ impl Status {
             Status::Pass => "PASS",
             Status::Fail => "FAIL",
             Status::NotApplicable => "n/a",
+            Status::Insufficient => "insufficient sample",
         }
     }
 }
@@ -127,6 +143,8 @@ pub struct Report {
     pub server: ServerFigures,
     /// Cores the load-generator workers used during the window.
     pub generator_cpu_cores: f64,
+    #[serde(default)]
+    pub generator_cpu: CpuWindow,
     /// The limit or failure that stopped the run early, if any.
     pub stopped_by: Option<String>,
     pub first_error: Option<String>,
@@ -137,12 +155,59 @@ fn ms(us: u64) -> String {
     format!("{:.3} ms", us as f64 / 1000.0)
 }
 
-fn opt_us(v: Option<f64>) -> String {
-    v.map(|x| format!("{x:.3} µs"))
-        .unwrap_or_else(|| "—".into())
+fn us(v: f64) -> String {
+    format!("{v:.3} µs")
 }
 
-fn int(n: f64) -> String {
+fn opt_us(v: Option<f64>) -> String {
+    v.map(us).unwrap_or_else(|| "—".into())
+}
+
+/// A resolution of `ns` nanoseconds: ms from one up (a whole tick), else µs.
+fn resolution(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{} ms", ns / 1e6)
+    } else {
+        us(ns / 1000.0)
+    }
+}
+
+fn tick_ms(w: &CpuWindow) -> String {
+    format!("{} ms ticks", w.tick_ns as f64 / 1e6)
+}
+
+/// How finely a CPU total was measured, for a figure divided by `per`.
+fn total_resolution(w: &CpuWindow, per: f64) -> String {
+    match &w.total_from_ticks {
+        None => "schedstat, 1 ns resolution".into(),
+        Some(why) => format!(
+            "resolution {}: {} from stat, {why}",
+            resolution(w.total_resolution_ns as f64 / per.max(1.0)),
+            tick_ms(w)
+        ),
+    }
+}
+
+/// How finely the user/system split was measured, for a figure divided by
+/// `per`, and whether it has enough ticks to be judged.
+fn split_resolution(w: &CpuWindow, per: f64) -> String {
+    let enough = match (precision::cpu_user(w), precision::cpu_system(w)) {
+        (Ok(()), Ok(())) => String::new(),
+        _ => format!(
+            "; under {} ticks: insufficient sample",
+            precision::MIN_TICKS
+        ),
+    };
+    format!(
+        "resolution {}: {}, {} user + {} system{enough}",
+        resolution(w.tick_ns as f64 / per.max(1.0)),
+        tick_ms(w),
+        w.user_ticks,
+        w.system_ticks
+    )
+}
+
+pub(crate) fn int(n: f64) -> String {
     // Thousands separators for readability.
     let s = format!("{:.0}", n);
     let (sign, digits) = s.strip_prefix('-').map(|d| ("-", d)).unwrap_or(("", &s));
@@ -170,6 +235,16 @@ pub fn verdict(r: &Report) -> Vec<Check> {
         measured,
         status: if ok { Status::Pass } else { Status::Fail },
     };
+    // A pass/fail only when the figure is fine enough to carry it.
+    let judge = |name: &str, sample: Result<(), String>, ok: bool, measured: String| match sample {
+        Ok(()) => check(name, ok, measured),
+        Err(why) => Check {
+            name: name.into(),
+            measured: format!("{measured}: {why}"),
+            status: Status::Insufficient,
+        },
+    };
+    let cpu = &r.server.window_cpu;
     if let Some(s) = &r.stopped_by {
         v.push(check("run completed", false, s.clone()));
     }
@@ -191,7 +266,12 @@ pub fn verdict(r: &Report) -> Vec<Check> {
     }
     const R2: &str = "requirement: P95 < 100 ms";
     if publishes && r.latency.count > 0 {
-        v.push(check(R2, r.latency.p95 < 100_000, ms(r.latency.p95)));
+        v.push(judge(
+            R2,
+            precision::percentile("p95", 0.95, r.latency.count),
+            r.latency.p95 < 100_000,
+            ms(r.latency.p95),
+        ));
     } else {
         v.push(na(R2, "no latency measured".into()));
     }
@@ -229,10 +309,15 @@ pub fn verdict(r: &Report) -> Vec<Check> {
     }
     const T1: &str = "target: ≤ 2.5 KB server RSS per idle connection";
     if matches!(r.scenario, Scenario::Idle { .. }) {
-        v.push(check(
+        v.push(judge(
             T1,
+            precision::rss(2560.0, r.connections),
             r.server.rss_per_connection_bytes <= 2560.0,
-            format!("{:.0} B", r.server.rss_per_connection_bytes),
+            format!(
+                "{} B (resolution {} B)",
+                int(r.server.rss_per_connection_bytes),
+                int(precision::rss_resolution(r.connections))
+            ),
         ));
     } else {
         v.push(na(
@@ -245,15 +330,28 @@ pub fn verdict(r: &Report) -> Vec<Check> {
     }
     const T2: &str = "target: ≤ 0.5 µs server user CPU per delivered frame";
     match r.server.user_us_per_frame {
-        Some(x) if publishes => v.push(check(T2, x <= 0.5, format!("{x:.3} µs"))),
+        Some(x) if publishes => v.push(judge(
+            T2,
+            precision::cpu_user(cpu),
+            x <= 0.5,
+            format!(
+                "{x:.3} µs (resolution {})",
+                resolution(cpu.tick_ns as f64 / r.counts.window_frames.max(1) as f64)
+            ),
+        )),
         _ => v.push(na(T2, "no deliveries measured".into())),
     }
     const T3: &str = "target: ≤ 1.5 µs total server CPU per message when a tick batches ≥ 8";
     match r.server.total_us_per_msg {
-        Some(x) if publishes && r.msgs_per_frame >= 8.0 => v.push(check(
+        Some(x) if publishes && r.msgs_per_frame >= 8.0 => v.push(judge(
             T3,
+            precision::cpu_total(cpu),
             x <= 1.5,
-            format!("{x:.3} µs at {:.1} msg/frame", r.msgs_per_frame),
+            format!(
+                "{x:.3} µs ({}) at {:.1} msg/frame",
+                total_resolution(cpu, r.counts.window_msgs as f64),
+                r.msgs_per_frame
+            ),
         )),
         Some(x) if publishes => v.push(na(
             T3,
@@ -266,8 +364,9 @@ pub fn verdict(r: &Report) -> Vec<Check> {
     }
     const T4: &str = "target: p99 ≤ 1 ms publish→deliver at 100,000 deliveries/s";
     if publishes && r.delivered_per_sec >= 95_000.0 {
-        v.push(check(
+        v.push(judge(
             T4,
+            precision::percentile("p99", 0.99, r.latency.count),
             r.latency.p99 <= 1_000,
             format!(
                 "{} at {} msg/s",
@@ -450,14 +549,30 @@ fn rows(r: &Report) -> Vec<(String, String)> {
             ),
         );
         let s = &r.server;
+        let msgs = r.counts.window_msgs as f64;
         add(
             "server CPU per delivered msg",
             format!(
-                "user {}  system {}  total {}  (user per frame {})",
+                "total {} ({})",
+                opt_us(s.total_us_per_msg),
+                total_resolution(&s.window_cpu, msgs)
+            ),
+        );
+        add(
+            "  user / system per msg",
+            format!(
+                "user {}  system {} ({})",
                 opt_us(s.user_us_per_msg),
                 opt_us(s.system_us_per_msg),
-                opt_us(s.total_us_per_msg),
-                opt_us(s.user_us_per_frame)
+                split_resolution(&s.window_cpu, msgs)
+            ),
+        );
+        add(
+            "  user per frame",
+            format!(
+                "{} (resolution {})",
+                opt_us(s.user_us_per_frame),
+                resolution(s.window_cpu.tick_ns as f64 / r.counts.window_frames.max(1) as f64)
             ),
         );
     } else {
@@ -472,35 +587,57 @@ fn rows(r: &Report) -> Vec<(String, String)> {
         ),
     );
     let s = &r.server;
+    let w = &s.window_cpu;
     add(
         "server CPU",
         format!(
-            "{:.2} cores over the window (user {} µs, system {} µs)",
+            "{:.3} cores over the window: {:.3} ms on CPU ({}); user {} ms, system {} ms ({})",
             s.cpu_cores,
-            int(s.window_user_us as f64),
-            int(s.window_system_us as f64)
+            w.total_ns as f64 / 1e6,
+            total_resolution(w, 1.0),
+            w.user_ns() / 1_000_000,
+            w.system_ns() / 1_000_000,
+            split_resolution(w, 1.0)
         ),
     );
+    let conns = r.connections as f64;
     if let Some(x) = s.setup_cpu_us_per_connection {
-        add("server CPU per connection setup", format!("{x:.1} µs"));
+        add(
+            "server CPU per connection setup",
+            format!("{} ({})", us(x), total_resolution(&s.setup_cpu, conns)),
+        );
     }
     if let Some(x) = s.idle_cpu_us_per_connection_second {
-        add("server CPU per idle connection", format!("{x:.3} µs/s"));
+        add(
+            "server CPU per idle connection",
+            format!(
+                "{x:.3} µs/s ({})",
+                total_resolution(w, conns * r.window_secs)
+            ),
+        );
     }
     add(
         "server RSS",
         format!(
-            "rest {:.1} MiB, base {:.1} MiB, loaded {:.1} MiB, window end {:.1} MiB → {:.0} B per connection",
+            "rest {:.1} MiB, base {:.1} MiB, loaded {:.1} MiB, window end {:.1} MiB → {} B per connection (resolution {} B: one {} MiB step over {} connections)",
             s.rss_at_rest_bytes as f64 / 1048576.0,
             s.rss_base_bytes as f64 / 1048576.0,
             s.rss_loaded_bytes as f64 / 1048576.0,
             s.rss_window_end_bytes as f64 / 1048576.0,
-            s.rss_per_connection_bytes
+            int(s.rss_per_connection_bytes),
+            int(precision::rss_resolution(r.connections)),
+            precision::RSS_STEP_BYTES >> 20,
+            int(conns)
         ),
     );
     add(
         "load generator CPU",
-        format!("{:.2} cores (of {})", r.generator_cpu_cores, r.host.cores),
+        format!(
+            "{:.3} cores (of {}; {})",
+            r.generator_cpu_cores,
+            r.host.cores,
+            total_resolution(&r.generator_cpu, 1.0)
+        ),
     );
     if let Some(e) = &r.stopped_by {
         add("STOPPED BY", e.clone());
@@ -523,8 +660,20 @@ pub fn table(r: &Report) -> String {
         let _ = writeln!(s, "{k:<w$}  {v}");
     }
     let _ = writeln!(s, "\nverdict");
+    let lw = r
+        .verdict
+        .iter()
+        .map(|c| c.status.label().chars().count())
+        .max()
+        .unwrap_or(0);
     for c in &r.verdict {
-        let _ = writeln!(s, "  [{:<4}] {} — {}", c.status.label(), c.name, c.measured);
+        let _ = writeln!(
+            s,
+            "  [{:<lw$}] {} — {}",
+            c.status.label(),
+            c.name,
+            c.measured
+        );
     }
     s
 }
@@ -548,7 +697,9 @@ pub fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "\n## How to read this\n\n- Latency runs from the time a publication was *scheduled* to be sent (open loop, stamped in the payload) to its receipt, so a stalled sender or server shows as latency (no coordinated omission). Warm-up publications are excluded.\n- Every (publication, subscriber) pair is an expected delivery; one that did not arrive before the drain ended is a loss.\n- Server CPU comes from /proc/PID/stat over the measured window, divided by the deliveries received in that window; RSS per connection is the RSS growth while the measured connections were set up, divided by their number (kernel socket buffers are not in RSS).\n- Host: {} cores, load generator RLIMIT_NOFILE {}/{}, server RLIMIT_NOFILE {}, ip_local_port_range {}, somaxconn {}. The load generator shares the cores with the server.\n\n![latency percentiles](latency.svg)",
+        "\n## How to read this\n\n- Latency runs from the time a publication was *scheduled* to be sent (open loop, stamped in the payload) to its receipt, so a stalled sender or server shows as latency (no coordinated omission). Warm-up publications are excluded.\n- Every (publication, subscriber) pair is an expected delivery; one that did not arrive before the drain ended is a loss.\n- Server CPU is measured over the window and divided by the deliveries received in it. The total is on-CPU nanoseconds summed over the server's threads (/proc/PID/task/*/schedstat; from /proc/PID/stat's 10 ms ticks if a thread exited or the kernel keeps no schedstat); the user/system split is always in ticks. RSS per connection is the RSS growth over the measured connections, divided by their number (kernel socket buffers are not in RSS); RSS grows in 2 MiB steps, so its resolution is 2 MiB / connections.\n- A verdict or ratio says *insufficient sample* instead of PASS/FAIL when its figure is too coarse: a tick-based CPU time of fewer than {} ticks, an RSS step per connection larger than a quarter of what it is compared with, a percentile with fewer than {} samples beyond it.\n- Host: {} cores, load generator RLIMIT_NOFILE {}/{}, server RLIMIT_NOFILE {}, ip_local_port_range {}, somaxconn {}. The load generator shares the cores with the server.\n\n![latency percentiles](latency.svg)",
+        precision::MIN_TICKS,
+        precision::TAIL_SAMPLES,
         r.host.cores,
         r.host.nofile_soft,
         r.host.nofile_hard,
@@ -691,9 +842,22 @@ fn xml(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// Where a run's files go: `<base>/<name>-<timestamp>/`.
-pub fn result_dir(base: &Path, name: &str, stamp: &str) -> PathBuf {
-    base.join(format!("{name}-{stamp}"))
+/// Where results go without `--out`: under the directory the bench runs
+/// in. Not next to the sources it was built from (`CARGO_MANIFEST_DIR`):
+/// a binary run from elsewhere has no business writing into that checkout.
+pub const DEFAULT_OUT: &str = "shardcast-bench-results";
+
+/// Where a run's files go: `<base>/<name>-<timestamp>/`. Creates `base`;
+/// the default one gets a `.gitignore` of `*` (as cargo does for
+/// `target/`), so that runs in a git work tree leave `git status` clean.
+pub fn result_dir(base: &Path, name: &str, stamp: &str) -> Result<PathBuf, String> {
+    let fresh = !base.exists();
+    std::fs::create_dir_all(base).map_err(|e| format!("{}: {e}", base.display()))?;
+    if fresh && base == Path::new(DEFAULT_OUT) {
+        std::fs::write(base.join(".gitignore"), "*\n")
+            .map_err(|e| format!("{}: {e}", base.display()))?;
+    }
+    Ok(base.join(format!("{name}-{stamp}")))
 }
 
 /// Writes result.json, report.md, table.txt and latency.svg.
@@ -723,119 +887,145 @@ struct Metric {
     name: &'static str,
     get: fn(&Report) -> Option<f64>,
     fmt: fn(f64) -> String,
+    /// Whether a run's figure can carry a ratio (precision.rs).
+    sample: fn(&Report) -> Result<(), String>,
+    /// How finely a run's figure was measured, in its unit, where that is
+    /// coarse enough to show (ticks, RSS steps).
+    resolution: fn(&Report) -> Option<f64>,
+}
+
+impl Metric {
+    /// A count, a rate or a size: exact.
+    fn exact(
+        name: &'static str,
+        get: fn(&Report) -> Option<f64>,
+        fmt: fn(f64) -> String,
+    ) -> Metric {
+        Metric {
+            name,
+            get,
+            fmt,
+            sample: |_| Ok(()),
+            resolution: |_| None,
+        }
+    }
+
+    fn sampled(
+        mut self,
+        sample: fn(&Report) -> Result<(), String>,
+        resolution: fn(&Report) -> Option<f64>,
+    ) -> Metric {
+        self.sample = sample;
+        self.resolution = resolution;
+        self
+    }
+}
+
+/// A latency percentile: none without samples.
+fn latency(r: &Report, p: u64) -> Option<f64> {
+    (r.latency.count > 0).then_some(p as f64)
+}
+
+/// The resolution of a CPU total divided by `per`, in µs, when it came
+/// from ticks.
+fn total_res_us(w: &CpuWindow, per: f64) -> Option<f64> {
+    w.total_from_ticks
+        .as_ref()
+        .map(|_| w.total_resolution_ns as f64 / 1000.0 / per.max(1.0))
+}
+
+/// One clock tick per delivered message, µs.
+fn tick_us_per_msg(r: &Report) -> f64 {
+    r.server.window_cpu.tick_ns as f64 / 1000.0 / r.counts.window_msgs.max(1) as f64
 }
 
 fn metrics() -> Vec<Metric> {
     let msf = |v: f64| format!("{:.3} ms", v / 1000.0);
     let usf = |v: f64| format!("{v:.3} µs");
+    let coresf = |v: f64| format!("{v:.3}");
     let intf = |v: f64| int(v);
+    let none = |_: &Report| None;
     vec![
-        Metric {
-            name: "connections",
-            get: |r| Some(r.connections as f64),
-            fmt: intf,
-        },
-        Metric {
-            name: "published msg/s",
-            get: |r| Some(r.offered_per_sec),
-            fmt: intf,
-        },
-        Metric {
-            name: "delivered msg/s",
-            get: |r| Some(r.delivered_per_sec),
-            fmt: intf,
-        },
-        Metric {
-            name: "msg per frame",
-            get: |r| Some(r.msgs_per_frame),
-            fmt: |v| format!("{v:.2}"),
-        },
-        Metric {
-            name: "wire B / msg",
-            get: |r| r.wire_bytes_per_msg,
-            fmt: |v| format!("{v:.1} B"),
-        },
-        Metric {
-            name: "p50",
-            get: |r| Some(r.latency.p50 as f64),
-            fmt: msf,
-        },
-        Metric {
-            name: "p90",
-            get: |r| Some(r.latency.p90 as f64),
-            fmt: msf,
-        },
-        Metric {
-            name: "p95",
-            get: |r| Some(r.latency.p95 as f64),
-            fmt: msf,
-        },
-        Metric {
-            name: "p99",
-            get: |r| Some(r.latency.p99 as f64),
-            fmt: msf,
-        },
-        Metric {
-            name: "p99.9",
-            get: |r| Some(r.latency.p999 as f64),
-            fmt: msf,
-        },
-        Metric {
-            name: "max",
-            get: |r| Some(r.latency.max as f64),
-            fmt: msf,
-        },
-        Metric {
-            name: "lost",
-            get: |r| Some(r.lost as f64),
-            fmt: intf,
-        },
-        Metric {
-            name: "errors + closed",
-            get: |r| Some((r.counts.errors + r.counts.closed) as f64),
-            fmt: intf,
-        },
-        Metric {
-            name: "server CPU (cores)",
-            get: |r| Some(r.server.cpu_cores),
-            fmt: |v| format!("{v:.2}"),
-        },
-        Metric {
-            name: "server user CPU / msg",
-            get: |r| r.server.user_us_per_msg,
-            fmt: usf,
-        },
-        Metric {
-            name: "server sys CPU / msg",
-            get: |r| r.server.system_us_per_msg,
-            fmt: usf,
-        },
-        Metric {
-            name: "server total CPU / msg",
-            get: |r| r.server.total_us_per_msg,
-            fmt: usf,
-        },
-        Metric {
-            name: "server RSS / conn",
-            get: |r| Some(r.server.rss_per_connection_bytes),
-            fmt: |v| format!("{v:.0} B"),
-        },
-        Metric {
-            name: "setup conn/s",
-            get: |r| Some(r.connects_per_sec),
-            fmt: intf,
-        },
-        Metric {
-            name: "load generator CPU",
-            get: |r| Some(r.generator_cpu_cores),
-            fmt: |v| format!("{v:.2}"),
-        },
+        Metric::exact("connections", |r| Some(r.connections as f64), intf),
+        Metric::exact("published msg/s", |r| Some(r.offered_per_sec), intf),
+        Metric::exact("delivered msg/s", |r| Some(r.delivered_per_sec), intf),
+        Metric::exact(
+            "msg per frame",
+            |r| Some(r.msgs_per_frame),
+            |v| format!("{v:.2}"),
+        ),
+        Metric::exact(
+            "wire B / msg",
+            |r| r.wire_bytes_per_msg,
+            |v| format!("{v:.1} B"),
+        ),
+        Metric::exact("p50", |r| latency(r, r.latency.p50), msf)
+            .sampled(|r| precision::percentile("p50", 0.5, r.latency.count), none),
+        Metric::exact("p90", |r| latency(r, r.latency.p90), msf)
+            .sampled(|r| precision::percentile("p90", 0.9, r.latency.count), none),
+        Metric::exact("p95", |r| latency(r, r.latency.p95), msf).sampled(
+            |r| precision::percentile("p95", 0.95, r.latency.count),
+            none,
+        ),
+        Metric::exact("p99", |r| latency(r, r.latency.p99), msf).sampled(
+            |r| precision::percentile("p99", 0.99, r.latency.count),
+            none,
+        ),
+        Metric::exact("p99.9", |r| latency(r, r.latency.p999), msf).sampled(
+            |r| precision::percentile("p99.9", 0.999, r.latency.count),
+            none,
+        ),
+        Metric::exact("max", |r| latency(r, r.latency.max), msf),
+        Metric::exact("lost", |r| Some(r.lost as f64), intf),
+        Metric::exact(
+            "errors + closed",
+            |r| Some((r.counts.errors + r.counts.closed) as f64),
+            intf,
+        ),
+        Metric::exact("server CPU (cores)", |r| Some(r.server.cpu_cores), coresf).sampled(
+            |r| precision::cpu_total(&r.server.window_cpu),
+            |r| total_res_us(&r.server.window_cpu, r.window_secs * 1e6),
+        ),
+        Metric::exact("server user CPU / msg", |r| r.server.user_us_per_msg, usf).sampled(
+            |r| precision::cpu_user(&r.server.window_cpu),
+            |r| Some(tick_us_per_msg(r)),
+        ),
+        Metric::exact("server sys CPU / msg", |r| r.server.system_us_per_msg, usf).sampled(
+            |r| precision::cpu_system(&r.server.window_cpu),
+            |r| Some(tick_us_per_msg(r)),
+        ),
+        Metric::exact("server total CPU / msg", |r| r.server.total_us_per_msg, usf).sampled(
+            |r| precision::cpu_total(&r.server.window_cpu),
+            |r| total_res_us(&r.server.window_cpu, r.counts.window_msgs as f64),
+        ),
+        Metric::exact(
+            "server RSS / conn",
+            |r| Some(r.server.rss_per_connection_bytes),
+            |v| format!("{} B", int(v)),
+        )
+        .sampled(
+            |r| precision::rss(r.server.rss_per_connection_bytes, r.connections),
+            |r| Some(precision::rss_resolution(r.connections)),
+        ),
+        Metric::exact("setup conn/s", |r| Some(r.connects_per_sec), intf),
+        Metric::exact(
+            "load generator CPU",
+            |r| Some(r.generator_cpu_cores),
+            coresf,
+        )
+        .sampled(
+            |r| precision::cpu_total(&r.generator_cpu),
+            |r| total_res_us(&r.generator_cpu, r.window_secs * 1e6),
+        ),
     ]
 }
 
 /// The side-by-side table: one column per server, then each peer's value
-/// as a ratio of shardcast's (the first run). `skipped` lists peers that
-/// were not run and why.
+/// as a ratio of shardcast's (the first run). A figure shows its
+/// resolution (±) where ticks or RSS steps make it coarse; a ratio of a
+/// figure too coarse to carry one says "insufficient sample", and a note
+/// under the table says why. `skipped` lists peers that were not run and
+/// why.
 pub fn compare_table(runs: &[Report], skipped: &[(String, String)], markdown: bool) -> String {
     let mut header = vec!["metric".to_string()];
     header.extend(runs.iter().map(|r| r.target.clone()));
@@ -847,22 +1037,37 @@ pub fn compare_table(runs: &[Report], skipped: &[(String, String)], markdown: bo
         );
     }
     let mut body: Vec<Vec<String>> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
     for m in metrics() {
         let vals: Vec<Option<f64>> = runs.iter().map(|r| (m.get)(r)).collect();
+        let samples: Vec<Result<(), String>> = runs.iter().map(|r| (m.sample)(r)).collect();
         let mut row = vec![m.name.to_string()];
-        row.extend(
-            vals.iter()
-                .map(|v| v.map(m.fmt).unwrap_or_else(|| "—".into())),
-        );
-        if let Some(Some(b)) = vals.first() {
-            for v in vals.iter().skip(1) {
-                row.push(match v {
-                    Some(v) if *b != 0.0 => format!("{:.2}×", v / b),
-                    _ => "—".into(),
-                });
+        row.extend(runs.iter().zip(&vals).map(|(r, v)| match v {
+            Some(v) => match (m.resolution)(r) {
+                Some(res) => format!("{} ±{}", (m.fmt)(*v), (m.fmt)(res)),
+                None => (m.fmt)(*v),
+            },
+            None => "—".into(),
+        }));
+        for (i, v) in vals.iter().enumerate().skip(1) {
+            row.push(match (vals[0], v) {
+                (Some(b), Some(v)) => match (&samples[0], &samples[i]) {
+                    (Ok(()), Ok(())) if b != 0.0 => format!("{:.2}×", v / b),
+                    (Ok(()), Ok(())) => "—".into(),
+                    _ => "insufficient sample".into(),
+                },
+                _ => "—".into(),
+            });
+        }
+        if runs.len() > 1 {
+            for ((r, v), sample) in runs.iter().zip(&vals).zip(&samples) {
+                if let (Some(_), Err(why)) = (v, sample) {
+                    notes.push(format!(
+                        "insufficient sample: {} of {}: {why}",
+                        m.name, r.target
+                    ));
+                }
             }
-        } else {
-            row.extend(vals.iter().skip(1).map(|_| "—".to_string()));
         }
         body.push(row);
     }
@@ -902,6 +1107,9 @@ pub fn compare_table(runs: &[Report], skipped: &[(String, String)], markdown: bo
         for row in &body {
             let _ = writeln!(s, "{}", line(row));
         }
+    }
+    for n in &notes {
+        let _ = writeln!(s, "{}{n}", if markdown { "\n" } else { "" });
     }
     for (name, why) in skipped {
         let _ = writeln!(
@@ -979,6 +1187,17 @@ mod tests {
             content_bytes_per_msg: Some(144.0),
             server: ServerFigures {
                 rss_per_connection_bytes: 3000.0,
+                // 2,000,000 messages and frames in 10 s: 0.4 µs user and
+                // 1 µs system each, 1.4 µs total, all well sampled.
+                window_cpu: CpuWindow {
+                    total_ns: 2_800_000_000,
+                    total_resolution_ns: 1,
+                    total_from_ticks: None,
+                    user_ticks: 80,
+                    system_ticks: 200,
+                    tick_ns: 10_000_000,
+                },
+                cpu_cores: 0.28,
                 user_us_per_msg: Some(0.4),
                 system_us_per_msg: Some(1.0),
                 total_us_per_msg: Some(1.4),
@@ -986,6 +1205,12 @@ mod tests {
                 ..Default::default()
             },
             generator_cpu_cores: 1.0,
+            generator_cpu: CpuWindow {
+                total_ns: 10_000_000_000,
+                total_resolution_ns: 1,
+                tick_ns: 10_000_000,
+                ..Default::default()
+            },
             stopped_by: None,
             first_error: None,
             verdict: vec![],
@@ -1038,6 +1263,112 @@ mod tests {
         );
     }
 
+    fn measured(r: &Report, prefix: &str) -> String {
+        r.verdict
+            .iter()
+            .find(|c| c.name.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix}"))
+            .measured
+            .clone()
+    }
+
+    /// A short run: 200 messages in 1 frame each over 2 s, CPU in a few
+    /// ticks, 150 latency samples.
+    fn tiny_report() -> Report {
+        let mut r = sample_report();
+        r.connections = 51;
+        r.latency.count = 150;
+        r.counts.window_msgs = 200;
+        r.counts.window_frames = 20;
+        r.msgs_per_frame = 10.0;
+        r.server.window_cpu = CpuWindow {
+            total_ns: 5_000_000,
+            total_resolution_ns: 1,
+            total_from_ticks: None,
+            user_ticks: 0,
+            system_ticks: 1,
+            tick_ns: 10_000_000,
+        };
+        r.server.user_us_per_msg = Some(0.0);
+        r.server.system_us_per_msg = Some(50.0);
+        r.server.total_us_per_msg = Some(25.0);
+        r.server.user_us_per_frame = Some(0.0);
+        r.verdict = verdict(&r);
+        r
+    }
+
+    #[test]
+    fn verdict_on_tiny_samples_says_insufficient_sample() {
+        let mut r = tiny_report();
+        // 0 user ticks: "0.000 µs PASS" before.
+        assert_eq!(status(&r, "target: ≤ 0.5 µs"), Status::Insufficient);
+        let m = measured(&r, "target: ≤ 0.5 µs");
+        assert!(
+            m.contains("resolution 500.000 µs") && m.contains("0 clock tick(s), fewer than 50"),
+            "{m}"
+        );
+        // 150 samples cannot place a p95.
+        assert_eq!(status(&r, "requirement: P95"), Status::Insufficient);
+        assert!(measured(&r, "requirement: P95").contains("fewer than 200"));
+        // The total is in nanoseconds: judged however short the run.
+        assert_eq!(status(&r, "target: ≤ 1.5 µs"), Status::Fail);
+        // ... unless it had to fall back to ticks.
+        r.server.window_cpu.total_from_ticks = Some("a thread exited during the window".into());
+        r.server.window_cpu.total_resolution_ns = 10_000_000;
+        r.verdict = verdict(&r);
+        assert_eq!(status(&r, "target: ≤ 1.5 µs"), Status::Insufficient);
+        let m = measured(&r, "target: ≤ 1.5 µs");
+        assert!(
+            m.contains("a thread exited") && m.contains("fewer than 50"),
+            "{m}"
+        );
+        // Counts are exact at any size.
+        assert_eq!(status(&r, "zero losses"), Status::Pass);
+
+        // 300 idle connections: one 2 MiB step is 6,991 B each.
+        r.scenario = Scenario::Idle {
+            connections: 300,
+            subscribe: false,
+        };
+        r.connections = 300;
+        r.server.rss_per_connection_bytes = 6991.0;
+        r.verdict = verdict(&r);
+        assert_eq!(status(&r, "target: ≤ 2.5 KB"), Status::Insufficient);
+        let m = measured(&r, "target: ≤ 2.5 KB");
+        assert!(m.contains("6,991 B (resolution 6,991 B)"), "{m}");
+        assert!(m.contains("3,277 connections or more"), "{m}");
+        let t = table(&r);
+        assert!(t.contains("[insufficient sample] target: ≤ 2.5 KB"), "{t}");
+        assert!(
+            t.contains("[n/a                ] requirement: ≥ 10,000 msg/s"),
+            "{t}"
+        );
+        assert!(markdown(&r).contains("| insufficient sample |"));
+    }
+
+    #[test]
+    fn verdict_on_adequate_samples_computes_as_before() {
+        let mut r = sample_report();
+        r.scenario = Scenario::Idle {
+            connections: 10_000,
+            subscribe: false,
+        };
+        r.server.rss_per_connection_bytes = 2600.0;
+        r.verdict = verdict(&r);
+        assert_eq!(status(&r, "target: ≤ 2.5 KB"), Status::Fail);
+        // Enough ticks: the user figure is judged (0.4 µs ≤ 0.5).
+        let mut r = sample_report();
+        r.server.window_cpu.user_ticks = 50;
+        r.verdict = verdict(&r);
+        assert_eq!(status(&r, "target: ≤ 0.5 µs"), Status::Pass);
+        r.server.user_us_per_frame = Some(0.6);
+        r.verdict = verdict(&r);
+        assert_eq!(status(&r, "target: ≤ 0.5 µs"), Status::Fail);
+        let t = table(&r);
+        assert!(t.contains("[FAIL] target: ≤ 0.5 µs"), "{t}");
+        assert!(!t.contains("insufficient"), "{t}");
+    }
+
     #[test]
     fn renders_table_markdown_svg_and_json() {
         let r = sample_report();
@@ -1053,6 +1384,18 @@ mod tests {
             "{md}"
         );
         assert!(t.contains("64 bytes, pad; compression off"), "{t}");
+        assert!(
+            t.contains("total 1.400 µs (schedstat, 1 ns resolution)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("user 0.400 µs  system 1.000 µs (resolution 0.005 µs: 10 ms ticks, 80 user + 200 system)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("(resolution 210 B: one 2 MiB step over 10,001 connections)"),
+            "{t}"
+        );
         assert!(md.contains("latency.svg"));
         let s = svg("t", &[("shardcast", &r.distribution)]);
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
@@ -1074,8 +1417,46 @@ mod tests {
             "{p99}"
         );
         assert!(t.contains("skipped nats: not installed"));
+        let user = t
+            .lines()
+            .find(|l| l.starts_with("server user CPU"))
+            .unwrap();
+        assert!(
+            user.contains("0.400 µs ±0.005 µs") && user.ends_with("1.00×"),
+            "{user}"
+        );
+        assert!(!t.contains("insufficient"), "{t}");
         let md = compare_table(&[sample_report()], &[], true);
         assert!(md.starts_with("| metric | shardcast |"));
+    }
+
+    #[test]
+    fn compare_has_no_ratio_from_tiny_samples() {
+        let a = tiny_report();
+        let mut b = tiny_report();
+        b.target = "baseline".into();
+        b.server.window_cpu.system_ticks = 2;
+        b.server.system_us_per_msg = Some(100.0);
+        b.server.total_us_per_msg = Some(30.0);
+        let t = compare_table(&[a, b], &[], false);
+        let row = |name: &str| t.lines().find(|l| l.starts_with(name)).unwrap().to_string();
+        // 1 vs 2 ticks was "2.00×".
+        let sys = row("server sys CPU");
+        assert!(sys.ends_with("insufficient sample"), "{sys}");
+        assert!(sys.contains("50.000 µs ±50.000 µs"), "{sys}");
+        assert!(row("p99 ").ends_with("insufficient sample"));
+        // Nanosecond totals still compare.
+        assert!(row("server total CPU").ends_with("1.20×"), "{t}");
+        assert!(
+            t.contains("insufficient sample: server sys CPU / msg of shardcast: system CPU time is 1 clock tick(s), fewer than 50"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "insufficient sample: p99 of baseline: 150 latency sample(s), fewer than 1,000"
+            ),
+            "{t}"
+        );
     }
 
     #[test]
