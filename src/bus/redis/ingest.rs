@@ -161,7 +161,9 @@ impl Consumer {
                     calls.push(publish_args(
                         &self.shared,
                         &c.channel,
-                        c.payload,
+                        // Stored as a plain publication body, as a native
+                        // publish is (see `protocol::body`).
+                        crate::protocol::body::plain(&c.payload),
                         &c.key,
                         c.ingress_us,
                         0,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::bus::{Position, Publication};
+use crate::protocol::body;
 use crate::protocol::compression::{self, CompressionError, Compressor, Decompressor};
 use crate::protocol::wire::{self, ClientRequest, DecodeLimits, Encoder, ErrorCode};
 use crate::protocol::ws::{self, OpCode};
@@ -335,7 +336,9 @@ fn encode_publications<'e, P: Borrow<Publication>>(
         epoch,
         chunk.iter().map(|p| {
             let p = p.borrow();
-            (p.offset, p.published_us / 1000, &p.payload[..])
+            // Native clients get the data; an event's name and the rest
+            // are for Pusher clients (see `protocol::body`).
+            (p.offset, p.published_us / 1000, body::decode(&p.payload).data)
         }),
     )
 }

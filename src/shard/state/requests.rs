@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::bus::{BusError, Position, ReplyTo};
 use crate::metrics::Limit;
-use crate::protocol::channel;
+use crate::protocol::{body, channel};
 use crate::protocol::wire::{ClientRequest, ErrorCode};
 use crate::shard::slab::ConnId;
 
@@ -194,7 +194,7 @@ impl State {
         };
         self.bus.publish(
             name,
-            Bytes::copy_from_slice(payload),
+            body::plain(payload),
             idempotency_key,
             reply_to,
             self.unix_us,
