@@ -128,6 +128,54 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[log]`: log level and format.
     pub log: LogConfig,
+    /// `[pusher]`: the Pusher Channels app served on `/app/{key}`.
+    pub pusher: PusherConfig,
+}
+
+/// The `[pusher]` section: one Pusher Channels app (protocol 7), served on
+/// the main listener at `/app/{app_key}` (WebSocket) and `/apps/{app_id}/…`
+/// (HTTP API). Empty `app_key` = no Pusher endpoint. Its channels share the
+/// namespace of native clients: a Pusher `chat` and a native `chat` are one
+/// channel.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PusherConfig {
+    /// The app id of the HTTP API paths (`/apps/{app_id}/events`).
+    pub app_id: String,
+    /// The key clients connect with (`/app/{app_key}`) and that signs
+    /// channel auth and HTTP API requests; empty disables Pusher.
+    pub app_key: String,
+    /// The secret that signs subscriptions, sign-ins and HTTP API requests
+    /// (HMAC-SHA256).
+    pub app_secret: String,
+    /// Whether clients may send `client-*` events on private and presence
+    /// channels.
+    pub client_events: bool,
+    /// Seconds of silence after which a Pusher client pings (sent in
+    /// `pusher:connection_established`).
+    pub activity_timeout_secs: u32,
+    /// Largest event `data`, in bytes, from the HTTP API or a client
+    /// (Pusher: 10 KB); larger → HTTP 413 / `pusher:error`.
+    pub max_event_bytes: u32,
+    /// Most channels one HTTP API trigger may name (Pusher: 100).
+    pub max_channels_per_trigger: u32,
+    /// Most events in one `batch_events` request (Pusher: 10).
+    pub max_batch_events: u32,
+}
+
+impl Default for PusherConfig {
+    fn default() -> Self {
+        PusherConfig {
+            app_id: String::new(),
+            app_key: String::new(),
+            app_secret: String::new(),
+            client_events: false,
+            activity_timeout_secs: 120,
+            max_event_bytes: 10_240,
+            max_channels_per_trigger: 100,
+            max_batch_events: 10,
+        }
+    }
 }
 
 /// The `[server]` section: where shards listen and how they stop.
@@ -738,11 +786,55 @@ impl Config {
                 reason: "allowed: error, warn, info, debug, trace".into(),
             });
         }
+        self.check_pusher()?;
         if !["text", "json"].contains(&self.log.format.as_str()) {
             return Err(ConfigError::Invalid {
                 key: "log.format",
                 value: format!("{:?}", self.log.format),
                 reason: "allowed: text, json".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_pusher(&self) -> Result<(), ConfigError> {
+        let p = &self.pusher;
+        check(
+            "pusher.activity_timeout_secs",
+            p.activity_timeout_secs,
+            1..=3600,
+        )?;
+        check("pusher.max_event_bytes", p.max_event_bytes, 1..=(1 << 20))?;
+        check(
+            "pusher.max_channels_per_trigger",
+            p.max_channels_per_trigger,
+            1..=1000,
+        )?;
+        check("pusher.max_batch_events", p.max_batch_events, 1..=1000)?;
+        if p.app_key.is_empty() {
+            return Ok(());
+        }
+        // Keys and ids appear in URL paths: keep them to URL-safe text.
+        let url_safe = |v: &str| {
+            !v.is_empty()
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+        };
+        for (key, value) in [("pusher.app_key", &p.app_key), ("pusher.app_id", &p.app_id)] {
+            if !url_safe(value) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    value: format!("{value:?}"),
+                    reason: "must be 1 or more of A-Z a-z 0-9 - _ . ~ when pusher.app_key is set"
+                        .into(),
+                });
+            }
+        }
+        if p.app_secret.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "pusher.app_secret",
+                value: "(redacted)".into(),
+                reason: "must be set when pusher.app_key is set: it signs channel auth and HTTP API requests".into(),
             });
         }
         Ok(())
@@ -925,7 +1017,9 @@ impl Config {
             let (section, name) = key.split_once('.').expect("section.key");
             let value = &values[section][name];
             let value = match (key.as_str(), value) {
-                ("auth.hs256_secret", toml::Value::String(s)) if !s.is_empty() => {
+                ("auth.hs256_secret" | "pusher.app_secret", toml::Value::String(s))
+                    if !s.is_empty() =>
+                {
                     format!("(secret, {} bytes)", s.len())
                 }
                 ("redis.url", toml::Value::String(s)) => {

@@ -3,3 +3,4 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod pusher_http;

@@ -16,8 +16,9 @@ use std::rc::Rc;
 use monoio::net::TcpStream;
 
 use super::slab::ConnId;
-use super::state::{CloseCause, Flushed, Form, State};
+use super::state::{CloseCause, Flushed, Form, State, PUSHER_PATH};
 use super::{now, sys, transmit, Shard};
+use crate::api::pusher_http::{RequestReader, Response, API_PATH};
 use crate::metrics::Limit;
 use crate::protocol::compression;
 use crate::protocol::ws::{self, Event, HandshakeParser, Session};
@@ -33,9 +34,15 @@ const SUBPROTOCOLS: [&str; 2] = [NATIVE_SUBPROTOCOL, compression::SUBPROTOCOL];
 // boxing it would only add an allocation and a pointer to each of them.
 #[allow(clippy::large_enum_variant)]
 enum Input {
+    /// Nothing read yet, or too little to tell a WebSocket upgrade from an
+    /// HTTP API request (kept here, at most [`SNIFF_BYTES`]; no allocation
+    /// until then).
+    Start(Vec<u8>),
     /// Reading the HTTP upgrade request. Boxed so that an open connection's
     /// task does not carry the parser's size.
     Handshake(Box<HandshakeParser>),
+    /// Reading a Pusher HTTP API request (`/apps/…`), with httparse.
+    Api(Box<RequestReader>),
     Open(Session),
     /// We sent a close (or an HTTP error); discard input until the peer
     /// closes or the linger deadline shuts the socket.
@@ -54,9 +61,7 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
         state.add_conn(peer, fd as u32)
     };
     shard.sockets.borrow_mut().insert(id, stream.clone());
-    let mut input = Input::Handshake(Box::new(HandshakeParser::new(
-        shard.settings.handshake_limits(),
-    )));
+    let mut input = Input::Start(Vec::new());
     loop {
         if stream.readable(false).await.is_err() {
             break;
@@ -95,8 +100,84 @@ fn read_available(shard: &Shard, id: ConnId, fd: RawFd, input: &mut Input) -> io
     }
 }
 
+/// Bytes after which a request line that has not shown an HTTP API target
+/// is taken for a WebSocket upgrade (the handshake parser judges it).
+const SNIFF_BYTES: usize = 32;
+
+/// What the first bytes of a connection are, as far as they tell.
+enum Sniff {
+    Api,
+    Upgrade,
+    Undecided,
+}
+
+/// An HTTP API request has a target under `/apps/` (any method: the API
+/// answers 405 itself); everything else goes to the WebSocket handshake
+/// parser, which answers what is not an upgrade.
+fn sniff(bytes: &[u8]) -> Sniff {
+    let Some(space) = bytes.iter().take(SNIFF_BYTES).position(|&b| b == b' ') else {
+        return if bytes.len() < SNIFF_BYTES {
+            Sniff::Undecided
+        } else {
+            Sniff::Upgrade
+        };
+    };
+    let target = &bytes[space + 1..];
+    let prefix = API_PATH.as_bytes();
+    if target.len() < prefix.len() {
+        return if prefix.starts_with(target) {
+            Sniff::Undecided
+        } else {
+            Sniff::Upgrade
+        };
+    }
+    if target.starts_with(prefix) {
+        Sniff::Api
+    } else {
+        Sniff::Upgrade
+    }
+}
+
 fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, bytes: &[u8]) {
     match input {
+        Input::Start(pending) => {
+            let mut data = std::mem::take(pending);
+            data.extend_from_slice(bytes);
+            match sniff(&data) {
+                Sniff::Undecided => *pending = data,
+                Sniff::Api => {
+                    *input = Input::Api(Box::new(RequestReader::new(
+                        shard.settings.handshake_max_header_bytes,
+                        shard.settings.frame_limits.max_message_bytes,
+                    )));
+                    on_bytes(shard, state, id, input, &data);
+                }
+                Sniff::Upgrade => {
+                    *input = Input::Handshake(Box::new(HandshakeParser::new(
+                        shard.settings.handshake_limits(),
+                    )));
+                    on_bytes(shard, state, id, input, &data);
+                }
+            }
+        }
+        Input::Api(reader) => {
+            if let Some(r) = state.take_refusal(id) {
+                state.respond_http(id, &Response::error(r.status, &r.message));
+                *input = Input::Draining;
+                return;
+            }
+            match reader.feed(bytes) {
+                Ok(None) => {}
+                Ok(Some(request)) => {
+                    state.on_api_request(id, &request);
+                    *input = Input::Draining;
+                }
+                Err(response) => {
+                    state.respond_http(id, &response);
+                    *input = Input::Draining;
+                }
+            }
+        }
         Input::Handshake(parser) => match parser.feed(bytes) {
             Ok(None) => {}
             Ok(Some(request)) => {
@@ -115,6 +196,41 @@ fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, byt
                 if !request.websocket {
                     state.reject_upgrade(id, plain_get(&request, &shard.settings));
                     *input = Input::Draining;
+                    return;
+                }
+                // Pusher Channels clients (pusher-js, Laravel Echo) on
+                // `/app/{key}`: no subprotocol, JSON text frames.
+                if let Some(key) = request.path.strip_prefix(PUSHER_PATH) {
+                    if shard.settings.pusher.is_none() {
+                        state.reject_upgrade(
+                            id,
+                            ws::error_response(
+                                404,
+                                "no Pusher app is configured on this server (pusher.app_key)",
+                            ),
+                        );
+                        *input = Input::Draining;
+                        return;
+                    }
+                    if let Err((status, message)) =
+                        check_origin(&request, &shard.settings.allowed_origins)
+                    {
+                        state.counters.limit(Limit::Origin);
+                        state.reject_upgrade(id, ws::error_response(status, &message));
+                        *input = Input::Draining;
+                        return;
+                    }
+                    let refuse = state.pusher_refusal(key, request.query.as_deref());
+                    let refused = refuse.is_some();
+                    state.accept_pusher(id, ws::accept_response(&request.key, None), refuse);
+                    if refused {
+                        *input = Input::Draining;
+                        return;
+                    }
+                    *input = Input::Open(Session::new(shard.settings.frame_limits));
+                    if !request.leftover.is_empty() {
+                        on_bytes(shard, state, id, input, &request.leftover);
+                    }
                     return;
                 }
                 let checked = check_route(&request)
@@ -249,11 +365,7 @@ fn on_frames(
         match event {
             None => break,
             Some(Event::Binary(message)) => state.on_client_message(id, &message)?,
-            Some(Event::Text(_)) => {
-                return Err(CloseCause::UnsupportedData(
-                    "text frames are not accepted on /ws: send binary FlatBuffers frames",
-                ))
-            }
+            Some(Event::Text(message)) => state.on_client_text(id, &message)?,
             Some(Event::Pong(_)) => {}
             Some(Event::Close { code, reason }) => {
                 tracing::debug!(

@@ -145,6 +145,49 @@ pub struct Settings {
     pub compression_min_bytes: usize,
     /// The trained zstd dictionary, if one is configured.
     pub dictionary: Option<Dictionary>,
+    /// The Pusher app served on `/app/{key}`, if `pusher.app_key` is set.
+    pub pusher: Option<Arc<PusherApp>>,
+    /// The first number of this shard's Pusher `socket_id`s: random per
+    /// process (so unique across nodes with high probability) times 1,000
+    /// plus the shard index (see `state::SocketId`).
+    pub socket_prefix: u64,
+}
+
+/// The Pusher app of `[pusher]`, as the shards use it.
+#[derive(Debug)]
+pub struct PusherApp {
+    /// `pusher.app_id`: the id in HTTP API paths.
+    pub id: String,
+    /// `pusher.app_key`: the key in `/app/{key}` and in signatures.
+    pub key: String,
+    /// `pusher.app_secret`, its UTF-8 bytes: the HMAC-SHA256 key.
+    pub secret: Vec<u8>,
+    /// `pusher.client_events`.
+    pub client_events: bool,
+    /// `pusher.activity_timeout_secs`.
+    pub activity_timeout_secs: u32,
+    /// `pusher.max_event_bytes`, in bytes.
+    pub max_event_bytes: usize,
+    /// `pusher.max_channels_per_trigger`.
+    pub max_channels_per_trigger: usize,
+    /// `pusher.max_batch_events`.
+    pub max_batch_events: usize,
+}
+
+impl PusherApp {
+    /// The app of `c`, if `pusher.app_key` is set.
+    pub fn from_config(c: &crate::config::PusherConfig) -> Option<PusherApp> {
+        (!c.app_key.is_empty()).then(|| PusherApp {
+            id: c.app_id.clone(),
+            key: c.app_key.clone(),
+            secret: c.app_secret.as_bytes().to_vec(),
+            client_events: c.client_events,
+            activity_timeout_secs: c.activity_timeout_secs,
+            max_event_bytes: c.max_event_bytes as usize,
+            max_channels_per_trigger: c.max_channels_per_trigger as usize,
+            max_batch_events: c.max_batch_events as usize,
+        })
+    }
 }
 
 impl Settings {
@@ -189,6 +232,8 @@ impl Settings {
             compression_level: c.compression.level as i32,
             compression_min_bytes: c.compression.min_bytes as usize,
             dictionary,
+            pusher: PusherApp::from_config(&c.pusher).map(Arc::new),
+            socket_prefix: 0,
         })
     }
 
@@ -301,8 +346,14 @@ pub fn start(
     let cpus = listener::allowed_cpus();
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut threads = Vec::with_capacity(shards);
+    // Pusher socket ids: a random number per process, then the shard.
+    let node_token = {
+        use std::hash::BuildHasher;
+        std::collections::hash_map::RandomState::new().hash_one(std::process::id()) % 1_000_000
+    };
     for (i, (std_listener, bus)) in listeners.into_iter().zip(buses).enumerate() {
-        let settings = Settings::from_config(config, admission.clone(), dictionary.clone())?;
+        let mut settings = Settings::from_config(config, admission.clone(), dictionary.clone())?;
+        settings.socket_prefix = (node_token + 1) * 1000 + i as u64;
         let ready = ready_tx.clone();
         let registry = registry.clone();
         let drain = drain_rx.clone();

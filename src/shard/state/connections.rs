@@ -24,6 +24,10 @@ pub(super) enum Phase {
     Handshake,
     /// WebSocket open; `connected` once the client sent `Connect`.
     Open { connected: bool },
+    /// An HTTP API request read in full, waiting for the bus to store its
+    /// publications; answered, then closed (no handshake deadline, no
+    /// keepalive).
+    Http,
     /// Close frame (or HTTP error) queued; the socket is shut down when it
     /// is flushed or at `deadline`, whichever comes first.
     Closing { deadline: Instant },
@@ -171,6 +175,7 @@ impl State {
     /// a writer still waiting on it wakes up and exits).
     pub fn remove_conn(&mut self, id: ConnId) {
         self.detach(id);
+        self.api_waits.remove(&id);
         if let Some(conn) = self.conns.remove(id) {
             tracing::debug!(shard = self.shard, peer = %conn.peer, "connection ended");
             if conn.admitted {

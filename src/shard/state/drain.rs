@@ -67,7 +67,9 @@ impl State {
                 break;
             }
             match conn.phase {
-                Phase::Closing { .. } => continue,
+                // Answered (and closed) once the bus has stored what it
+                // publishes, within redis.command_timeout_ms.
+                Phase::Closing { .. } | Phase::Http => continue,
                 Phase::Handshake => self.shutdowns.push_back((id, Shutdown::Both)),
                 Phase::Open { .. } => victims.push(id),
             }

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use super::connections::Conn;
-use super::form::{Broadcast, CloseCause, Frames};
+use bytes::Bytes;
+
+use super::form::{Broadcast, CloseCause, Form, Frames, SocketId};
 use super::output::fits_budget;
 use super::subscriptions::ChannelState;
 use super::State;
@@ -50,6 +52,7 @@ impl State {
                 dirty: &mut self.dirty,
                 to_close: &mut self.to_close,
                 budget: self.settings.outbound_budget,
+                socket_prefix: self.settings.socket_prefix,
             }
             .send(&ch.subscribers, None, &mut frames);
             let recipients = ch.subscribers.len() as u64;
@@ -73,6 +76,8 @@ pub(super) struct Fanout<'a> {
     pub(super) dirty: &'a mut Vec<ConnId>,
     pub(super) to_close: &'a mut Vec<(ConnId, CloseCause)>,
     pub(super) budget: usize,
+    /// This shard's Pusher `socket_id` prefix (see [`SocketId`]).
+    pub(super) socket_prefix: u64,
 }
 
 impl Fanout<'_> {
@@ -94,6 +99,34 @@ impl Fanout<'_> {
             let Some(conn) = self.conns.get_mut(id) else {
                 continue;
             };
+            if conn.form == Form::Pusher {
+                let socket = SocketId {
+                    prefix: self.socket_prefix,
+                    conn: id.as_u64(),
+                };
+                // A Pusher socket some publications leave out (a client
+                // event's sender) gets the rest as slices of the shared
+                // frames.
+                if let Some(parts) = frames.pusher_parts_without(socket) {
+                    let len = parts.iter().map(Bytes::len).sum();
+                    if !fits_budget(conn.out.queued_bytes(), len, self.budget) {
+                        self.to_close
+                            .push((id, CloseCause::SlowConsumer("outbound budget exceeded")));
+                        continue;
+                    }
+                    if parts.is_empty() {
+                        continue;
+                    }
+                    for part in parts {
+                        conn.out.push(part);
+                    }
+                    if !conn.dirty {
+                        conn.dirty = true;
+                        self.dirty.push(id);
+                    }
+                    continue;
+                }
+            }
             let frame = frames.get(conn.form);
             if !fits_budget(conn.out.queued_bytes(), frame.len(), self.budget) {
                 self.to_close

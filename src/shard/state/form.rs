@@ -14,6 +14,7 @@ use bytes::Bytes;
 use crate::bus::{Position, Publication};
 use crate::protocol::body;
 use crate::protocol::compression::{self, CompressionError, Compressor, Decompressor};
+use crate::protocol::pusher::message::{Data, Writer};
 use crate::protocol::wire::{self, ClientRequest, DecodeLimits, Encoder, ErrorCode};
 use crate::protocol::ws::{self, OpCode};
 
@@ -26,11 +27,14 @@ pub enum Form {
     /// `shardcast.v1+zstd`: the same frames behind a compression flag byte
     /// (see `protocol::compression`).
     NativeZstd,
+    /// Pusher Channels protocol 7: one JSON object per text frame (see
+    /// `protocol::pusher`).
+    Pusher,
 }
 
 impl Form {
     /// How many forms there are: a broadcast is built at most once per form.
-    pub const COUNT: usize = 2;
+    pub const COUNT: usize = 3;
 
     /// This form's slot among [`Form::COUNT`].
     pub fn index(self) -> usize {
@@ -43,7 +47,37 @@ impl Form {
     pub fn close(self, cause: &CloseCause) -> (u16, String) {
         match self {
             Form::Native | Form::NativeZstd => native_close(cause),
+            Form::Pusher => pusher_close(cause),
         }
+    }
+}
+
+/// A Pusher `socket_id` as this server gives them: `<prefix>.<connection>`,
+/// the prefix naming the shard of one process (random per process, so
+/// unique across nodes with high probability), the connection its id on
+/// that shard. Both are decimal, as the protocol's `\d+\.\d+` asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketId {
+    /// The shard's prefix.
+    pub prefix: u64,
+    /// The connection's id on that shard.
+    pub conn: u64,
+}
+
+impl SocketId {
+    /// Parses `prefix.conn`; `None` for anything else.
+    pub fn parse(s: &str) -> Option<SocketId> {
+        let (a, b) = s.split_once('.')?;
+        Some(SocketId {
+            prefix: a.parse().ok()?,
+            conn: b.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for SocketId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.prefix, self.conn)
     }
 }
 
@@ -75,6 +109,11 @@ pub enum CloseCause {
     Draining,
     /// The peer sent a Close: its code is echoed (RFC 6455 §5.5.1).
     PeerClosed(Option<u16>),
+    /// Pusher: the app key in the URL names no app (the key).
+    UnknownApp(String),
+    /// Pusher: `?protocol=` missing (`None`) or a version this server does
+    /// not speak.
+    ProtocolVersion(Option<String>),
 }
 
 impl CloseCause {
@@ -115,6 +154,56 @@ fn native_close(cause: &CloseCause) -> (u16, String) {
             "server restarting: reconnect and recover from your last position".into(),
         ),
         CloseCause::PeerClosed(code) => (code.unwrap_or(ws::close::NORMAL), String::new()),
+        // Pusher-only causes; a native connection never gets them.
+        CloseCause::UnknownApp(_) | CloseCause::ProtocolVersion(_) => {
+            (ws::close::POLICY_VIOLATION, "not a Pusher endpoint".into())
+        }
+    }
+}
+
+/// Close codes of the Pusher protocol (4000–4099 do not reconnect,
+/// 4100–4199 reconnect after a back-off, 4200–4299 reconnect now).
+fn pusher_close(cause: &CloseCause) -> (u16, String) {
+    use crate::protocol::pusher::{close as c, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+    match cause {
+        CloseCause::SlowConsumer(why) => (
+            c::RECONNECT,
+            format!("slow consumer: {why}; reconnect"),
+        ),
+        CloseCause::Idle { ms } => (
+            c::PONG_NOT_RECEIVED,
+            format!("nothing received for {ms} ms"),
+        ),
+        CloseCause::TokenExpired | CloseCause::AuthDeadline { .. } => {
+            (c::UNAUTHORIZED, "not authorized".into())
+        }
+        CloseCause::AuthFailed(why) => (c::UNAUTHORIZED, why.clone()),
+        CloseCause::RateLimited {
+            per_second,
+            strikes,
+        } => (
+            c::CLIENT_EVENT_RATE,
+            format!("over {per_second} messages/s {strikes} times in a row"),
+        ),
+        CloseCause::WebSocket { code, reason } => (*code, reason.clone()),
+        CloseCause::InvalidMessage(why) => (ws::close::POLICY_VIOLATION, why.clone()),
+        CloseCause::UnsupportedData(why) => (ws::close::UNSUPPORTED_DATA, (*why).into()),
+        CloseCause::Draining => (c::RECONNECT, "server restarting: reconnect".into()),
+        CloseCause::PeerClosed(code) => (code.unwrap_or(ws::close::NORMAL), String::new()),
+        CloseCause::UnknownApp(key) => (
+            c::APP_NOT_FOUND,
+            format!("no app with key {key:?}"),
+        ),
+        CloseCause::ProtocolVersion(None) => (
+            c::NO_PROTOCOL_VERSION,
+            format!("no protocol version given; connect with ?protocol={PROTOCOL_VERSION}"),
+        ),
+        CloseCause::ProtocolVersion(Some(v)) => (
+            c::UNSUPPORTED_PROTOCOL,
+            format!(
+                "protocol version {v} is not supported; {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION} are"
+            ),
+        ),
     }
 }
 
@@ -132,6 +221,11 @@ pub fn decode_requests<'a>(
     inflated: &'a mut Vec<u8>,
 ) -> Result<Vec<(u32, ClientRequest<'a>)>, CloseCause> {
     let data: &'a [u8] = match (form, data.first()) {
+        (Form::Pusher, _) => {
+            return Err(CloseCause::UnsupportedData(
+                "binary frames are not accepted on /app/: the Pusher protocol sends JSON in text frames",
+            ))
+        }
         (Form::Native, _) => data,
         (Form::NativeZstd, Some(&compression::FLAG_PLAIN)) => &data[1..],
         (Form::NativeZstd, _) => {
@@ -183,9 +277,18 @@ pub enum Reply<'a> {
     },
 }
 
-/// Encodes `reply` (to request `request`) as one frame for `form`.
-pub fn reply_frame(form: Form, encoder: &mut Encoder, request: u32, reply: Reply<'_>) -> Bytes {
+/// Encodes `reply` (to request `request`) as one frame for `form`; `None`
+/// where the form's protocol has no answer for it (Pusher acknowledges no
+/// unsubscribe or client event, and its connection is established at the
+/// upgrade).
+pub fn reply_frame(
+    form: Form,
+    encoder: &mut Encoder,
+    request: u32,
+    reply: Reply<'_>,
+) -> Option<Bytes> {
     match form {
+        Form::Pusher => pusher_reply(reply).map(|text| ws::frame(OpCode::Text, text.as_bytes())),
         Form::Native | Form::NativeZstd => {
             let data = match reply {
                 Reply::Connected {
@@ -208,9 +311,56 @@ pub fn reply_frame(form: Form, encoder: &mut Encoder, request: u32, reply: Reply
                 }
                 Reply::Error { code, message } => encoder.error(request, code, message),
             };
-            binary_frame(form == Form::NativeZstd, data)
+            Some(binary_frame(form == Form::NativeZstd, data))
         }
     }
+}
+
+/// A reply's Pusher message, if the protocol has one.
+fn pusher_reply(reply: Reply<'_>) -> Option<String> {
+    let mut w = Writer::new();
+    let text = match reply {
+        Reply::Pong => w.pong(),
+        Reply::Subscribed { channel, .. } => w.subscription_succeeded(channel),
+        Reply::Error { code, message } => {
+            // Pusher clients read `message`; the native code names the
+            // kind of failure.
+            w.error(None, &format!("{code:?}: {message}"))
+        }
+        Reply::Connected { .. }
+        | Reply::Unsubscribed { .. }
+        | Reply::PublishAck { .. }
+        | Reply::Members { .. } => return None,
+    };
+    Some(text.to_string())
+}
+
+/// The Pusher event name a publication without one (a native publish, an
+/// ingest entry) is delivered under.
+pub const PUSHER_DEFAULT_EVENT: &str = "publication";
+/// The event name of a publication without one whose data is not UTF-8:
+/// its data is sent base64-encoded (RFC 4648 §4), as JSON text cannot
+/// carry raw bytes.
+pub const PUSHER_BASE64_EVENT: &str = "publication.base64";
+
+/// Appends the text frame of one publication on `channel` for Pusher
+/// clients to `out`.
+fn pusher_publication(out: &mut Vec<u8>, w: &mut Writer, channel: &str, p: &Publication) {
+    let b = body::decode(&p.payload);
+    let encoded;
+    let (event, data) = match (b.event, std::str::from_utf8(b.data)) {
+        (Some(event), Ok(data)) if b.raw_json => (event, Data::Json(data)),
+        (Some(event), Ok(data)) => (event, Data::Str(data)),
+        (None, Ok(data)) => (PUSHER_DEFAULT_EVENT, Data::Str(data)),
+        (_, Err(_)) => {
+            use base64::Engine;
+            encoded = base64::engine::general_purpose::STANDARD.encode(b.data);
+            (PUSHER_BASE64_EVENT, Data::Str(&encoded))
+        }
+    };
+    let text = w.event(event, channel, data, b.user);
+    ws::write_header(out, OpCode::Text, true, text.len());
+    out.extend_from_slice(text.as_bytes());
 }
 
 /// What the fan-out sends to every subscriber of a channel.
@@ -242,6 +392,11 @@ pub struct Frames<'b, 'e, P> {
     built: [Option<Bytes>; Form::COUNT],
     /// The native encoding is in the encoder's buffer.
     encoded: bool,
+    /// Pusher: the byte range of each publication's frame in the built
+    /// Pusher frames that one socket must not get (Pusher's `socket_id`
+    /// exclusion: a client event's sender, an HTTP API trigger's
+    /// `socket_id`), and that socket.
+    pusher_excluded: Vec<(std::ops::Range<usize>, SocketId)>,
 }
 
 impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
@@ -256,7 +411,35 @@ impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
             compressor,
             built: Default::default(),
             encoded: false,
+            pusher_excluded: Vec::new(),
         }
+    }
+
+    /// For a Pusher connection `socket` that some publications of this
+    /// broadcast exclude: the parts of the shared Pusher frames it gets
+    /// (refcounted slices, no copy); `None` when it gets them all (the
+    /// common case, a scan of a usually empty list).
+    pub fn pusher_parts_without(&mut self, socket: SocketId) -> Option<Vec<Bytes>> {
+        // The exclusions are found while the frames are built.
+        let all = self.get(Form::Pusher).clone();
+        if !self.pusher_excluded.iter().any(|(_, s)| *s == socket) {
+            return None;
+        }
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for (range, s) in &self.pusher_excluded {
+            if *s != socket {
+                continue;
+            }
+            if range.start > at {
+                parts.push(all.slice(at..range.start));
+            }
+            at = range.end;
+        }
+        if at < all.len() {
+            parts.push(all.slice(at..));
+        }
+        Some(parts)
     }
 
     /// The frame for `form`.
@@ -270,6 +453,9 @@ impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
     }
 
     fn build(&mut self, form: Form) -> Bytes {
+        if form == Form::Pusher {
+            return self.build_pusher();
+        }
         // Both native forms carry the same FlatBuffers `Frame`: encoded
         // once, then read back from the encoder (nothing else encodes
         // while these frames are built).
@@ -284,7 +470,39 @@ impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
                 Some(z) => ws::frame(OpCode::Binary, &z),
                 None => binary_frame(true, data),
             },
+            Form::Pusher => unreachable!("built by build_pusher"),
         }
+    }
+
+    /// Pusher has one event per text frame: a broadcast of several
+    /// publications is their frames back to back in one buffer, shared by
+    /// every Pusher recipient and written in one go.
+    fn build_pusher(&mut self) -> Bytes {
+        let mut out = Vec::new();
+        let mut w = Writer::new();
+        match *self.what {
+            Broadcast::Publications { channel, items, .. } => {
+                for p in items {
+                    let p = p.borrow();
+                    let start = out.len();
+                    pusher_publication(&mut out, &mut w, channel, p);
+                    if let Some(socket) = body::decode(&p.payload).exclude.and_then(SocketId::parse)
+                    {
+                        self.pusher_excluded.push((start..out.len(), socket));
+                    }
+                }
+            }
+            Broadcast::Presence {
+                channel,
+                user,
+                joined,
+            } => {
+                let text = w.member(channel, user, joined.then_some("null"));
+                ws::write_header(&mut out, OpCode::Text, true, text.len());
+                out.extend_from_slice(text.as_bytes());
+            }
+        }
+        Bytes::from(out)
     }
 }
 
@@ -322,6 +540,14 @@ pub fn publications_frame<P: Borrow<Publication>>(
             form == Form::NativeZstd,
             encode_publications(encoder, channel, epoch, items),
         ),
+        Form::Pusher => {
+            let mut out = Vec::new();
+            let mut w = Writer::new();
+            for p in items {
+                pusher_publication(&mut out, &mut w, channel, p.borrow());
+            }
+            Bytes::from(out)
+        }
     }
 }
 
@@ -338,7 +564,11 @@ fn encode_publications<'e, P: Borrow<Publication>>(
             let p = p.borrow();
             // Native clients get the data; an event's name and the rest
             // are for Pusher clients (see `protocol::body`).
-            (p.offset, p.published_us / 1000, body::decode(&p.payload).data)
+            (
+                p.offset,
+                p.published_us / 1000,
+                body::decode(&p.payload).data,
+            )
         }),
     )
 }

@@ -28,12 +28,14 @@
 
 #![forbid(unsafe_code)]
 
+mod api;
 mod connections;
 mod drain;
 mod fanout;
 mod form;
 mod output;
 mod presence;
+mod pusher;
 mod recovery;
 mod requests;
 #[cfg(test)]
@@ -62,6 +64,7 @@ use connections::{Conn, Deadline};
 use drain::Drain;
 pub use form::{CloseCause, Form};
 pub use output::Flushed;
+pub use pusher::PUSHER_PATH;
 use recovery::{Ahead, Recovery};
 use subscriptions::LocalChannel;
 
@@ -114,6 +117,8 @@ pub struct State {
     next_recovery: u64,
     /// Presence queries waiting for the bus: token → (connection, request).
     presence_queries: HashMap<u64, (ConnId, u32)>,
+    /// HTTP API requests waiting for the bus, by connection.
+    api_waits: HashMap<ConnId, api::ApiWait>,
     next_presence_query: u64,
     compressor: Compressor,
     decompressor: Decompressor,
@@ -167,6 +172,7 @@ impl State {
             ahead: Vec::new(),
             next_recovery: 0,
             presence_queries: HashMap::new(),
+            api_waits: HashMap::new(),
             next_presence_query: 0,
             compressor,
             decompressor,

@@ -77,6 +77,7 @@ impl State {
             dirty: &mut self.dirty,
             to_close: &mut self.to_close,
             budget: self.settings.outbound_budget,
+            socket_prefix: self.settings.socket_prefix,
         }
         .send(&ch.subscribers, None, &mut frames);
         self.counters.messages_out += ch.subscribers.len() as u64;
@@ -94,14 +95,16 @@ impl State {
         };
         match result {
             Ok(users) => {
-                let frame = self.reply_frame(
+                let Some(frame) = self.reply_frame(
                     id,
                     request,
                     Reply::Members {
                         channel: &channel,
                         users: &users,
                     },
-                );
+                ) else {
+                    return;
+                };
                 // One answer may not exceed the connection's outbound
                 // budget: a member list that large is refused, not queued
                 // (README, "Memory per connection").

@@ -11,21 +11,28 @@ use std::sync::Arc;
 
 use crate::bus::{BusError, Position, ReplyTo};
 use crate::metrics::Limit;
-use crate::protocol::{body, channel};
 use crate::protocol::wire::{ClientRequest, ErrorCode};
+use crate::protocol::{body, channel};
 use crate::shard::slab::ConnId;
 
 impl State {
     /// Encodes `reply` to request `request` for connection `id`'s form.
-    pub(super) fn reply_frame(&mut self, id: ConnId, request: u32, reply: Reply<'_>) -> Bytes {
+    pub(super) fn reply_frame(
+        &mut self,
+        id: ConnId,
+        request: u32,
+        reply: Reply<'_>,
+    ) -> Option<Bytes> {
         form::reply_frame(self.form_of(id), &mut self.encoder, request, reply)
     }
 
     /// Queues `reply` to request `request` for connection `id`: the one
-    /// path every answer takes, whatever the connection speaks.
+    /// path every answer takes, whatever the connection speaks (a form
+    /// whose protocol has no such answer queues nothing).
     pub(super) fn reply(&mut self, id: ConnId, request: u32, reply: Reply<'_>) {
-        let frame = self.reply_frame(id, request, reply);
-        self.enqueue(id, frame);
+        if let Some(frame) = self.reply_frame(id, request, reply) {
+            self.enqueue(id, frame);
+        }
     }
 
     pub(super) fn reply_error(&mut self, id: ConnId, request: u32, code: ErrorCode, message: &str) {
@@ -210,6 +217,9 @@ impl State {
         result: Result<Position, BusError>,
     ) {
         let id = ConnId::from_u64(reply_to.conn);
+        if self.api_waits.contains_key(&id) {
+            return self.on_api_published(id, result);
+        }
         match result {
             Ok(at) => {
                 let reply = Reply::PublishAck {

@@ -456,6 +456,7 @@ fn a_broadcast_skips_an_excluded_recipient_and_shares_one_frame_per_form() {
         dirty: &mut state.dirty,
         to_close: &mut state.to_close,
         budget: 1 << 20,
+        socket_prefix: 0,
     }
     .send(&[a.id, b.id, c.id], Some(b.id), &mut frames);
     // The frame the recipients got is the one built for their form.

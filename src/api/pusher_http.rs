@@ -1,0 +1,527 @@
+//! The Pusher HTTP API on the main listener, as pure functions: reading one
+//! request ([`RequestReader`], httparse for the head, `Content-Length` for
+//! the body, both bounded), and deciding what it asks ([`handle`]): events
+//! to publish, or an answer right away. The shard driver feeds the bytes,
+//! publishes through the bus like any other publish (ordered per channel,
+//! stored with positions) and answers once the bus has stored them.
+//!
+//! Endpoints (Pusher HTTP API reference): `POST /apps/{app_id}/events`
+//! (`name`, `data`, `channel` or `channels`, optional `socket_id` to leave
+//! out) and `POST /apps/{app_id}/batch_events` (`batch`: a list of such
+//! events). Every request is signed (`auth_key`, `auth_timestamp`,
+//! `auth_version`, `body_md5`, `auth_signature`; see
+//! `protocol::pusher::sign`). Errors are JSON `{"error": "…"}` with 400
+//! (malformed), 401 (signature), 404 (app or path), 405 (method), 413 (too
+//! large), 503 (the bus could not store it).
+
+#![forbid(unsafe_code)]
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::protocol::pusher::channel::{ChannelKind, Kind};
+use crate::protocol::pusher::message::{valid_socket_id, MAX_EVENT_NAME_BYTES};
+use crate::protocol::pusher::sign::{self, ApiRequest};
+use crate::protocol::{body, channel};
+use crate::shard::PusherApp;
+
+/// The path prefix of the HTTP API: `/apps/{app_id}/…`.
+pub const API_PATH: &str = "/apps/";
+
+/// Most header lines in a request head.
+const MAX_HEADERS: usize = 64;
+
+/// A complete request.
+#[derive(Debug)]
+pub struct Request {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// The path, without the query.
+    pub path: String,
+    /// The query string after `?` (empty if none), as sent.
+    pub query: String,
+    /// The body (`Content-Length` bytes).
+    pub body: Vec<u8>,
+}
+
+/// An HTTP answer: status and JSON body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    /// The HTTP status.
+    pub status: u16,
+    /// The JSON body.
+    pub body: String,
+}
+
+impl Response {
+    /// `{"error": message}` with `status`.
+    pub fn error(status: u16, message: &str) -> Response {
+        Response {
+            status,
+            body: serde_json::json!({ "error": message }).to_string(),
+        }
+    }
+
+    /// The whole HTTP/1.1 response; the connection closes after it.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let reason = match self.status {
+            200 => "OK",
+            400 => "Bad Request",
+            401 => "Unauthorized",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            413 => "Content Too Large",
+            431 => "Request Header Fields Too Large",
+            503 => "Service Unavailable",
+            _ => "Error",
+        };
+        format!(
+            "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            self.status,
+            self.body.len(),
+            self.body
+        )
+        .into_bytes()
+    }
+}
+
+/// Reads one request from the bytes of a connection: the head with
+/// httparse (at most `max_head` bytes and [`MAX_HEADERS`] lines), then
+/// `Content-Length` bytes of body (at most `max_body`).
+pub struct RequestReader {
+    buf: Vec<u8>,
+    max_head: usize,
+    max_body: usize,
+}
+
+impl RequestReader {
+    /// A reader with the given bounds, in bytes.
+    pub fn new(max_head: usize, max_body: usize) -> RequestReader {
+        RequestReader {
+            buf: Vec::new(),
+            max_head,
+            max_body,
+        }
+    }
+
+    /// Takes more bytes: `Ok(Some)` once the request is complete (bytes
+    /// after it are ignored: one request per connection), `Ok(None)` for
+    /// more, `Err` for the answer to a request that cannot be read (400,
+    /// 413, 431).
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<Request>, Response> {
+        self.buf.extend_from_slice(bytes);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let head_len = match req.parse(&self.buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                if self.buf.len() > self.max_head {
+                    return Err(Response::error(431, "request head too large"));
+                }
+                return Ok(None);
+            }
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Response::error(431, "too many header lines"))
+            }
+            Err(e) => return Err(Response::error(400, &format!("malformed request: {e}"))),
+        };
+        if head_len > self.max_head {
+            return Err(Response::error(431, "request head too large"));
+        }
+        let mut length = 0usize;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                return Err(Response::error(
+                    400,
+                    "chunked bodies are not accepted: send Content-Length",
+                ));
+            }
+            if h.name.eq_ignore_ascii_case("content-length") {
+                length = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or_else(|| Response::error(400, "bad Content-Length"))?;
+            }
+        }
+        if length > self.max_body {
+            return Err(Response::error(
+                413,
+                &format!("body is {length} bytes; the limit is {}", self.max_body),
+            ));
+        }
+        if self.buf.len() < head_len + length {
+            return Ok(None);
+        }
+        let target = req.path.unwrap_or("/");
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        Ok(Some(Request {
+            method: req.method.unwrap_or("").to_string(),
+            path: path.to_string(),
+            query: query.to_string(),
+            body: self.buf[head_len..head_len + length].to_vec(),
+        }))
+    }
+}
+
+/// One event to publish.
+#[derive(Debug)]
+pub struct Publish {
+    /// The channel.
+    pub channel: String,
+    /// The publication body (`protocol::body::event`).
+    pub body: Bytes,
+}
+
+/// What a request asks.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Answer now.
+    Respond(Response),
+    /// Publish these, in order; answer `200 {}` once all are stored, 503
+    /// if one could not be.
+    Publish(Vec<Publish>),
+}
+
+#[derive(Deserialize)]
+struct Event<'a> {
+    name: Option<String>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    channel: Option<String>,
+    channels: Option<Vec<String>>,
+    socket_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Batch<'a> {
+    #[serde(borrow)]
+    batch: Vec<Event<'a>>,
+}
+
+/// Decides what `request` asks of the app `app` at `now_secs` (Unix time,
+/// seconds; for the signature's timestamp).
+pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
+    let reply = |status, msg: &str| Outcome::Respond(Response::error(status, msg));
+    let Some(rest) = request.path.strip_prefix(API_PATH) else {
+        return reply(404, "no such endpoint");
+    };
+    let (app_id, endpoint) = rest.split_once('/').unwrap_or((rest, ""));
+    if app_id != app.id {
+        return reply(404, &format!("no app with id {app_id:?}"));
+    }
+    let signed = ApiRequest {
+        method: &request.method,
+        path: &request.path,
+        query: &request.query,
+        body: &request.body,
+    };
+    if let Err(e) = sign::verify_api_request(&signed, &app.key, &app.secret, now_secs) {
+        return reply(401, &e.to_string());
+    }
+    match (request.method.as_str(), endpoint) {
+        ("POST", "events") => match serde_json::from_slice::<Event<'_>>(&request.body) {
+            Ok(event) => match publishes(&event, app) {
+                Ok(p) => Outcome::Publish(p),
+                Err(r) => Outcome::Respond(r),
+            },
+            Err(e) => reply(400, &format!("body is not an event: {e}")),
+        },
+        ("POST", "batch_events") => match serde_json::from_slice::<Batch<'_>>(&request.body) {
+            Ok(batch) if batch.batch.len() > app.max_batch_events => reply(
+                400,
+                &format!(
+                    "{} events in one batch; the limit is {}",
+                    batch.batch.len(),
+                    app.max_batch_events
+                ),
+            ),
+            Ok(batch) => {
+                let mut all = Vec::new();
+                for event in &batch.batch {
+                    match publishes(event, app) {
+                        Ok(p) => all.extend(p),
+                        Err(r) => return Outcome::Respond(r),
+                    }
+                }
+                Outcome::Publish(all)
+            }
+            Err(e) => reply(400, &format!("body is not a batch of events: {e}")),
+        },
+        (_, "events" | "batch_events") => reply(405, "use POST"),
+        _ => reply(
+            404,
+            &format!("no endpoint {endpoint:?}; this server serves events and batch_events"),
+        ),
+    }
+}
+
+/// The publications of one event, or why it is refused.
+fn publishes(event: &Event<'_>, app: &PusherApp) -> Result<Vec<Publish>, Response> {
+    let bad = |msg: String| Response::error(400, &msg);
+    let name = event
+        .name
+        .as_deref()
+        .ok_or_else(|| bad("name is required".into()))?;
+    if name.is_empty() || name.len() > MAX_EVENT_NAME_BYTES {
+        return Err(bad(format!(
+            "name must be 1 to {MAX_EVENT_NAME_BYTES} bytes"
+        )));
+    }
+    let raw = event.data.ok_or_else(|| bad("data is required".into()))?;
+    // The SDKs send data as a string (JSON-encoded by them); any other
+    // JSON value is taken as its text.
+    let data: String =
+        serde_json::from_str::<String>(raw.get()).unwrap_or_else(|_| raw.get().to_string());
+    if data.len() > app.max_event_bytes {
+        return Err(Response::error(
+            413,
+            &format!(
+                "data is {} bytes; the limit is {}",
+                data.len(),
+                app.max_event_bytes
+            ),
+        ));
+    }
+    let channels: Vec<&str> = match (&event.channel, &event.channels) {
+        (Some(c), None) => vec![c.as_str()],
+        (None, Some(cs)) => cs.iter().map(String::as_str).collect(),
+        (Some(_), Some(_)) => return Err(bad("give channel or channels, not both".into())),
+        (None, None) => return Err(bad("channel or channels is required".into())),
+    };
+    if channels.is_empty() || channels.len() > app.max_channels_per_trigger {
+        return Err(bad(format!(
+            "{} channels; 1 to {} are allowed",
+            channels.len(),
+            app.max_channels_per_trigger
+        )));
+    }
+    if let Some(s) = &event.socket_id {
+        if !valid_socket_id(s) {
+            return Err(bad(format!("socket_id {s:?} is not of the form 123.456")));
+        }
+    }
+    let mut out = Vec::with_capacity(channels.len());
+    for c in channels {
+        if let Err(e) = channel::validate(c) {
+            return Err(bad(format!("channel {c:?}: {e}")));
+        }
+        if ChannelKind::of(c).kind == Kind::ServerToUser {
+            return Err(bad(
+                "#server-to-user- channels are not supported by this server yet".into(),
+            ));
+        }
+        out.push(Publish {
+            channel: c.to_string(),
+            body: body::event(
+                name,
+                false,
+                None,
+                event.socket_id.as_deref(),
+                data.as_bytes(),
+            ),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> PusherApp {
+        PusherApp {
+            id: "1".into(),
+            key: "k".into(),
+            secret: b"s".to_vec(),
+            client_events: false,
+            activity_timeout_secs: 120,
+            max_event_bytes: 100,
+            max_channels_per_trigger: 3,
+            max_batch_events: 2,
+        }
+    }
+
+    fn signed(method: &str, path: &str, body: &str) -> Request {
+        let query = sign::sign_api_request(method, path, &[], body.as_bytes(), "k", b"s", 1000);
+        Request {
+            method: method.into(),
+            path: path.into(),
+            query,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn status(o: Outcome) -> u16 {
+        match o {
+            Outcome::Respond(r) => r.status,
+            Outcome::Publish(_) => 200,
+        }
+    }
+
+    #[test]
+    fn reads_a_request_in_pieces_and_bounds_it() {
+        let raw = b"POST /apps/1/events?a=b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+        let mut r = RequestReader::new(1024, 100);
+        assert!(r.feed(&raw[..20]).unwrap().is_none());
+        assert!(r.feed(&raw[20..raw.len() - 2]).unwrap().is_none());
+        let req = r.feed(&raw[raw.len() - 2..]).unwrap().unwrap();
+        assert_eq!(
+            (
+                req.method.as_str(),
+                req.path.as_str(),
+                req.query.as_str(),
+                &req.body[..]
+            ),
+            ("POST", "/apps/1/events", "a=b", &b"hello"[..])
+        );
+        let big = b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n";
+        assert_eq!(
+            RequestReader::new(1024, 100).feed(big).unwrap_err().status,
+            413
+        );
+        let chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            RequestReader::new(1024, 100)
+                .feed(chunked)
+                .unwrap_err()
+                .status,
+            400
+        );
+        assert_eq!(
+            RequestReader::new(16, 100)
+                .feed(b"POST /aaaaaaaaaaaaaaaaaaaaaa")
+                .unwrap_err()
+                .status,
+            431
+        );
+        assert_eq!(
+            RequestReader::new(1024, 100)
+                .feed(b"\x01\x02 x\r\n\r\n")
+                .unwrap_err()
+                .status,
+            400
+        );
+    }
+
+    #[test]
+    fn an_event_becomes_one_publication_per_channel() {
+        let body = r#"{"name":"ev","data":"{\"a\":1}","channels":["a","b"],"socket_id":"1.2"}"#;
+        let Outcome::Publish(p) = handle(&signed("POST", "/apps/1/events", body), &app(), 1000)
+        else {
+            panic!("not published");
+        };
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[1].channel, "b");
+        let b = body::decode(&p[0].body);
+        assert_eq!(b.event, Some("ev"));
+        assert_eq!(b.data, br#"{"a":1}"#);
+        assert_eq!(b.exclude, Some("1.2"));
+        assert!(!b.raw_json);
+    }
+
+    #[test]
+    fn a_batch_publishes_every_event_in_order() {
+        let body = r#"{"batch":[{"name":"e1","data":"1","channel":"a"},{"name":"e2","data":"2","channel":"b"}]}"#;
+        let Outcome::Publish(p) =
+            handle(&signed("POST", "/apps/1/batch_events", body), &app(), 1000)
+        else {
+            panic!("not published");
+        };
+        assert_eq!(
+            p.iter().map(|p| p.channel.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        let three = r#"{"batch":[{"name":"e","data":"1","channel":"a"},{"name":"e","data":"1","channel":"a"},{"name":"e","data":"1","channel":"a"}]}"#;
+        assert_eq!(
+            status(handle(
+                &signed("POST", "/apps/1/batch_events", three),
+                &app(),
+                1000
+            )),
+            400
+        );
+    }
+
+    #[test]
+    fn bad_requests_get_their_status() {
+        let ok = r#"{"name":"ev","data":"x","channel":"a"}"#;
+        let cases: [(Request, u16); 11] = [
+            (signed("POST", "/apps/2/events", ok), 404),
+            (signed("GET", "/apps/1/events", ""), 405),
+            (signed("POST", "/apps/1/nothing", ok), 404),
+            (signed("POST", "/apps/1/events", "not json"), 400),
+            (
+                signed("POST", "/apps/1/events", r#"{"data":"x","channel":"a"}"#),
+                400,
+            ),
+            (
+                signed("POST", "/apps/1/events", r#"{"name":"e","channel":"a"}"#),
+                400,
+            ),
+            (
+                signed("POST", "/apps/1/events", r#"{"name":"e","data":"x"}"#),
+                400,
+            ),
+            (
+                signed(
+                    "POST",
+                    "/apps/1/events",
+                    r#"{"name":"e","data":"x","channels":["a","b","c","d"]}"#,
+                ),
+                400,
+            ),
+            (
+                signed(
+                    "POST",
+                    "/apps/1/events",
+                    &format!(
+                        r#"{{"name":"e","data":"{}","channel":"a"}}"#,
+                        "x".repeat(101)
+                    ),
+                ),
+                413,
+            ),
+            (
+                signed(
+                    "POST",
+                    "/apps/1/events",
+                    r#"{"name":"e","data":"x","channel":"a b"}"#,
+                ),
+                400,
+            ),
+            (
+                signed(
+                    "POST",
+                    "/apps/1/events",
+                    r#"{"name":"e","data":"x","channel":"a","socket_id":"nope"}"#,
+                ),
+                400,
+            ),
+        ];
+        for (req, want) in cases {
+            let body = String::from_utf8_lossy(&req.body).into_owned();
+            assert_eq!(
+                status(handle(&req, &app(), 1000)),
+                want,
+                "{} {} {body}",
+                req.method,
+                req.path
+            );
+        }
+        // Signature problems are 401, before the body is looked at.
+        let mut stale = signed("POST", "/apps/1/events", ok);
+        assert_eq!(status(handle(&stale, &app(), 5000)), 401);
+        stale.body = br#"{"name":"ev","data":"y","channel":"a"}"#.to_vec();
+        assert_eq!(status(handle(&stale, &app(), 1000)), 401);
+    }
+
+    #[test]
+    fn responses_are_json_and_close_the_connection() {
+        let r = Response::error(401, "invalid signature").to_bytes();
+        let text = String::from_utf8(r).unwrap();
+        assert!(text.starts_with("HTTP/1.1 401 Unauthorized\r\n"));
+        assert!(text.contains("Connection: close\r\n"));
+        assert!(text.ends_with(r#"{"error":"invalid signature"}"#));
+    }
+}

@@ -1,0 +1,321 @@
+//! Pusher Channels connections (protocol 7) on the neutral state: the
+//! connection is established at the upgrade (`pusher:connection_established`
+//! with its `socket_id`), a channel's kind and the app's signature decide
+//! who may subscribe, and client events are publications that carry their
+//! event name and their sender's `socket_id` (so the sender is left out of
+//! the fan-out without re-encoding). Messages are read and written by
+//! `protocol::pusher`; replies to the neutral requests go through
+//! [`super::form`] like every other form's.
+
+use bytes::Bytes;
+
+use super::connections::Phase;
+use super::form::{CloseCause, Form, Reply, SocketId};
+use super::State;
+use crate::bus::ReplyTo;
+use crate::metrics::Limit;
+use crate::protocol::pusher::channel::{ChannelKind, Kind};
+use crate::protocol::pusher::message::{self, ClientMessage, Writer};
+use crate::protocol::pusher::sign;
+use crate::protocol::ws::{self, OpCode};
+use crate::protocol::{body, channel};
+use crate::shard::slab::ConnId;
+
+/// The path prefix of the Pusher WebSocket endpoint: `/app/{key}`.
+pub const PUSHER_PATH: &str = "/app/";
+
+impl State {
+    /// This connection's Pusher `socket_id`.
+    pub(super) fn socket_id(&self, id: ConnId) -> SocketId {
+        SocketId {
+            prefix: self.settings.socket_prefix,
+            conn: id.as_u64(),
+        }
+    }
+
+    /// Whether `key` names the Pusher app this server serves, and the
+    /// `?protocol=` of `query` is one it speaks: the close cause if not.
+    pub fn pusher_refusal(&self, key: &str, query: Option<&str>) -> Option<CloseCause> {
+        use crate::protocol::pusher::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+        match &self.settings.pusher {
+            Some(app) if app.key == key => {}
+            _ => return Some(CloseCause::UnknownApp(key.to_string())),
+        }
+        let version = query.and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "protocol")
+                .map(|(_, v)| v.into_owned())
+        });
+        match version {
+            None => Some(CloseCause::ProtocolVersion(None)),
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&n) => None,
+                _ => Some(CloseCause::ProtocolVersion(Some(v))),
+            },
+        }
+    }
+
+    /// The upgrade on `/app/{key}` succeeded: queue the 101 `response`,
+    /// then `pusher:connection_established`, or, with `refuse`, the close
+    /// the Pusher protocol gives it (4001 unknown app, 4007/4008 protocol
+    /// version: pusher-js reads them from the close frame, so the upgrade
+    /// itself is accepted).
+    pub fn accept_pusher(&mut self, id: ConnId, response: Vec<u8>, refuse: Option<CloseCause>) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            // No Connect step: the app key was the credential.
+            conn.phase = Phase::Open { connected: true };
+            conn.form = Form::Pusher;
+        }
+        self.enqueue(id, Bytes::from(response));
+        if let Some(cause) = refuse {
+            self.close(id, &cause);
+            return;
+        }
+        let timeout = self
+            .settings
+            .pusher
+            .as_ref()
+            .map_or(120, |a| a.activity_timeout_secs);
+        let socket_id = self.socket_id(id).to_string();
+        let mut w = Writer::new();
+        let frame = text_frame(w.connection_established(&socket_id, timeout));
+        if let Some(conn) = self.conns.get(id) {
+            tracing::debug!(
+                shard = self.shard,
+                peer = %conn.peer,
+                socket_id = %socket_id,
+                "pusher connection established"
+            );
+        }
+        self.enqueue(id, frame);
+    }
+
+    /// Handles one text message. Pusher connections speak JSON in text
+    /// frames; the native endpoint refuses them (1003). A message that is
+    /// not valid Pusher JSON is answered with `pusher:error` and the
+    /// connection stays.
+    pub fn on_client_text(&mut self, id: ConnId, text: &[u8]) -> Result<(), CloseCause> {
+        if self.form_of(id) != Form::Pusher {
+            return Err(CloseCause::UnsupportedData(
+                "text frames are not accepted on /ws: send binary FlatBuffers frames",
+            ));
+        }
+        self.counters.messages_in += 1;
+        let (rate, burst, max_strikes) = {
+            let l = &self.settings.limits;
+            (l.messages_per_second, l.message_burst, l.rate_limit_strikes)
+        };
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else {
+            return Ok(());
+        };
+        if !conn.bucket.take(now, rate, burst) {
+            conn.strikes += 1;
+            if conn.strikes >= max_strikes {
+                self.counters.limit(Limit::Rate);
+                return Err(CloseCause::RateLimited {
+                    per_second: rate,
+                    strikes: max_strikes,
+                });
+            }
+            let msg = format!("over {rate} messages/s; this message was dropped");
+            self.pusher_error(
+                id,
+                Some(crate::protocol::pusher::close::CLIENT_EVENT_RATE),
+                &msg,
+            );
+            return Ok(());
+        }
+        conn.strikes = 0;
+        // The session validated UTF-8 (RFC 6455 §8.1); 1007 otherwise.
+        let Ok(text) = std::str::from_utf8(text) else {
+            return Err(CloseCause::InvalidMessage("text is not UTF-8".into()));
+        };
+        match message::parse(text) {
+            Err(e) => self.pusher_error(id, None, &e.to_string()),
+            Ok(ClientMessage::Ping) => self.reply(id, 0, Reply::Pong),
+            // Any traffic counts as a sign of life (`received`).
+            Ok(ClientMessage::Pong) => {}
+            Ok(ClientMessage::Subscribe {
+                channel,
+                auth,
+                channel_data,
+            }) => self.pusher_subscribe(id, &channel, auth.as_deref(), channel_data.as_deref()),
+            Ok(ClientMessage::Unsubscribe { channel }) => {
+                let subscribed = self
+                    .conns
+                    .get(id)
+                    .is_some_and(|c| c.subs.iter().any(|s| **s == *channel));
+                // Pusher answers no unsubscribe, and one of a channel not
+                // subscribed is no error there.
+                if subscribed {
+                    self.unsubscribe(id, 0, &channel);
+                }
+            }
+            Ok(ClientMessage::Signin { .. }) => self.pusher_error(
+                id,
+                None,
+                "pusher:signin is not supported by this server yet",
+            ),
+            Ok(ClientMessage::ClientEvent {
+                event,
+                channel,
+                data,
+            }) => self.pusher_client_event(id, &event, &channel, data.get()),
+        }
+        Ok(())
+    }
+
+    fn pusher_subscribe(
+        &mut self,
+        id: ConnId,
+        name: &str,
+        auth: Option<&str>,
+        channel_data: Option<&str>,
+    ) {
+        let Some(app) = self.settings.pusher.clone() else {
+            return;
+        };
+        if let Err(e) = channel::validate(name) {
+            return self.subscription_error(id, name, "InvalidChannel", &e.to_string(), 400);
+        }
+        let kind = ChannelKind::of(name);
+        match kind.kind {
+            Kind::ServerToUser => {
+                return self.subscription_error(
+                    id,
+                    name,
+                    "AuthError",
+                    "#server-to-user- channels cannot be subscribed to by clients",
+                    403,
+                )
+            }
+            Kind::Presence => {
+                return self.subscription_error(
+                    id,
+                    name,
+                    "UnsupportedChannel",
+                    "presence channels are not supported on the Pusher endpoint yet",
+                    501,
+                )
+            }
+            Kind::Public if crate::auth::is_protected(name) => {
+                // A native protected channel (`user:…`) has no Pusher
+                // signature that could open it.
+                return self.subscription_error(
+                    id,
+                    name,
+                    "AuthError",
+                    "this channel is only for native clients with a token that grants it",
+                    403,
+                );
+            }
+            _ => {}
+        }
+        if kind.needs_auth() {
+            let Some(auth) = auth else {
+                return self.subscription_error(
+                    id,
+                    name,
+                    "AuthError",
+                    "auth is required for private and presence channels",
+                    401,
+                );
+            };
+            let socket_id = self.socket_id(id).to_string();
+            let data = (kind.kind == Kind::Presence)
+                .then_some(channel_data)
+                .flatten();
+            let signed = sign::channel_string_to_sign(&socket_id, name, data);
+            if let Err(e) = sign::verify_auth(&app.key, &app.secret, &signed, auth) {
+                return self.subscription_error(id, name, "AuthError", &e.to_string(), 401);
+            }
+        }
+        let Some(conn) = self.conns.get(id) else {
+            return;
+        };
+        if conn.subs.iter().any(|s| &**s == name) {
+            // Subscribed already: pusher-js only waits for the answer.
+            return self.reply(
+                id,
+                0,
+                Reply::Subscribed {
+                    channel: name,
+                    at: crate::bus::Position {
+                        epoch: 0,
+                        offset: 0,
+                    },
+                    recovered: false,
+                },
+            );
+        }
+        let max = self.settings.max_subscriptions;
+        if conn.subs.len() >= max {
+            let msg = format!("at most {max} subscriptions per connection");
+            return self.subscription_error(id, name, "LimitReached", &msg, 403);
+        }
+        self.subscribe_as(id, 0, name, None, true);
+    }
+
+    fn pusher_client_event(&mut self, id: ConnId, event: &str, name: &str, data: &str) {
+        let Some(app) = self.settings.pusher.clone() else {
+            return;
+        };
+        if !app.client_events {
+            return self.pusher_error(id, None, "client events are not enabled for this app");
+        }
+        if !ChannelKind::of(name).allows_client_events() {
+            let msg = format!(
+                "client events are only allowed on private and presence channels, not on {name}"
+            );
+            return self.pusher_error(id, None, &msg);
+        }
+        let subscribed = self
+            .conns
+            .get(id)
+            .is_some_and(|c| c.subs.iter().any(|s| &**s == name));
+        if !subscribed {
+            let msg = format!("subscribe to {name} before sending client events on it");
+            return self.pusher_error(id, None, &msg);
+        }
+        if data.len() > app.max_event_bytes {
+            let msg = format!(
+                "client event data is {} bytes; the limit is {}",
+                data.len(),
+                app.max_event_bytes
+            );
+            return self.pusher_error(id, None, &msg);
+        }
+        let socket_id = self.socket_id(id).to_string();
+        let body = body::event(event, true, None, Some(&socket_id), data.as_bytes());
+        let reply_to = ReplyTo {
+            conn: id.as_u64(),
+            request: 0,
+        };
+        self.bus.publish(name, body, None, reply_to, self.unix_us);
+        self.bus_pending = true;
+    }
+
+    fn subscription_error(
+        &mut self,
+        id: ConnId,
+        channel: &str,
+        kind: &str,
+        error: &str,
+        status: u16,
+    ) {
+        let mut w = Writer::new();
+        let frame = text_frame(w.subscription_error(channel, kind, error, status));
+        self.enqueue(id, frame);
+    }
+
+    fn pusher_error(&mut self, id: ConnId, code: Option<u16>, message: &str) {
+        let mut w = Writer::new();
+        let frame = text_frame(w.error(code, message));
+        self.enqueue(id, frame);
+    }
+}
+
+fn text_frame(text: &str) -> Bytes {
+    ws::frame(OpCode::Text, text.as_bytes())
+}
