@@ -161,6 +161,11 @@ pub struct PusherConfig {
     pub max_channels_per_trigger: u32,
     /// Most events in one `batch_events` request (Pusher: 10).
     pub max_batch_events: u32,
+    /// Most members of one presence channel (Pusher: 100); a subscription
+    /// beyond gets `pusher:subscription_error` (`LimitReached`).
+    pub presence_max_members: u32,
+    /// Largest `user_info` of a presence member, in bytes (Pusher: 1 KB).
+    pub presence_max_user_info_bytes: u32,
 }
 
 impl Default for PusherConfig {
@@ -174,6 +179,8 @@ impl Default for PusherConfig {
             max_event_bytes: 10_240,
             max_channels_per_trigger: 100,
             max_batch_events: 10,
+            presence_max_members: 100,
+            presence_max_user_info_bytes: 1024,
         }
     }
 }
@@ -811,6 +818,16 @@ impl Config {
             1..=1000,
         )?;
         check("pusher.max_batch_events", p.max_batch_events, 1..=1000)?;
+        check(
+            "pusher.presence_max_members",
+            p.presence_max_members,
+            1..=100_000,
+        )?;
+        check(
+            "pusher.presence_max_user_info_bytes",
+            p.presence_max_user_info_bytes,
+            2..=65_536,
+        )?;
         if p.app_key.is_empty() {
             return Ok(());
         }

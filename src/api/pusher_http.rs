@@ -339,6 +339,8 @@ mod tests {
             max_event_bytes: 100,
             max_channels_per_trigger: 3,
             max_batch_events: 2,
+            presence_max_members: 100,
+            presence_max_user_info_bytes: 1024,
         }
     }
 

@@ -172,6 +172,10 @@ pub struct PusherApp {
     pub max_channels_per_trigger: usize,
     /// `pusher.max_batch_events`.
     pub max_batch_events: usize,
+    /// `pusher.presence_max_members`.
+    pub presence_max_members: usize,
+    /// `pusher.presence_max_user_info_bytes`, in bytes.
+    pub presence_max_user_info_bytes: usize,
 }
 
 impl PusherApp {
@@ -186,6 +190,8 @@ impl PusherApp {
             max_event_bytes: c.max_event_bytes as usize,
             max_channels_per_trigger: c.max_channels_per_trigger as usize,
             max_batch_events: c.max_batch_events as usize,
+            presence_max_members: c.presence_max_members as usize,
+            presence_max_user_info_bytes: c.presence_max_user_info_bytes as usize,
         })
     }
 }

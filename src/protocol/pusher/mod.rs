@@ -15,6 +15,7 @@
 
 pub mod channel;
 pub mod message;
+pub mod presence;
 pub mod sign;
 
 /// The protocol version this server speaks (`?protocol=7` in the

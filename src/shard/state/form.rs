@@ -15,6 +15,7 @@ use crate::bus::{Position, Publication};
 use crate::protocol::body;
 use crate::protocol::compression::{self, CompressionError, Compressor, Decompressor};
 use crate::protocol::pusher::message::{Data, Writer};
+use crate::protocol::pusher::presence;
 use crate::protocol::wire::{self, ClientRequest, DecodeLimits, Encoder, ErrorCode};
 use crate::protocol::ws::{self, OpCode};
 
@@ -327,10 +328,21 @@ fn pusher_reply(reply: Reply<'_>) -> Option<String> {
             // kind of failure.
             w.error(None, &format!("{code:?}: {message}"))
         }
-        Reply::Connected { .. }
-        | Reply::Unsubscribed { .. }
-        | Reply::PublishAck { .. }
-        | Reply::Members { .. } => return None,
+        // Only asked for a presence subscription's answer (see
+        // `State::reply`): subscription_succeeded with the members, each
+        // user once.
+        Reply::Members { channel, users } => {
+            let mut members: Vec<(&str, &str)> = users
+                .iter()
+                .filter_map(|k| presence::parse_member_key(k))
+                .collect();
+            members.sort_unstable_by_key(|m| m.0);
+            members.dedup_by_key(|m| m.0);
+            w.presence_succeeded(channel, members.iter().copied())
+        }
+        Reply::Connected { .. } | Reply::Unsubscribed { .. } | Reply::PublishAck { .. } => {
+            return None
+        }
     };
     Some(text.to_string())
 }
@@ -497,7 +509,10 @@ impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
                 user,
                 joined,
             } => {
-                let text = w.member(channel, user, joined.then_some("null"));
+                // A native client's user (not a Pusher member key) shows
+                // as its name with no info.
+                let (id, info) = presence::parse_member_key(user).unwrap_or((user, "null"));
+                let text = w.member(channel, id, joined.then_some(info));
                 ws::write_header(&mut out, OpCode::Text, true, text.len());
                 out.extend_from_slice(text.as_bytes());
             }

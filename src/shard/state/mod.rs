@@ -119,6 +119,8 @@ pub struct State {
     presence_queries: HashMap<u64, (ConnId, u32)>,
     /// HTTP API requests waiting for the bus, by connection.
     api_waits: HashMap<ConnId, api::ApiWait>,
+    /// Pusher connections' members on presence channels.
+    pusher_members: presence::PusherMembers,
     next_presence_query: u64,
     compressor: Compressor,
     decompressor: Decompressor,
@@ -173,6 +175,7 @@ impl State {
             next_recovery: 0,
             presence_queries: HashMap::new(),
             api_waits: HashMap::new(),
+            pusher_members: HashMap::new(),
             next_presence_query: 0,
             compressor,
             decompressor,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::connections::Conn;
 use super::fanout::Fanout;
-use super::form::{Broadcast, Frames, Reply};
+use super::form::{Broadcast, Form, Frames, Reply};
 use super::subscriptions::ChannelState;
 use super::State;
 use crate::bus::{self, BusError};
@@ -71,6 +71,29 @@ impl State {
             user,
             joined,
         };
+        // Pusher sends member_added and member_removed to the other
+        // members: the user's own connections know (they joined).
+        let own: Vec<ConnId> = ch
+            .subscribers
+            .iter()
+            .copied()
+            .filter(|&c| {
+                self.pusher_members
+                    .get(&(c, name.clone()))
+                    .is_some_and(|m| **m == *user)
+            })
+            .collect();
+        let to: std::borrow::Cow<'_, [ConnId]> = if own.is_empty() {
+            std::borrow::Cow::Borrowed(&ch.subscribers)
+        } else {
+            std::borrow::Cow::Owned(
+                ch.subscribers
+                    .iter()
+                    .copied()
+                    .filter(|c| !own.contains(c))
+                    .collect(),
+            )
+        };
         let mut frames = Frames::new(&what, &mut self.encoder, &mut self.compressor);
         Fanout {
             conns: &mut self.conns,
@@ -79,8 +102,8 @@ impl State {
             budget: self.settings.outbound_budget,
             socket_prefix: self.settings.socket_prefix,
         }
-        .send(&ch.subscribers, None, &mut frames);
-        self.counters.messages_out += ch.subscribers.len() as u64;
+        .send(&to, None, &mut frames);
+        self.counters.messages_out += to.len() as u64;
     }
 
     /// The bus answered a presence query.
@@ -95,6 +118,9 @@ impl State {
         };
         match result {
             Ok(users) => {
+                if self.pusher_over_member_limit(id, &channel, &users) {
+                    return;
+                }
                 let Some(frame) = self.reply_frame(
                     id,
                     request,
@@ -127,14 +153,25 @@ impl State {
 /// The user whose membership a subscription of connection `id` to
 /// `channel` counts for: authenticated connections on presence channels
 /// only (anonymous ones cannot subscribe to those anyway).
+/// A Pusher connection's member on a presence channel is the one its
+/// subscription's `channel_data` named (`pusher_members`).
 pub(super) fn presence_user<'a>(
     conns: &'a Slab<Conn>,
+    pusher_members: &'a PusherMembers,
     id: ConnId,
     channel: &str,
 ) -> Option<&'a str> {
     if !bus::is_presence(channel) {
         return None;
     }
-    let user = conns.get(id)?.identity.as_deref()?.user.as_str();
+    let conn = conns.get(id)?;
+    if conn.form == Form::Pusher {
+        return pusher_members.get(&(id, Arc::from(channel))).map(|m| &**m);
+    }
+    let user = conn.identity.as_deref()?.user.as_str();
     (!user.is_empty()).then_some(user)
 }
+
+/// The member key (`protocol::pusher::presence::member_key`) of each
+/// Pusher connection subscribed to a presence channel.
+pub(super) type PusherMembers = std::collections::HashMap<(ConnId, Arc<str>), Arc<str>>;

@@ -7,6 +7,8 @@
 //! `protocol::pusher`; replies to the neutral requests go through
 //! [`super::form`] like every other form's.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::connections::Phase;
@@ -16,7 +18,7 @@ use crate::bus::ReplyTo;
 use crate::metrics::Limit;
 use crate::protocol::pusher::channel::{ChannelKind, Kind};
 use crate::protocol::pusher::message::{self, ClientMessage, Writer};
-use crate::protocol::pusher::sign;
+use crate::protocol::pusher::{presence, sign};
 use crate::protocol::ws::{self, OpCode};
 use crate::protocol::{body, channel};
 use crate::shard::slab::ConnId;
@@ -190,15 +192,6 @@ impl State {
                     403,
                 )
             }
-            Kind::Presence => {
-                return self.subscription_error(
-                    id,
-                    name,
-                    "UnsupportedChannel",
-                    "presence channels are not supported on the Pusher endpoint yet",
-                    501,
-                )
-            }
             Kind::Public if crate::auth::is_protected(name) => {
                 // A native protected channel (`user:…`) has no Pusher
                 // signature that could open it.
@@ -212,6 +205,25 @@ impl State {
             }
             _ => {}
         }
+        let member = if kind.kind == Kind::Presence {
+            let parsed = channel_data
+                .ok_or(presence::ChannelDataError::Malformed)
+                .and_then(|d| presence::parse_channel_data(d, app.presence_max_user_info_bytes));
+            match parsed {
+                Ok(m) => Some(presence::member_key(&m)),
+                Err(e) => {
+                    return self.subscription_error(
+                        id,
+                        name,
+                        "InvalidChannelData",
+                        &e.to_string(),
+                        400,
+                    )
+                }
+            }
+        } else {
+            None
+        };
         if kind.needs_auth() {
             let Some(auth) = auth else {
                 return self.subscription_error(
@@ -254,7 +266,66 @@ impl State {
             let msg = format!("at most {max} subscriptions per connection");
             return self.subscription_error(id, name, "LimitReached", &msg, 403);
         }
+        if let Some(member) = member {
+            // Counted as this member from the subscription on (see
+            // `presence_user`), until it leaves the channel.
+            self.pusher_members
+                .insert((id, Arc::from(name)), Arc::from(member));
+        }
         self.subscribe_as(id, 0, name, None, true);
+    }
+
+    /// A Pusher presence subscription took effect: its answer
+    /// (`subscription_succeeded` with the members) waits for the member
+    /// list.
+    pub(super) fn pusher_presence_members(&mut self, id: ConnId, channel: &str) {
+        self.next_presence_query += 1;
+        let token = self.next_presence_query;
+        self.presence_queries.insert(token, (id, 0));
+        self.bus.presence_members(channel, token);
+        self.bus_pending = true;
+    }
+
+    /// For a Pusher connection that just joined `channel`: whether the
+    /// channel has more members than the app allows
+    /// (`pusher.presence_max_members`); if so the subscription is undone
+    /// and refused (`LimitReached`).
+    pub(super) fn pusher_over_member_limit(
+        &mut self,
+        id: ConnId,
+        channel: &Arc<str>,
+        members: &[Arc<str>],
+    ) -> bool {
+        if self.form_of(id) != Form::Pusher {
+            return false;
+        }
+        let Some(max) = self
+            .settings
+            .pusher
+            .as_ref()
+            .map(|a| a.presence_max_members)
+        else {
+            return false;
+        };
+        let mut ids: Vec<&str> = members
+            .iter()
+            .filter_map(|m| presence::parse_member_key(m).map(|(id, _)| id))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() <= max {
+            return false;
+        }
+        let subscribed = self
+            .conns
+            .get(id)
+            .is_some_and(|c| c.subs.iter().any(|s| s == channel));
+        if subscribed {
+            self.unsubscribe(id, 0, channel);
+        }
+        let msg = format!("{channel} has more than {max} members");
+        self.subscription_error(id, channel, "LimitReached", &msg, 403);
+        true
     }
 
     fn pusher_client_event(&mut self, id: ConnId, event: &str, name: &str, data: &str) {
@@ -287,7 +358,14 @@ impl State {
             return self.pusher_error(id, None, &msg);
         }
         let socket_id = self.socket_id(id).to_string();
-        let body = body::event(event, true, None, Some(&socket_id), data.as_bytes());
+        // On presence channels the event says who sent it (the member the
+        // sender's signed channel_data named).
+        let user = self
+            .pusher_members
+            .get(&(id, Arc::from(name)))
+            .and_then(|m| presence::parse_member_key(m))
+            .map(|(user_id, _)| user_id);
+        let body = body::event(event, true, user, Some(&socket_id), data.as_bytes());
         let reply_to = ReplyTo {
             conn: id.as_u64(),
             request: 0,

@@ -30,6 +30,13 @@ impl State {
     /// path every answer takes, whatever the connection speaks (a form
     /// whose protocol has no such answer queues nothing).
     pub(super) fn reply(&mut self, id: ConnId, request: u32, reply: Reply<'_>) {
+        if let Reply::Subscribed { channel, .. } = &reply {
+            // Pusher's answer to a presence subscription carries the
+            // members: it waits for them.
+            if self.form_of(id) == form::Form::Pusher && crate::bus::is_presence(channel) {
+                return self.pusher_presence_members(id, channel);
+            }
+        }
         if let Some(frame) = self.reply_frame(id, request, reply) {
             self.enqueue(id, frame);
         }

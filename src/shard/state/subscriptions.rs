@@ -87,7 +87,7 @@ impl State {
         }
         // Before any unsubscribe below: the bus expects a shard's members
         // to leave before its interest does.
-        if let Some(user) = presence_user(&self.conns, id, name) {
+        if let Some(user) = presence_user(&self.conns, &self.pusher_members, id, name) {
             if let Some(n) = ch.members.get_mut(user) {
                 *n -= 1;
                 if *n == 0 {
@@ -96,6 +96,9 @@ impl State {
                     self.bus_pending = true;
                 }
             }
+        }
+        if !self.pusher_members.is_empty() {
+            self.pusher_members.remove(&(id, name.clone()));
         }
         if ch.is_unused() {
             self.channels.remove(name);
@@ -165,22 +168,21 @@ impl State {
                 recovering: Vec::new(),
                 members: HashMap::new(),
             });
-        match &mut ch.state {
+        let live = match &mut ch.state {
             ChannelState::Pending { waiters } => {
                 waiters.push((id, request, recover));
                 if waiters.len() == 1 && ch.subscribers.is_empty() && ch.recovering.is_empty() {
                     self.bus.subscribe(&key);
                     self.bus_pending = true;
                 }
+                None
             }
-            ChannelState::Active { last } => {
-                let last = *last;
-                self.start_subscription(id, request, &key, last, recover);
-            }
-        }
+            ChannelState::Active { last } => Some(*last),
+        };
         // After the bus subscribe above: a shard's members join after its
-        // interest.
-        if let Some(user) = presence_user(&self.conns, id, &key) {
+        // interest. Before the answer below: a member list asked for with
+        // it (Pusher presence) includes this member.
+        if let Some(user) = presence_user(&self.conns, &self.pusher_members, id, &key) {
             if let Some(ch) = self.channels.get_mut(&key) {
                 match ch.members.get_mut(user) {
                     Some(n) => *n += 1,
@@ -191,6 +193,9 @@ impl State {
                     }
                 }
             }
+        }
+        if let Some(last) = live {
+            self.start_subscription(id, request, &key, last, recover);
         }
     }
 
