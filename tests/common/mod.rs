@@ -24,6 +24,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub const WAIT: Duration = Duration::from_secs(20);
 
 mod redis_server;
+pub mod sdk;
 #[allow(unused_imports)] // only the Redis test files use it
 pub use redis_server::{free_port, RedisServer};
 
