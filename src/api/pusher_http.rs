@@ -20,11 +20,17 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::protocol::pusher::channel::{ChannelKind, Kind};
+use crate::protocol::pusher::channel::SERVER_TO_USER_PREFIX;
 use crate::protocol::pusher::message::{valid_socket_id, MAX_EVENT_NAME_BYTES};
 use crate::protocol::pusher::sign::{self, ApiRequest};
 use crate::protocol::{body, channel};
 use crate::shard::PusherApp;
+
+/// The event that `terminate_connections` publishes on a user's
+/// `#server-to-user-` channel: every Pusher connection signed in as that
+/// user that receives it, on any node, is closed (4009) instead. Clients
+/// cannot send it (HTTP API event names may not start with `pusher`).
+pub const TERMINATE_EVENT: &str = "pusher_internal:terminate_connections";
 
 /// The path prefix of the HTTP API: `/apps/{app_id}/…`.
 pub const API_PATH: &str = "/apps/";
@@ -248,6 +254,17 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
             }
             Err(e) => reply(400, &format!("body is not a batch of events: {e}")),
         },
+        ("POST", e) if e.starts_with("users/") && e.ends_with("/terminate_connections") => {
+            let user = &e["users/".len()..e.len() - "/terminate_connections".len()];
+            let channel = format!("{SERVER_TO_USER_PREFIX}{user}");
+            if user.is_empty() || channel::validate(&channel).is_err() {
+                return reply(400, &format!("user id {user:?} is not valid"));
+            }
+            Outcome::Publish(vec![Publish {
+                channel,
+                body: body::event(TERMINATE_EVENT, false, None, None, b""),
+            }])
+        }
         (_, "events" | "batch_events") => reply(405, "use POST"),
         _ => reply(
             404,
@@ -263,6 +280,11 @@ fn publishes(event: &Event<'_>, app: &PusherApp) -> Result<Vec<Publish>, Respons
         .name
         .as_deref()
         .ok_or_else(|| bad("name is required".into()))?;
+    if name.starts_with("pusher:") || name.starts_with("pusher_internal:") {
+        return Err(bad(format!(
+            "event name {name:?}: names starting with pusher: or pusher_internal: are reserved"
+        )));
+    }
     if name.is_empty() || name.len() > MAX_EVENT_NAME_BYTES {
         return Err(bad(format!(
             "name must be 1 to {MAX_EVENT_NAME_BYTES} bytes"
@@ -305,11 +327,6 @@ fn publishes(event: &Event<'_>, app: &PusherApp) -> Result<Vec<Publish>, Respons
     for c in channels {
         if let Err(e) = channel::validate(c) {
             return Err(bad(format!("channel {c:?}: {e}")));
-        }
-        if ChannelKind::of(c).kind == Kind::ServerToUser {
-            return Err(bad(
-                "#server-to-user- channels are not supported by this server yet".into(),
-            ));
         }
         out.push(Publish {
             channel: c.to_string(),

@@ -17,7 +17,14 @@ use crate::protocol::channel::{self, ChannelError};
 pub use jwt::{Claims, KeyError, TokenError, Verifier};
 
 /// Prefixes of channels that need a token.
-pub const PROTECTED_PREFIXES: [&str; 3] = ["private-", "presence-", channel::PERSONAL_PREFIX];
+pub const PROTECTED_PREFIXES: [&str; 4] = [
+    "private-",
+    "presence-",
+    channel::PERSONAL_PREFIX,
+    // A Pusher user's server-to-user channel: only that signed-in user's
+    // connections (or a token that grants it) may subscribe.
+    crate::protocol::pusher::channel::SERVER_TO_USER_PREFIX,
+];
 
 /// An authenticated connection's identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +40,18 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// A Pusher connection that signed in (`pusher:signin`) as `user`: no
+    /// personal channel, no channel or publish claims, no expiry.
+    pub fn signed_in(user: String) -> Identity {
+        Identity {
+            user,
+            personal: None,
+            expires: None,
+            channels: Vec::new(),
+            publish: None,
+        }
+    }
+
     /// Fails when the token's `sub` has no valid personal channel (its
     /// encoded name would be too long).
     pub fn from_claims(c: Claims) -> Result<Self, ChannelError> {

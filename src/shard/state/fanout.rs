@@ -99,6 +99,9 @@ impl Fanout<'_> {
             let Some(conn) = self.conns.get_mut(id) else {
                 continue;
             };
+            if conn.form == Form::Pusher && frames.pusher_terminates() {
+                self.to_close.push((id, CloseCause::Terminated));
+            }
             if conn.form == Form::Pusher {
                 let socket = SocketId {
                     prefix: self.socket_prefix,
@@ -128,6 +131,11 @@ impl Fanout<'_> {
                 }
             }
             let frame = frames.get(conn.form);
+            if frame.is_empty() {
+                // Nothing for this form (a Pusher broadcast that only
+                // terminates its recipients).
+                continue;
+            }
             if !fits_budget(conn.out.queued_bytes(), frame.len(), self.budget) {
                 self.to_close
                     .push((id, CloseCause::SlowConsumer("outbound budget exceeded")));

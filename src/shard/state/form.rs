@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::api::pusher_http::TERMINATE_EVENT;
 use crate::bus::{Position, Publication};
 use crate::protocol::body;
 use crate::protocol::compression::{self, CompressionError, Compressor, Decompressor};
@@ -112,6 +113,9 @@ pub enum CloseCause {
     PeerClosed(Option<u16>),
     /// Pusher: the app key in the URL names no app (the key).
     UnknownApp(String),
+    /// Pusher: the app ended this signed-in user's connections (HTTP API
+    /// `terminate_connections`).
+    Terminated,
     /// Pusher: `?protocol=` missing (`None`) or a version this server does
     /// not speak.
     ProtocolVersion(Option<String>),
@@ -156,7 +160,7 @@ fn native_close(cause: &CloseCause) -> (u16, String) {
         ),
         CloseCause::PeerClosed(code) => (code.unwrap_or(ws::close::NORMAL), String::new()),
         // Pusher-only causes; a native connection never gets them.
-        CloseCause::UnknownApp(_) | CloseCause::ProtocolVersion(_) => {
+        CloseCause::UnknownApp(_) | CloseCause::ProtocolVersion(_) | CloseCause::Terminated => {
             (ws::close::POLICY_VIOLATION, "not a Pusher endpoint".into())
         }
     }
@@ -191,6 +195,10 @@ fn pusher_close(cause: &CloseCause) -> (u16, String) {
         CloseCause::UnsupportedData(why) => (ws::close::UNSUPPORTED_DATA, (*why).into()),
         CloseCause::Draining => (c::RECONNECT, "server restarting: reconnect".into()),
         CloseCause::PeerClosed(code) => (code.unwrap_or(ws::close::NORMAL), String::new()),
+        CloseCause::Terminated => (
+            c::UNAUTHORIZED,
+            "connection terminated by the app".into(),
+        ),
         CloseCause::UnknownApp(key) => (
             c::APP_NOT_FOUND,
             format!("no app with key {key:?}"),
@@ -409,6 +417,9 @@ pub struct Frames<'b, 'e, P> {
     /// exclusion: a client event's sender, an HTTP API trigger's
     /// `socket_id`), and that socket.
     pusher_excluded: Vec<(std::ops::Range<usize>, SocketId)>,
+    /// Pusher: the broadcast ends its recipients' connections (a user's
+    /// `terminate_connections`).
+    pusher_terminate: bool,
 }
 
 impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
@@ -424,7 +435,15 @@ impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
             built: Default::default(),
             encoded: false,
             pusher_excluded: Vec::new(),
+            pusher_terminate: false,
         }
+    }
+
+    /// Whether Pusher recipients of this broadcast are to be closed
+    /// ([`CloseCause::Terminated`]) after what it carries for them.
+    pub fn pusher_terminates(&mut self) -> bool {
+        self.get(Form::Pusher);
+        self.pusher_terminate
     }
 
     /// For a Pusher connection `socket` that some publications of this
@@ -496,6 +515,10 @@ impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
             Broadcast::Publications { channel, items, .. } => {
                 for p in items {
                     let p = p.borrow();
+                    if body::decode(&p.payload).event == Some(TERMINATE_EVENT) {
+                        self.pusher_terminate = true;
+                        continue;
+                    }
                     let start = out.len();
                     pusher_publication(&mut out, &mut w, channel, p);
                     if let Some(socket) = body::decode(&p.payload).exclude.and_then(SocketId::parse)

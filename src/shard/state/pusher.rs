@@ -16,7 +16,7 @@ use super::form::{CloseCause, Form, Reply, SocketId};
 use super::State;
 use crate::bus::ReplyTo;
 use crate::metrics::Limit;
-use crate::protocol::pusher::channel::{ChannelKind, Kind};
+use crate::protocol::pusher::channel::{ChannelKind, Kind, SERVER_TO_USER_PREFIX};
 use crate::protocol::pusher::message::{self, ClientMessage, Writer};
 use crate::protocol::pusher::{presence, sign};
 use crate::protocol::ws::{self, OpCode};
@@ -154,11 +154,9 @@ impl State {
                     self.unsubscribe(id, 0, &channel);
                 }
             }
-            Ok(ClientMessage::Signin { .. }) => self.pusher_error(
-                id,
-                None,
-                "pusher:signin is not supported by this server yet",
-            ),
+            Ok(ClientMessage::Signin { auth, user_data }) => {
+                self.pusher_signin(id, &auth, &user_data)?
+            }
             Ok(ClientMessage::ClientEvent {
                 event,
                 channel,
@@ -184,13 +182,24 @@ impl State {
         let kind = ChannelKind::of(name);
         match kind.kind {
             Kind::ServerToUser => {
-                return self.subscription_error(
-                    id,
-                    name,
-                    "AuthError",
-                    "#server-to-user- channels cannot be subscribed to by clients",
-                    403,
-                )
+                // pusher-js subscribes its own after pusher:signin; nobody
+                // else may.
+                let user = &name[SERVER_TO_USER_PREFIX.len()..];
+                let own = self
+                    .conns
+                    .get(id)
+                    .and_then(|c| c.identity.as_deref())
+                    .is_some_and(|who| who.user == user);
+                if !own {
+                    return self.subscription_error(
+                        id,
+                        name,
+                        "AuthError",
+                        "only a connection signed in as this user may subscribe to its #server-to-user- channel",
+                        403,
+                    );
+                }
+                return self.subscribe_as(id, 0, name, None, true);
             }
             Kind::Public if crate::auth::is_protected(name) => {
                 // A native protected channel (`user:…`) has no Pusher
@@ -273,6 +282,48 @@ impl State {
                 .insert((id, Arc::from(name)), Arc::from(member));
         }
         self.subscribe_as(id, 0, name, None, true);
+    }
+
+    /// `pusher:signin`: the app's backend signed `user_data` (a JSON object
+    /// with a string `id`) for this `socket_id`; the connection is that user
+    /// from now on (its `#server-to-user-<id>` channel opens to it, and the
+    /// HTTP API's `terminate_connections` reaches it). A bad signature or
+    /// user data closes the connection with 4009, as Pusher does.
+    fn pusher_signin(&mut self, id: ConnId, auth: &str, user_data: &str) -> Result<(), CloseCause> {
+        let Some(app) = self.settings.pusher.clone() else {
+            return Ok(());
+        };
+        let socket_id = self.socket_id(id).to_string();
+        let signed = sign::signin_string_to_sign(&socket_id, user_data);
+        sign::verify_auth(&app.key, &app.secret, &signed, auth)
+            .map_err(|e| CloseCause::AuthFailed(format!("pusher:signin refused: {e}")))?;
+        #[derive(serde::Deserialize)]
+        struct UserData {
+            id: String,
+        }
+        let user = serde_json::from_str::<UserData>(user_data)
+            .ok()
+            .map(|u| u.id)
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| {
+                CloseCause::AuthFailed(
+                    "pusher:signin user_data must be a JSON object with a non-empty string id"
+                        .into(),
+                )
+            })?;
+        channel::validate(&format!("{SERVER_TO_USER_PREFIX}{user}")).map_err(|e| {
+            CloseCause::AuthFailed(format!(
+                "pusher:signin user id {user:?} cannot name a channel: {e}"
+            ))
+        })?;
+        if let Some(conn) = self.conns.get_mut(id) {
+            tracing::debug!(shard = self.shard, peer = %conn.peer, user = %user, "pusher sign-in");
+            conn.identity = Some(Box::new(crate::auth::Identity::signed_in(user)));
+        }
+        let mut w = Writer::new();
+        let frame = text_frame(w.signin_success(user_data));
+        self.enqueue(id, frame);
+        Ok(())
     }
 
     /// A Pusher presence subscription took effect: its answer
