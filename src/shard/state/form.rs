@@ -582,7 +582,10 @@ pub fn publications_frame<P: Borrow<Publication>>(
             let mut out = Vec::new();
             let mut w = Writer::new();
             for p in items {
-                pusher_publication(&mut out, &mut w, channel, p.borrow());
+                let p = p.borrow();
+                if body::decode(&p.payload).event != Some(TERMINATE_EVENT) {
+                    pusher_publication(&mut out, &mut w, channel, p);
+                }
             }
             Bytes::from(out)
         }

@@ -121,6 +121,9 @@ pub struct State {
     api_waits: HashMap<ConnId, api::ApiWait>,
     /// Pusher connections' members on presence channels.
     pusher_members: presence::PusherMembers,
+    /// Pusher cache channels: history reads of the last event for a new
+    /// subscriber, by token (shared with `recoveries`' counter).
+    cache_reads: HashMap<u64, (ConnId, Arc<str>)>,
     next_presence_query: u64,
     compressor: Compressor,
     decompressor: Decompressor,
@@ -176,6 +179,7 @@ impl State {
             presence_queries: HashMap::new(),
             api_waits: HashMap::new(),
             pusher_members: HashMap::new(),
+            cache_reads: HashMap::new(),
             next_presence_query: 0,
             compressor,
             decompressor,

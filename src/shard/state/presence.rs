@@ -144,6 +144,13 @@ impl State {
                     return self.reply_error(id, request, ErrorCode::PayloadTooLarge, &msg);
                 }
                 self.enqueue(id, frame);
+                // A Pusher presence-cache subscription: the last event
+                // follows the member list.
+                if self.form_of(id) == Form::Pusher
+                    && crate::protocol::pusher::channel::ChannelKind::of(&channel).cache
+                {
+                    self.pusher_cache_read(id, &channel);
+                }
             }
             Err(e) => self.reply_error(id, request, ErrorCode::Unavailable, &e.to_string()),
         }

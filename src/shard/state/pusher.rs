@@ -12,9 +12,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::connections::Phase;
-use super::form::{CloseCause, Form, Reply, SocketId};
+use super::form::{self, CloseCause, Form, Reply, SocketId};
+use super::subscriptions::ChannelState;
 use super::State;
-use crate::bus::ReplyTo;
+use crate::bus::{History, ReplyTo};
 use crate::metrics::Limit;
 use crate::protocol::pusher::channel::{ChannelKind, Kind, SERVER_TO_USER_PREFIX};
 use crate::protocol::pusher::message::{self, ClientMessage, Writer};
@@ -324,6 +325,57 @@ impl State {
         let frame = text_frame(w.signin_success(user_data));
         self.enqueue(id, frame);
         Ok(())
+    }
+
+    /// A Pusher subscription to a cache channel was answered: the last
+    /// event published on it follows (read from the channel's history, so
+    /// it is there for `history.ttl_secs` after it was published and while
+    /// `history.size` keeps it), or `pusher:cache_miss`.
+    pub(super) fn pusher_cache_read(&mut self, id: ConnId, channel: &Arc<str>) {
+        let live = match self.channels.get(channel).map(|c| &c.state) {
+            Some(ChannelState::Active { last }) => *last,
+            _ => return self.cache_miss(id, channel),
+        };
+        if live.offset == 0 {
+            return self.cache_miss(id, channel);
+        }
+        self.next_recovery += 1;
+        let token = self.next_recovery;
+        self.cache_reads.insert(token, (id, channel.clone()));
+        let after = crate::bus::Position {
+            epoch: live.epoch,
+            offset: live.offset - 1,
+        };
+        self.bus.history(channel, after, token);
+        self.bus_pending = true;
+    }
+
+    /// The history read of a cache channel answered.
+    pub(super) fn on_cache_read(&mut self, id: ConnId, channel: &Arc<str>, result: History) {
+        let subscribed = self
+            .conns
+            .get(id)
+            .is_some_and(|c| c.subs.iter().any(|s| s == channel));
+        if !subscribed {
+            return;
+        }
+        match result {
+            History::Items { epoch, items } if !items.is_empty() => {
+                let last = &items[items.len() - 1..];
+                let frame =
+                    form::publications_frame(Form::Pusher, &mut self.encoder, channel, epoch, last);
+                if !frame.is_empty() {
+                    self.enqueue(id, frame);
+                }
+            }
+            _ => self.cache_miss(id, channel),
+        }
+    }
+
+    fn cache_miss(&mut self, id: ConnId, channel: &str) {
+        let mut w = Writer::new();
+        let frame = text_frame(w.cache_miss(channel));
+        self.enqueue(id, frame);
     }
 
     /// A Pusher presence subscription took effect: its answer

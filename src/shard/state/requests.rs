@@ -37,8 +37,19 @@ impl State {
                 return self.pusher_presence_members(id, channel);
             }
         }
+        let cache = match &reply {
+            Reply::Subscribed { channel, .. } if self.form_of(id) == form::Form::Pusher => {
+                crate::protocol::pusher::channel::ChannelKind::of(channel)
+                    .cache
+                    .then(|| Arc::<str>::from(*channel))
+            }
+            _ => None,
+        };
         if let Some(frame) = self.reply_frame(id, request, reply) {
             self.enqueue(id, frame);
+        }
+        if let Some(channel) = cache {
+            self.pusher_cache_read(id, &channel);
         }
     }
 
