@@ -474,3 +474,76 @@ fn a_broadcast_skips_an_excluded_recipient_and_shares_one_frame_per_form() {
     }
     assert!(sim.take(b).is_empty());
 }
+
+#[test]
+fn a_pusher_broadcast_leaves_out_each_events_excluded_socket_without_reencoding() {
+    use super::fanout::Fanout;
+    use super::form::{Broadcast, Form, Frames, SocketId};
+    use crate::bus::Publication;
+    use crate::protocol::body;
+
+    let mut sim = Sim::new(1, 100, &config());
+    let [s, t, n] = [sim.client(0), sim.client(0), sim.client(0)];
+    for p in [s, t] {
+        sim.shards[0].conns.get_mut(p.id).unwrap().form = Form::Pusher;
+    }
+    let prefix = 42;
+    let socket = |p: Peer| SocketId {
+        prefix,
+        conn: p.id.as_u64(),
+    };
+    let publication = |offset, body| Publication {
+        offset,
+        published_us: 0,
+        ingress_us: 0,
+        payload: body,
+    };
+    let excluded = socket(s).to_string();
+    let items = [
+        publication(1, body::event("a", false, None, None, b"1")),
+        // A client event from `s`: everyone else gets it.
+        publication(
+            2,
+            body::event("client-b", true, None, Some(&excluded), b"{}"),
+        ),
+        publication(3, body::plain(b"3")),
+    ];
+    let what = Broadcast::Publications {
+        channel: "private-room",
+        epoch: 1,
+        items: &items[..],
+    };
+    let state = &mut sim.shards[0];
+    let mut frames = Frames::new(&what, &mut state.encoder, &mut state.compressor);
+    Fanout {
+        conns: &mut state.conns,
+        dirty: &mut state.dirty,
+        to_close: &mut state.to_close,
+        budget: 1 << 20,
+        socket_prefix: prefix,
+    }
+    .send(&[s.id, t.id, n.id], None, &mut frames);
+    let all = frames.get(Form::Pusher).clone();
+    let text = String::from_utf8_lossy(&all).into_owned();
+    assert!(text.contains(r#""event":"a""#) && text.contains(r#""event":"client-b""#));
+    assert!(
+        text.contains(r#""event":"publication""#),
+        "a plain body's default name"
+    );
+    // `t` shares the whole buffer; `s` gets refcounted slices of it, without
+    // the frame of the event it sent; the native client its own frame.
+    let queued = |p: Peer| state.conns.get(p.id).unwrap().out.queued_bytes();
+    assert_eq!(queued(t), all.len());
+    let middle = text.find(r#"{"event":"client-b""#).unwrap();
+    let client_b_frame = 2 + r#"{"event":"client-b","channel":"private-room","data":{}}"#.len();
+    assert!(middle > 0);
+    assert_eq!(queued(s), all.len() - client_b_frame);
+    assert_eq!(queued(n), frames.get(Form::Native).len());
+    // No frame was built for anyone else: the parts are slices of `all`.
+    assert_eq!(
+        frames.pusher_parts_without(socket(s)).unwrap().len(),
+        2,
+        "before and after the excluded frame"
+    );
+    assert!(frames.pusher_parts_without(socket(t)).is_none());
+}
