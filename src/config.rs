@@ -80,12 +80,13 @@ pub enum ConfigError {
         origin: String,
     },
     /// An override's value does not parse as the key's type (the type of
-    /// its default).
+    /// its default), or a config file's value for a boolean key is not one
+    /// of the words of [`parse_bool`].
     #[error("config key `{key}` (from {origin}): cannot parse {value:?} as {expected}")]
     BadOverride {
         /// The `section.key`.
         key: String,
-        /// Where it came from (environment variable or flag).
+        /// Where it came from (environment variable, flag or config file).
         origin: String,
         /// The value as given.
         value: String,
@@ -397,6 +398,9 @@ pub struct AuthConfig {
     pub issuer: String,
     /// Required `aud` claim (empty = not checked).
     pub audience: String,
+    /// Refuse tokens without an `exp` claim (by default `exp` is optional:
+    /// a token without it never expires).
+    pub require_exp: bool,
     /// Clock skew tolerated on `exp` and `nbf`.
     pub leeway_secs: u32,
     /// A connection must send Connect within this time.
@@ -439,6 +443,7 @@ impl Default for AuthConfig {
             ed25519_public_key: String::new(),
             issuer: String::new(),
             audience: String::new(),
+            require_exp: false,
             leeway_secs: 5,
             deadline_ms: 10_000,
         }
@@ -573,6 +578,22 @@ pub struct Setting {
     pub source: Source,
 }
 
+/// One key as `shardcast keys` lists it.
+#[derive(Clone, Debug)]
+pub struct KeyInfo {
+    /// The `section.key`.
+    pub key: String,
+    /// The default, as TOML writes it (strings quoted).
+    pub default: String,
+    /// What it accepts: an integer range (`1–4096`, a bound may name
+    /// another key), `bool`, the allowed words, or the form of a string.
+    pub accepts: String,
+    /// The flag, `--section-key`.
+    pub flag: String,
+    /// The environment variable, `SHARDCAST_SECTION_KEY`.
+    pub env: String,
+}
+
 /// One `section.key = value` override, not yet typed.
 #[derive(Clone, Debug)]
 pub struct Override {
@@ -593,13 +614,14 @@ impl Config {
                 path: path.to_string(),
                 source,
             })?;
-            let file: toml::Table =
+            let mut file: toml::Table =
                 text.parse()
                     .map_err(|e: toml::de::Error| ConfigError::Parse {
                         path: path.to_string(),
                         message: e.to_string(),
                     })?;
             reject_renamed(&file, &format!("config file {path}"))?;
+            file_booleans(&mut file, path)?;
             // Going through `Config` first rejects unknown sections and keys
             // with serde's message, which points at the offending line.
             Config::deserialize(toml::Value::Table(file.clone())).map_err(|e| {
@@ -625,133 +647,12 @@ impl Config {
     /// Checks every value against its allowed range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
-        check("server.shards", self.server.shards, 0..=1024)?;
-        check("server.backlog", self.server.backlog, 1..=65_535)?;
-        check(
-            "server.drain_window_ms",
-            self.server.drain_window_ms,
-            0..=600_000,
-        )?;
-        let ws = &self.websocket;
-        check(
-            "websocket.max_frame_bytes",
-            ws.max_frame_bytes,
-            125..=(64 << 20),
-        )?;
-        check(
-            "websocket.max_message_bytes",
-            ws.max_message_bytes,
-            125..=(64 << 20),
-        )?;
-        check("websocket.max_fragments", ws.max_fragments, 1..=65_536)?;
-        check(
-            "websocket.handshake_max_header_bytes",
-            ws.handshake_max_header_bytes,
-            512..=(64 << 10),
-        )?;
-        check(
-            "websocket.handshake_max_headers",
-            ws.handshake_max_headers,
-            8..=256,
-        )?;
-        check(
-            "websocket.close_timeout_ms",
-            ws.close_timeout_ms,
-            10..=120_000,
-        )?;
-        let f = &self.fanout;
-        check(
-            "fanout.outbound_budget_bytes",
-            f.outbound_budget_bytes,
-            4096..=(1 << 30),
-        )?;
-        check(
-            "fanout.outbound_max_age_ms",
-            f.outbound_max_age_ms,
-            100..=600_000,
-        )?;
-        check("fanout.max_batch", f.max_batch, 1..=4096)?;
-        check("fanout.tick_pause_ms", f.tick_pause_ms, 0..=100)?;
-        check(
-            "fanout.max_publish_bytes",
-            f.max_publish_bytes,
-            1..=ws.max_message_bytes,
-        )?;
-        check(
-            "fanout.max_subscriptions_per_connection",
-            f.max_subscriptions_per_connection,
-            1..=1_000_000,
-        )?;
-        let l = &self.limits;
-        check(
-            "limits.max_connections_per_shard",
-            l.max_connections_per_shard,
-            1..=10_000_000,
-        )?;
-        check(
-            "limits.max_connections_per_ip",
-            l.max_connections_per_ip,
-            0..=10_000_000,
-        )?;
-        check(
-            "limits.accept_rate_per_ip",
-            l.accept_rate_per_ip,
-            0..=1_000_000,
-        )?;
-        check(
-            "limits.accept_burst_per_ip",
-            l.accept_burst_per_ip,
-            1..=1_000_000,
-        )?;
-        check(
-            "limits.handshake_timeout_ms",
-            l.handshake_timeout_ms,
-            100..=120_000,
-        )?;
-        check(
-            "limits.messages_per_second",
-            l.messages_per_second,
-            1..=1_000_000,
-        )?;
-        check("limits.message_burst", l.message_burst, 1..=1_000_000)?;
-        check(
-            "limits.rate_limit_strikes",
-            l.rate_limit_strikes,
-            1..=1_000_000,
-        )?;
-        check(
-            "limits.ping_interval_ms",
-            l.ping_interval_ms,
-            100..=3_600_000,
-        )?;
-        check(
-            "limits.idle_timeout_ms",
-            l.idle_timeout_ms,
-            l.ping_interval_ms.saturating_add(1)..=7_200_000,
-        )?;
-        check("history.size", self.history.size, 0..=1_000_000)?;
-        check("history.max_mib", self.history.max_mib, 1..=1 << 20)?;
-        check(
-            "redis.command_timeout_ms",
-            self.redis.command_timeout_ms,
-            10..=60_000,
-        )?;
-        check(
-            "history.idempotency_ttl_secs",
-            self.history.idempotency_ttl_secs,
-            1..=30 * 86_400,
-        )?;
-        check(
-            "redis.ingest_claim_idle_secs",
-            self.redis.ingest_claim_idle_secs,
-            1..=86_400,
-        )?;
-        check(
-            "redis.presence_ttl_ms",
-            self.redis.presence_ttl_ms,
-            300..=600_000,
-        )?;
-        check("redis.wait_replicas", self.redis.wait_replicas, 0..=64)?;
+        // Every integer key against its range ([`RANGES`]).
+        let values = self.table();
+        for &(key, min, max) in RANGES {
+            let min = min.resolve(&values);
+            check(key, value_of(&values, key), min..=max.resolve(&values))?;
+        }
         if !self.redis.url.is_empty() {
             // TLS (rediss://) is not built in: refuse it rather than fail
             // to connect later.
@@ -770,35 +671,26 @@ impl Config {
                 });
             }
         }
-        check("compression.level", self.compression.level, 1..=19)?;
-        check(
-            "compression.min_bytes",
-            self.compression.min_bytes,
-            16..=(64 << 20),
-        )?;
-        check("history.ttl_secs", self.history.ttl_secs, 1..=30 * 86_400)?;
         // The keys as the server will use them: one rule, here and at start.
         crate::auth::Auth::from_config(&self.auth).map_err(|e| ConfigError::Invalid {
             key: e.key(),
             value: "(redacted)".into(),
             reason: e.reason(),
         })?;
-        check("auth.leeway_secs", self.auth.leeway_secs, 0..=300)?;
-        check("auth.deadline_ms", self.auth.deadline_ms, 100..=600_000)?;
         self.admin_addr()?;
-        if !["error", "warn", "info", "debug", "trace"].contains(&self.log.level.as_str()) {
+        if !LOG_LEVELS.contains(&self.log.level.as_str()) {
             return Err(ConfigError::Invalid {
                 key: "log.level",
                 value: format!("{:?}", self.log.level),
-                reason: "allowed: error, warn, info, debug, trace".into(),
+                reason: format!("allowed: {}", LOG_LEVELS.join(", ")),
             });
         }
         self.check_pusher()?;
-        if !["text", "json"].contains(&self.log.format.as_str()) {
+        if !LOG_FORMATS.contains(&self.log.format.as_str()) {
             return Err(ConfigError::Invalid {
                 key: "log.format",
                 value: format!("{:?}", self.log.format),
-                reason: "allowed: text, json".into(),
+                reason: format!("allowed: {}", LOG_FORMATS.join(", ")),
             });
         }
         Ok(())
@@ -806,28 +698,6 @@ impl Config {
 
     fn check_pusher(&self) -> Result<(), ConfigError> {
         let p = &self.pusher;
-        check(
-            "pusher.activity_timeout_secs",
-            p.activity_timeout_secs,
-            1..=3600,
-        )?;
-        check("pusher.max_event_bytes", p.max_event_bytes, 1..=(1 << 20))?;
-        check(
-            "pusher.max_channels_per_trigger",
-            p.max_channels_per_trigger,
-            1..=1000,
-        )?;
-        check("pusher.max_batch_events", p.max_batch_events, 1..=1000)?;
-        check(
-            "pusher.presence_max_members",
-            p.presence_max_members,
-            1..=100_000,
-        )?;
-        check(
-            "pusher.presence_max_user_info_bytes",
-            p.presence_max_user_info_bytes,
-            2..=65_536,
-        )?;
         if p.app_key.is_empty() {
             return Ok(());
         }
@@ -904,6 +774,48 @@ impl Config {
             }
         }
         keys
+    }
+
+    /// This configuration as a TOML table of sections.
+    fn table(&self) -> toml::Table {
+        match toml::Value::try_from(self) {
+            Ok(toml::Value::Table(t)) => t,
+            // Plain structs of strings, integers and booleans.
+            other => unreachable!("config did not serialise to a table: {other:?}"),
+        }
+    }
+
+    /// Every key with its default, what it accepts, its flag and its
+    /// variable (`shardcast keys`), in [`Config::keys`] order.
+    pub fn key_info() -> Vec<KeyInfo> {
+        let defaults = default_table();
+        Config::keys()
+            .into_iter()
+            .map(|key| {
+                let (section, name) = key.split_once('.').expect("section.key");
+                let default = &defaults[section][name];
+                let accepts = match (key.as_str(), default) {
+                    (_, toml::Value::Integer(_)) => RANGES
+                        .iter()
+                        .find(|(k, _, _)| *k == key)
+                        .map(|(_, min, max)| format!("{min}–{max}")),
+                    (_, toml::Value::Boolean(_)) => Some("bool".to_string()),
+                    ("log.level", _) => Some(LOG_LEVELS.join("|")),
+                    ("log.format", _) => Some(LOG_FORMATS.join("|")),
+                    _ => STRING_FORMS
+                        .iter()
+                        .find(|(k, _)| *k == key)
+                        .map(|(_, form)| form.to_string()),
+                };
+                KeyInfo {
+                    default: default.to_string(),
+                    accepts: accepts.unwrap_or_else(|| "any".into()),
+                    flag: Config::flag_name(&key),
+                    env: Config::env_name(&key),
+                    key,
+                }
+            })
+            .collect()
     }
 
     /// The environment variable that overrides `key`.
@@ -1220,6 +1132,192 @@ pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
     out
 }
 
+/// One end of an integer key's allowed range.
+#[derive(Clone, Copy, Debug)]
+enum Bound {
+    /// A fixed value.
+    At(u32),
+    /// Another key's value plus this much.
+    Key(&'static str, u32),
+}
+
+use Bound::{At, Key};
+
+impl Bound {
+    /// The bound's value in a configuration (as a [`Config::table`]).
+    fn resolve(self, values: &toml::Table) -> u32 {
+        match self {
+            At(n) => n,
+            Key(key, plus) => value_of(values, key).saturating_add(plus),
+        }
+    }
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At(n) => write!(f, "{n}"),
+            Key(key, 0) => write!(f, "{key}"),
+            Key(key, plus) => write!(f, "({key}+{plus})"),
+        }
+    }
+}
+
+/// The allowed range, inclusive, of every integer key: what
+/// [`Config::validate`] checks and `shardcast keys` shows. A test holds it
+/// to the keys.
+const RANGES: &[(&str, Bound, Bound)] = &[
+    ("server.shards", At(0), At(1024)),
+    ("server.backlog", At(1), At(65_535)),
+    ("server.drain_window_ms", At(0), At(600_000)),
+    ("websocket.max_frame_bytes", At(125), At(64 << 20)),
+    ("websocket.max_message_bytes", At(125), At(64 << 20)),
+    ("websocket.max_fragments", At(1), At(65_536)),
+    (
+        "websocket.handshake_max_header_bytes",
+        At(512),
+        At(64 << 10),
+    ),
+    ("websocket.handshake_max_headers", At(8), At(256)),
+    ("websocket.close_timeout_ms", At(10), At(120_000)),
+    ("fanout.outbound_budget_bytes", At(4096), At(1 << 30)),
+    ("fanout.outbound_max_age_ms", At(100), At(600_000)),
+    ("fanout.max_batch", At(1), At(4096)),
+    ("fanout.tick_pause_ms", At(0), At(100)),
+    (
+        "fanout.max_publish_bytes",
+        At(1),
+        Key("websocket.max_message_bytes", 0),
+    ),
+    (
+        "fanout.max_subscriptions_per_connection",
+        At(1),
+        At(1_000_000),
+    ),
+    ("limits.max_connections_per_shard", At(1), At(10_000_000)),
+    ("limits.max_connections_per_ip", At(0), At(10_000_000)),
+    ("limits.accept_rate_per_ip", At(0), At(1_000_000)),
+    ("limits.accept_burst_per_ip", At(1), At(1_000_000)),
+    ("limits.handshake_timeout_ms", At(100), At(120_000)),
+    ("limits.messages_per_second", At(1), At(1_000_000)),
+    ("limits.message_burst", At(1), At(1_000_000)),
+    ("limits.rate_limit_strikes", At(1), At(1_000_000)),
+    ("limits.ping_interval_ms", At(100), At(3_600_000)),
+    (
+        "limits.idle_timeout_ms",
+        Key("limits.ping_interval_ms", 1),
+        At(7_200_000),
+    ),
+    ("history.size", At(0), At(1_000_000)),
+    ("history.ttl_secs", At(1), At(30 * 86_400)),
+    ("history.max_mib", At(1), At(1 << 20)),
+    ("history.idempotency_ttl_secs", At(1), At(30 * 86_400)),
+    ("redis.command_timeout_ms", At(10), At(60_000)),
+    ("redis.ingest_claim_idle_secs", At(1), At(86_400)),
+    ("redis.presence_ttl_ms", At(300), At(600_000)),
+    ("redis.wait_replicas", At(0), At(64)),
+    ("compression.level", At(1), At(19)),
+    ("compression.min_bytes", At(16), At(64 << 20)),
+    ("auth.leeway_secs", At(0), At(300)),
+    ("auth.deadline_ms", At(100), At(600_000)),
+    ("pusher.activity_timeout_secs", At(1), At(3600)),
+    ("pusher.max_event_bytes", At(1), At(1 << 20)),
+    ("pusher.max_channels_per_trigger", At(1), At(1000)),
+    ("pusher.max_batch_events", At(1), At(1000)),
+    ("pusher.presence_max_members", At(1), At(100_000)),
+    ("pusher.presence_max_user_info_bytes", At(2), At(65_536)),
+];
+
+/// The allowed values of `log.level`.
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+/// The allowed values of `log.format`.
+const LOG_FORMATS: [&str; 2] = ["text", "json"];
+
+/// What each string key accepts, as `shardcast keys` shows it (the checks
+/// are in [`Config::validate`]; `log.level` and `log.format` show
+/// [`LOG_LEVELS`] and [`LOG_FORMATS`]). A test holds it to the keys.
+const STRING_FORMS: &[(&str, &str)] = &[
+    ("server.listen", "IP:PORT"),
+    (
+        "limits.allowed_origins",
+        "comma-separated origins; empty = any",
+    ),
+    ("redis.url", "redis://… or empty"),
+    ("redis.node_id", "any; empty = hostname-pid"),
+    ("compression.dictionary", "file path or empty"),
+    ("auth.hs256_secret", "≥ 32 bytes or empty"),
+    ("auth.ed25519_public_key", "PEM, base64 or empty"),
+    ("auth.issuer", "any; empty = not checked"),
+    ("auth.audience", "any; empty = not checked"),
+    ("admin.listen", "IP:PORT or empty"),
+    ("pusher.app_id", "A-Z a-z 0-9 - _ . ~"),
+    ("pusher.app_key", "A-Z a-z 0-9 - _ . ~; empty = off"),
+    ("pusher.app_secret", "any; required with app_key"),
+];
+
+/// The one rule for boolean values, whatever their source (config file,
+/// environment variable, environment file, flag): `true`, `yes`, `on`,
+/// `1` are true and `false`, `no`, `off`, `0` false, in any case, with
+/// surrounding blanks ignored. In the TOML file a bare `true` / `false`
+/// is a TOML boolean; the other words are written as strings
+/// (`pin_threads = "yes"`) or, for 1/0, integers.
+pub fn parse_bool(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Some(true),
+        "false" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// An integer key's value in a [`Config::table`] (0 if absent, which the
+/// tests rule out for every key of [`RANGES`]).
+fn value_of(values: &toml::Table, key: &str) -> u32 {
+    let (section, name) = key.split_once('.').expect("section.key");
+    values
+        .get(section)
+        .and_then(|s| s.get(name))
+        .and_then(toml::Value::as_integer)
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(0)
+}
+
+/// Turns a config file's values for boolean keys into TOML booleans by
+/// [`parse_bool`] (strings and integers; other types are left for serde to
+/// refuse), so the file accepts what flags and variables accept.
+fn file_booleans(file: &mut toml::Table, path: &str) -> Result<(), ConfigError> {
+    let defaults = default_table();
+    for (section, keys) in file.iter_mut() {
+        let (Some(toml::Value::Table(defaults)), toml::Value::Table(keys)) =
+            (defaults.get(section), keys)
+        else {
+            continue;
+        };
+        for (key, value) in keys.iter_mut() {
+            if !matches!(defaults.get(key), Some(toml::Value::Boolean(_))) {
+                continue;
+            }
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                _ => continue,
+            };
+            *value = toml::Value::Boolean(parse_bool(&text).ok_or_else(|| {
+                ConfigError::BadOverride {
+                    key: format!("{section}.{key}"),
+                    origin: format!("config file {path}"),
+                    value: text,
+                    expected: BOOL_EXPECTED,
+                }
+            })?);
+        }
+    }
+    Ok(())
+}
+
+/// What a boolean must be, in [`ConfigError::BadOverride`].
+const BOOL_EXPECTED: &str = "a boolean (true/false, yes/no, on/off or 1/0, in any case)";
+
 fn check(key: &'static str, value: u32, range: RangeInclusive<u32>) -> Result<(), ConfigError> {
     if range.contains(&value) {
         Ok(())
@@ -1349,11 +1447,9 @@ fn apply_override(table: &mut toml::Table, o: &Override) -> Result<(), ConfigErr
         toml::Value::Integer(_) => {
             toml::Value::Integer(o.value.trim().parse().map_err(|_| bad("an integer"))?)
         }
-        toml::Value::Boolean(_) => toml::Value::Boolean(match o.value.trim() {
-            "true" | "1" | "yes" | "on" => true,
-            "false" | "0" | "no" | "off" => false,
-            _ => return Err(bad("a boolean (true/false)")),
-        }),
+        toml::Value::Boolean(_) => {
+            toml::Value::Boolean(parse_bool(&o.value).ok_or_else(|| bad(BOOL_EXPECTED))?)
+        }
         toml::Value::Float(_) => {
             toml::Value::Float(o.value.trim().parse().map_err(|_| bad("a number"))?)
         }
@@ -1667,6 +1763,171 @@ SHARDCAST_A=later wins"#;
     }
 
     #[test]
+    fn every_key_says_what_it_accepts() {
+        let defaults = default_table();
+        for &(key, min, max) in RANGES {
+            let (section, name) = key.split_once('.').unwrap();
+            assert!(
+                matches!(defaults[section].get(name), Some(toml::Value::Integer(_))),
+                "RANGES names {key}, which is not an integer key"
+            );
+            let d = Config::default().table();
+            let v = value_of(&d, key);
+            assert!(
+                (min.resolve(&d)..=max.resolve(&d)).contains(&v),
+                "the default of {key} is out of its range"
+            );
+        }
+        for (key, _) in STRING_FORMS {
+            let (section, name) = key.split_once('.').unwrap();
+            assert!(
+                matches!(defaults[section].get(name), Some(toml::Value::String(_))),
+                "STRING_FORMS names {key}, which is not a string key"
+            );
+        }
+        let info = Config::key_info();
+        assert_eq!(info.len(), Config::keys().len());
+        for k in &info {
+            assert_ne!(k.accepts, "any", "{} has no range or form", k.key);
+        }
+        let get = |key: &str| info.iter().find(|k| k.key == key).unwrap();
+        let batch = get("fanout.max_batch");
+        assert_eq!(
+            (batch.default.as_str(), batch.accepts.as_str()),
+            ("64", "1–4096")
+        );
+        assert_eq!(batch.flag, "--fanout-max-batch");
+        assert_eq!(batch.env, "SHARDCAST_FANOUT_MAX_BATCH");
+        assert_eq!(get("server.listen").default, "\"127.0.0.1:8080\"");
+        assert_eq!(
+            get("fanout.max_publish_bytes").accepts,
+            "1–websocket.max_message_bytes"
+        );
+        assert_eq!(
+            get("limits.idle_timeout_ms").accepts,
+            "(limits.ping_interval_ms+1)–7200000"
+        );
+        assert_eq!(get("auth.require_exp").accepts, "bool");
+        assert_eq!(get("log.level").accepts, "error|warn|info|debug|trace");
+    }
+
+    #[test]
+    fn ranges_that_follow_another_key_are_checked_against_its_value() {
+        let msg = Config::load(
+            None,
+            &[
+                flag("websocket.max_message_bytes", "1000"),
+                flag("fanout.max_publish_bytes", "1001"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            msg.contains("fanout.max_publish_bytes") && msg.contains("between 1 and 1000"),
+            "{msg}"
+        );
+        let msg = Config::load(
+            None,
+            &[
+                flag("limits.ping_interval_ms", "5000"),
+                flag("limits.idle_timeout_ms", "5000"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("between 5001 and 7200000"), "{msg}");
+        let msg = Config::load(None, &[flag("pusher.max_batch_events", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("pusher.max_batch_events"), "{msg}");
+    }
+
+    #[test]
+    fn booleans_are_one_rule() {
+        for (text, want) in [
+            ("true", true),
+            ("TRUE", true),
+            (" Yes ", true),
+            ("on", true),
+            ("1", true),
+            ("False", false),
+            ("NO", false),
+            ("off", false),
+            ("0", false),
+        ] {
+            assert_eq!(parse_bool(text), Some(want), "{text:?}");
+        }
+        for text in ["", "2", "y", "enabled", "truee"] {
+            assert_eq!(parse_bool(text), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn booleans_from_flags() {
+        let c = Config::load(None, &[flag("server.pin_threads", "FALSE")]).unwrap();
+        assert!(!c.server.pin_threads);
+        let c = Config::load(None, &[flag("auth.require_exp", "Yes")]).unwrap();
+        assert!(c.auth.require_exp);
+        let msg = Config::load(None, &[flag("server.pin_threads", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("--server-pin-threads") && msg.contains("yes/no, on/off or 1/0"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn booleans_from_the_environment() {
+        let vars = |v: &str| {
+            Config::env_overrides(
+                [("SHARDCAST_SERVER_PIN_THREADS".to_string(), v.to_string())].into_iter(),
+            )
+            .unwrap()
+        };
+        assert!(!Config::load(None, &vars("OFF")).unwrap().server.pin_threads);
+        assert!(
+            Config::load(None, &vars("TRUE"))
+                .unwrap()
+                .server
+                .pin_threads
+        );
+        let msg = Config::load(None, &vars("nope")).unwrap_err().to_string();
+        assert!(
+            msg.contains("SHARDCAST_SERVER_PIN_THREADS") && msg.contains("a boolean"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn booleans_from_the_file() {
+        let path =
+            std::env::temp_dir().join(format!("shardcast-bools-{}.toml", std::process::id()));
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load(path.to_str(), &[])
+        };
+        let c = load("[server]\npin_threads = false\n[redis]\ningest = \"OFF\"\n[auth]\nrequire_exp = 1\nanonymous = \"No\"\n").unwrap();
+        assert!(!c.server.pin_threads && !c.redis.ingest && c.auth.require_exp);
+        assert!(!c.auth.anonymous);
+        let msg = load("[server]\npin_threads = \"sometimes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("server.pin_threads")
+                && msg.contains("config file")
+                && msg.contains("a boolean"),
+            "{msg}"
+        );
+        let msg = load("[server]\npin_threads = 2\n").unwrap_err().to_string();
+        assert!(msg.contains("server.pin_threads"), "{msg}");
+        // Strings stay strings for string keys.
+        let c = load("[log]\nlevel = \"debug\"\n").unwrap();
+        assert_eq!(c.log.level, "debug");
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn redis_urls_lose_their_password() {
         assert_eq!(redact_url("redis://u:p@h:1/0"), "redis://u:***@h:1/0");
         assert_eq!(redact_url("redis://:p@h:1"), "redis://:***@h:1");
@@ -1725,5 +1986,59 @@ mod readme_table {
         documented.sort();
         assert_eq!(documented, real, "README's key table vs the config");
         assert_eq!(Config::keys().len(), real.len());
+    }
+}
+
+/// The example config (`shardcast.example.toml`, what the systemd unit's
+/// `/etc/shardcast/shardcast.toml` starts from) against the keys: every
+/// key appears, set or as a `#key = default` line with the real default.
+/// CI also runs `shardcast check-config` on it.
+#[cfg(test)]
+mod example_file {
+    use super::{default_table, Config};
+
+    const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/shardcast.example.toml");
+
+    #[test]
+    fn it_names_every_key_and_its_commented_values_are_the_defaults() {
+        let text = std::fs::read_to_string(PATH).unwrap();
+        // The file with its `#key = value` lines uncommented.
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase()) => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let all: toml::Table = uncommented.parse().expect("uncommented example is TOML");
+        let set: toml::Table = text.parse().expect("example is TOML");
+        let defaults = default_table();
+        let mut seen = 0;
+        for (section, keys) in &all {
+            for (key, value) in keys.as_table().expect("sections are tables") {
+                let name = format!("{section}.{key}");
+                let default = defaults
+                    .get(section)
+                    .and_then(|s| s.get(key))
+                    .unwrap_or_else(|| panic!("{name} is not a key"));
+                let is_set = set.get(section).and_then(|s| s.get(key)).is_some();
+                if !is_set {
+                    assert_eq!(value, default, "#{key} in [{section}] is not the default");
+                }
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, Config::keys().len(), "a key is missing");
+        assert!(
+            Config::load(Some(PATH), &[]).is_ok(),
+            "the example as shipped"
+        );
+        let all_path =
+            std::env::temp_dir().join(format!("shardcast-example-{}.toml", std::process::id()));
+        std::fs::write(&all_path, &uncommented).unwrap();
+        let loaded = Config::load(all_path.to_str(), &[]);
+        std::fs::remove_file(&all_path).unwrap();
+        assert!(loaded.is_ok(), "every line uncommented: {loaded:?}");
     }
 }

@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use shardcast::config::{Config, Origin, Override};
@@ -26,7 +27,8 @@ USAGE:
                           that leave a server nobody can use; --print shows
                           every key, its value and where it came from
                           (secrets masked)
-    shardcast keys        list every config key with its flag and environment variable
+    shardcast keys        list every config key with its default, the values it
+                          accepts, its flag and its environment variable
     shardcast zstd-train --out FILE [--max-bytes N] [--lines] SAMPLE...
                           train a zstd dictionary for small messages
     shardcast --version
@@ -36,7 +38,8 @@ environment variable SHARDCAST_SECTION_KEY, or by the flag --section-key
 (flags win over the environment, which wins over the file). --env-file
 reads SHARDCAST_* variables from a file as systemd's EnvironmentFile= does
 (KEY=VALUE lines, # comments, quotes); they count as environment variables
-and win over the process's own.
+and win over the process's own. A boolean is true/false, yes/no, on/off or
+1/0, in any case, wherever it is set.
 ";
 
 struct Args {
@@ -212,6 +215,40 @@ fn zstd_train(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// `shardcast keys`: a header, then one line per key with its default,
+/// what it accepts, its flag and its variable, in aligned columns.
+fn print_keys() {
+    let header = ["KEY", "DEFAULT", "ACCEPTS", "FLAG", "VARIABLE"].map(String::from);
+    let rows: Vec<[String; 5]> = std::iter::once(header)
+        .chain(
+            Config::key_info()
+                .into_iter()
+                .map(|k| [k.key, k.default, k.accepts, k.flag, k.env]),
+        )
+        .collect();
+    let mut widths = [0; 5];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            line.push_str(cell);
+            if i + 1 < row.len() {
+                let pad = widths[i] - cell.chars().count() + 2;
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        // A closed pipe (`shardcast keys | head`) ends the listing quietly.
+        if writeln!(out, "{line}").is_err() {
+            return;
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -224,13 +261,7 @@ fn main() -> ExitCode {
         Some("check-config") => check_config(&args[1..]),
         Some("zstd-train") => zstd_train(&args[1..]),
         Some("keys") => {
-            for key in Config::keys() {
-                println!(
-                    "{key:50} {:55} {}",
-                    Config::flag_name(&key),
-                    Config::env_name(&key)
-                );
-            }
+            print_keys();
             Ok(())
         }
         Some("--version" | "-V" | "version") => {

@@ -99,6 +99,10 @@ seconds() { # 30s, 1min, 1min 30s, plain seconds
 [ "$(value Type)" = notify ] || problem "Type= must be notify (READY=1 from the server)"
 [ "$(value NotifyAccess)" = main ] || problem "NotifyAccess= must be main"
 [ -n "$(value WatchdogSec)" ] || problem "WatchdogSec= is not set"
+# systemd/README.md installs shardcast.example.toml as this file.
+config=$(value ExecStart | sed -n 's/.*--config \([^ ]*\).*/\1/p')
+[ "$config" = /etc/shardcast/shardcast.toml ] ||
+    problem "ExecStart= must pass --config /etc/shardcast/shardcast.toml (got '${config}')"
 stop=$(seconds "$(value TimeoutStopSec)")
 need=$((drain_window_s + close_timeout_s))
 if [ -z "$stop" ] || [ "$stop" -le "$need" ]; then

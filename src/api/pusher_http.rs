@@ -36,7 +36,7 @@ pub const TERMINATE_EVENT: &str = "pusher_internal:terminate_connections";
 pub const API_PATH: &str = "/apps/";
 
 /// Most header lines in a request head.
-const MAX_HEADERS: usize = 64;
+pub const MAX_HEADERS: usize = 64;
 
 /// A complete request.
 #[derive(Debug)]

@@ -20,9 +20,18 @@ pub enum TokenError {
     #[error("token is not a compact JWS (header.payload.signature)")]
     Malformed,
     /// A part is not unpadded base64url, or the header or claims are not
-    /// the expected JSON.
+    /// a JSON object.
     #[error("token header or claims are not valid base64url JSON")]
     BadEncoding,
+    /// A claim shardcast reads has the wrong JSON type, e.g. `channels` as
+    /// a string instead of an array of strings.
+    #[error("token claim {claim} must be {expected}")]
+    BadClaim {
+        /// The claim's name.
+        claim: &'static str,
+        /// What it must be, e.g. `"an array of strings"`.
+        expected: &'static str,
+    },
     /// `alg` is not `HS256` or `EdDSA`, or has no configured key (its first
     /// 16 characters).
     #[error("token algorithm {0:?} is not accepted by this server")]
@@ -38,6 +47,9 @@ pub enum TokenError {
     /// `now` is past `exp` plus the leeway (seconds).
     #[error("token has expired")]
     Expired,
+    /// The token has no `exp` and `auth.require_exp` is on.
+    #[error("token has no expiry (exp), which this server requires")]
+    NoExpiry,
     /// `now` plus the leeway (seconds) is before `nbf`.
     #[error("token is not valid yet (nbf)")]
     NotYetValid,
@@ -59,6 +71,7 @@ pub struct Verifier {
     issuer: Option<String>,
     audience: Option<String>,
     leeway_secs: u64,
+    require_exp: bool,
 }
 
 /// The claims shardcast uses.
@@ -179,7 +192,16 @@ impl Verifier {
             issuer: nonempty(issuer),
             audience: nonempty(audience),
             leeway_secs: u64::from(leeway_secs),
+            require_exp: false,
         })
+    }
+
+    /// With `true`, tokens without an `exp` claim are refused
+    /// ([`TokenError::NoExpiry`]); by default `exp` is optional
+    /// (`auth.require_exp`).
+    pub fn require_exp(mut self, require: bool) -> Self {
+        self.require_exp = require;
+        self
     }
 
     /// Whether any key is configured (otherwise every token is refused).
@@ -228,7 +250,10 @@ impl Verifier {
                 ))
             }
         }
-        let claims: Claims = decode_json(p)?;
+        let claims = decode_claims(p)?;
+        if self.require_exp && claims.exp.is_none() {
+            return Err(TokenError::NoExpiry);
+        }
         if let Some(exp) = claims.exp {
             if now > exp.saturating_add(self.leeway_secs) {
                 return Err(TokenError::Expired);
@@ -266,6 +291,60 @@ fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError
         .decode(part)
         .map_err(|_| TokenError::BadEncoding)?;
     serde_json::from_slice(&bytes).map_err(|_| TokenError::BadEncoding)
+}
+
+/// The claims shardcast reads, each with the JSON it must be (`null`
+/// counts as absent where the claim is optional): a claim of the wrong
+/// type is refused naming it ([`TokenError::BadClaim`]), not as bad JSON.
+const CLAIM_SHAPES: [(&str, &str, ClaimCheck); 7] = [
+    ("sub", "a string", |v| v.is_string() || v.is_null()),
+    (
+        "exp",
+        "a whole number of seconds since the Unix epoch",
+        |v| v.is_u64() || v.is_null(),
+    ),
+    (
+        "nbf",
+        "a whole number of seconds since the Unix epoch",
+        |v| v.is_u64() || v.is_null(),
+    ),
+    ("iss", "a string", |v| v.is_string() || v.is_null()),
+    ("aud", "a string or an array of strings", |v| {
+        v.is_string() || v.is_null() || strings(v)
+    }),
+    ("channels", "an array of strings", strings),
+    ("publish", "an array of strings", |v| {
+        v.is_null() || strings(v)
+    }),
+];
+
+/// Whether a claim's JSON value has the type the claim needs.
+type ClaimCheck = fn(&serde_json::Value) -> bool;
+
+/// Whether `v` is a JSON array of strings.
+fn strings(v: &serde_json::Value) -> bool {
+    v.as_array()
+        .is_some_and(|a| a.iter().all(serde_json::Value::is_string))
+}
+
+/// The claims part. When it does not decode, the error names the claim
+/// of the wrong type, if one is ([`CLAIM_SHAPES`]); what is accepted is
+/// exactly what decodes as [`Claims`].
+fn decode_claims(part: &str) -> Result<Claims, TokenError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| TokenError::BadEncoding)?;
+    serde_json::from_slice(&bytes).map_err(|_| {
+        let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(&bytes) else {
+            return TokenError::BadEncoding;
+        };
+        CLAIM_SHAPES
+            .iter()
+            .find(|(claim, _, ok)| object.get(*claim).is_some_and(|v| !ok(v)))
+            .map_or(TokenError::BadEncoding, |&(claim, expected, _)| {
+                TokenError::BadClaim { claim, expected }
+            })
+    })
 }
 
 /// The DER of an Ed25519 SubjectPublicKeyInfo (RFC 8410) is this fixed
@@ -506,6 +585,67 @@ mod tests {
             v.verify(&t(json!({"sub": "u", "nbf": NOW + 6})), NOW),
             Err(TokenError::NotYetValid)
         );
+    }
+
+    #[test]
+    fn exp_is_optional_unless_required() {
+        let t = |c| mint::hs256(SECRET.as_bytes(), &c);
+        let no_exp = t(json!({"sub": "u"}));
+        assert!(
+            verifier().verify(&no_exp, NOW).is_ok(),
+            "optional by default"
+        );
+        let strict = verifier().require_exp(true);
+        assert_eq!(strict.verify(&no_exp, NOW), Err(TokenError::NoExpiry));
+        assert_eq!(
+            strict.verify(&t(json!({"sub": "u", "exp": null})), NOW),
+            Err(TokenError::NoExpiry)
+        );
+        assert!(strict
+            .verify(&t(json!({"sub": "u", "exp": NOW + 60})), NOW)
+            .is_ok());
+        assert_eq!(
+            strict.verify(&t(json!({"sub": "u", "exp": NOW - 60})), NOW),
+            Err(TokenError::Expired)
+        );
+        assert!(TokenError::NoExpiry.to_string().contains("(exp)"));
+    }
+
+    #[test]
+    fn a_claim_of_the_wrong_type_is_named() {
+        let v = verifier();
+        let t = |c| mint::hs256(SECRET.as_bytes(), &c);
+        for (claims, claim) in [
+            (json!({"sub": "u", "channels": "private-a"}), "channels"),
+            (json!({"sub": "u", "channels": ["a", 1]}), "channels"),
+            (json!({"sub": "u", "channels": null}), "channels"),
+            (json!({"sub": "u", "publish": "chat:*"}), "publish"),
+            (json!({"sub": "u", "exp": "tomorrow"}), "exp"),
+            (json!({"sub": "u", "nbf": 1.5}), "nbf"),
+            (json!({"sub": 7}), "sub"),
+            (json!({"sub": "u", "aud": 1}), "aud"),
+        ] {
+            let err = v.verify(&t(claims.clone()), NOW).unwrap_err();
+            assert!(
+                matches!(err, TokenError::BadClaim { claim: c, .. } if c == claim),
+                "{claims}: {err:?}"
+            );
+        }
+        let msg = v
+            .verify(&t(json!({"sub": "u", "channels": "private-a"})), NOW)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(msg, "token claim channels must be an array of strings");
+        let msg = v
+            .verify(&t(json!({"sub": "u", "publish": "chat:*"})), NOW)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(msg, "token claim publish must be an array of strings");
+        // What is not an object at all is still bad JSON; valid shapes pass.
+        let not_object = mint::hs256_raw(SECRET.as_bytes(), br#"{"alg":"HS256"}"#, b"[1]");
+        assert_eq!(v.verify(&not_object, NOW), Err(TokenError::BadEncoding));
+        let ok = json!({"sub": "u", "channels": ["a"], "publish": null, "aud": null});
+        assert!(v.verify(&t(ok), NOW).is_ok());
     }
 
     #[test]

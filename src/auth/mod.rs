@@ -108,7 +108,8 @@ impl Auth {
                 &c.issuer,
                 &c.audience,
                 c.leeway_secs,
-            )?,
+            )?
+            .require_exp(c.require_exp),
             anonymous: c.anonymous,
             anonymous_publish: c.anonymous_publish,
         })
@@ -200,6 +201,30 @@ mod tests {
             auth(false, false).connect(None, 0),
             Err(ConnectError::TokenRequired)
         );
+    }
+
+    #[test]
+    fn require_exp_refuses_tokens_without_exp() {
+        let secret = "auth-unit-test-secret-of-32-bytes";
+        let config = |require_exp| AuthConfig {
+            hs256_secret: secret.into(),
+            require_exp,
+            ..AuthConfig::default()
+        };
+        let forever = jwt::mint::hs256(secret.as_bytes(), &serde_json::json!({"sub": "u"}));
+        let lax = Auth::from_config(&config(false)).unwrap();
+        assert!(lax.connect(Some(&forever), 100).unwrap().is_some());
+        let strict = Auth::from_config(&config(true)).unwrap();
+        assert_eq!(
+            strict.connect(Some(&forever), 100),
+            Err(ConnectError::Token(TokenError::NoExpiry))
+        );
+        let expiring = jwt::mint::hs256(
+            secret.as_bytes(),
+            &serde_json::json!({"sub": "u", "exp": 200}),
+        );
+        let who = strict.connect(Some(&expiring), 100).unwrap().unwrap();
+        assert_eq!(who.expires, Some(200));
     }
 
     #[test]

@@ -143,7 +143,11 @@ pub enum ErrorCode {
     /// 10: a bug or unexpected condition on the server; also what an absent
     /// `Error.code` reads as.
     Internal = 10,
-    /// 11: a valid message that makes no sense in this direction or state.
+    /// 11: reserved, not sent by this server: a request before `Connect`
+    /// gets [`ErrorCode::Unauthorized`], and a server-only or unknown
+    /// message from a client closes the connection with 4000
+    /// ([`WireError::UnexpectedMessage`]). Clients treat it like
+    /// [`ErrorCode::BadRequest`].
     UnexpectedMessage = 11,
 }
 

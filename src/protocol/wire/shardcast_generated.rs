@@ -56,7 +56,8 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 11] = [
 pub struct ErrorCode(pub u16);
 #[allow(non_upper_case_globals)]
 impl ErrorCode {
-  /// The request is malformed (e.g. empty channel name, bad field value).
+  /// The request is malformed or not allowed in the current state (e.g. empty
+  /// channel name, bad field value, a Connect with another user's token).
   pub const BadRequest: Self = Self(1);
   /// The channel name is not allowed (syntax, length, reserved prefix).
   pub const InvalidChannel: Self = Self(2);
@@ -68,7 +69,8 @@ impl ErrorCode {
   pub const TooManySubscriptions: Self = Self(5);
   /// A publish payload exceeds the configured maximum.
   pub const PayloadTooLarge: Self = Self(6);
-  /// Missing or invalid token, or not allowed on this channel.
+  /// Missing or invalid token, not allowed on this channel, or a request
+  /// before Connect.
   pub const Unauthorized: Self = Self(7);
   /// Too many requests; retry later with backoff.
   pub const RateLimited: Self = Self(8);
@@ -76,8 +78,9 @@ impl ErrorCode {
   pub const Unavailable: Self = Self(9);
   /// A bug or unexpected condition on the server.
   pub const Internal: Self = Self(10);
-  /// A valid message that makes no sense in this direction or state
-  /// (e.g. a server-only message sent by a client, Subscribe before Connect).
+  /// Reserved: not sent by this server. A request before Connect gets
+  /// Unauthorized; a server-only or unknown message from a client closes the
+  /// connection with 4000. Clients treat it like BadRequest.
   pub const UnexpectedMessage: Self = Self(11);
 
   pub const ENUM_MIN: u16 = 1;
@@ -441,7 +444,8 @@ impl<'a> Position {
 pub enum ConnectOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// First message on a connection: authenticate.
+/// First message on a connection: authenticate. Sent again later, it
+/// refreshes the token for the same user (schemas/README.md).
 pub struct Connect<'a> {
   pub _tab: flatbuffers::Table<'a>,
 }
@@ -1109,7 +1113,8 @@ impl<'a> Connected<'a> {
   }
 
 
-  /// Server-assigned id of this connection.
+  /// Server-assigned id, for logs and diagnostics: new on every accepted
+  /// Connect (a refresh included); not an identity (that is the token's sub).
   #[inline]
   pub fn client_id(&self) -> u64 {
     // Safety:
