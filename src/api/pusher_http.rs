@@ -99,6 +99,9 @@ pub struct RequestReader {
     buf: Vec<u8>,
     max_head: usize,
     max_body: usize,
+    /// `Expect: 100-continue` (RFC 9110 §10.1.1): the client (curl, for
+    /// bodies over 1 KiB) waits for `100 Continue` before the body.
+    continue_owed: Option<bool>,
 }
 
 impl RequestReader {
@@ -108,7 +111,19 @@ impl RequestReader {
             buf: Vec::new(),
             max_head,
             max_body,
+            continue_owed: None,
         }
+    }
+
+    /// Whether the client waits for `HTTP/1.1 100 Continue` before its body
+    /// (true once, after a head with `Expect: 100-continue` was read and
+    /// accepted).
+    pub fn take_continue(&mut self) -> bool {
+        if self.continue_owed == Some(true) {
+            self.continue_owed = Some(false);
+            return true;
+        }
+        false
     }
 
     /// Takes more bytes: `Ok(Some)` once the request is complete (bytes
@@ -136,7 +151,13 @@ impl RequestReader {
             return Err(Response::error(431, "request head too large"));
         }
         let mut length = 0usize;
+        let mut expect_continue = false;
         for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("expect")
+                && h.value.eq_ignore_ascii_case(b"100-continue")
+            {
+                expect_continue = true;
+            }
             if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 return Err(Response::error(
                     400,
@@ -157,6 +178,9 @@ impl RequestReader {
             ));
         }
         if self.buf.len() < head_len + length {
+            if expect_continue && self.continue_owed.is_none() {
+                self.continue_owed = Some(true);
+            }
             return Ok(None);
         }
         let target = req.path.unwrap_or("/");
@@ -421,6 +445,24 @@ mod tests {
                 .status,
             400
         );
+    }
+
+    #[test]
+    fn a_client_that_expects_100_continue_is_told_once() {
+        let head =
+            b"POST /apps/1/events HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n";
+        let mut r = RequestReader::new(1024, 100);
+        assert!(r.feed(head).unwrap().is_none());
+        assert!(r.take_continue());
+        assert!(!r.take_continue());
+        assert!(r.feed(b"{}").unwrap().is_some());
+        // Without the header, nothing is owed.
+        let mut r = RequestReader::new(1024, 100);
+        assert!(r
+            .feed(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\n")
+            .unwrap()
+            .is_none());
+        assert!(!r.take_continue());
     }
 
     #[test]

@@ -167,7 +167,11 @@ fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, byt
                 return;
             }
             match reader.feed(bytes) {
-                Ok(None) => {}
+                Ok(None) => {
+                    if reader.take_continue() {
+                        state.send_raw(id, b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                }
                 Ok(Some(request)) => {
                     state.on_api_request(id, &request);
                     *input = Input::Draining;

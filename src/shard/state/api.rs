@@ -80,6 +80,12 @@ impl State {
         self.respond_http(id, &response);
     }
 
+    /// Queues bytes for an HTTP connection as they are (an interim
+    /// `100 Continue`).
+    pub fn send_raw(&mut self, id: ConnId, bytes: &'static [u8]) {
+        self.enqueue(id, Bytes::from_static(bytes));
+    }
+
     /// Answers an HTTP request and closes the connection after it.
     pub fn respond_http(&mut self, id: ConnId, response: &Response) {
         if let Some(conn) = self.conns.get(id) {
