@@ -152,6 +152,10 @@ pub struct PusherConfig {
     /// Whether clients may send `client-*` events on private and presence
     /// channels.
     pub client_events: bool,
+    /// Client events per second one connection may send (Pusher: 10);
+    /// beyond it (after a burst of as many) the connection is closed with
+    /// 4301.
+    pub client_event_rate: u32,
     /// Seconds of silence after which a Pusher client pings (sent in
     /// `pusher:connection_established`).
     pub activity_timeout_secs: u32,
@@ -176,6 +180,7 @@ impl Default for PusherConfig {
             app_key: String::new(),
             app_secret: String::new(),
             client_events: false,
+            client_event_rate: 10,
             activity_timeout_secs: 120,
             max_event_bytes: 10_240,
             max_channels_per_trigger: 100,
@@ -1220,6 +1225,7 @@ const RANGES: &[(&str, Bound, Bound)] = &[
     ("compression.min_bytes", At(16), At(64 << 20)),
     ("auth.leeway_secs", At(0), At(300)),
     ("auth.deadline_ms", At(100), At(600_000)),
+    ("pusher.client_event_rate", At(1), At(10_000)),
     ("pusher.activity_timeout_secs", At(1), At(3600)),
     ("pusher.max_event_bytes", At(1), At(1 << 20)),
     ("pusher.max_channels_per_trigger", At(1), At(1000)),

@@ -376,6 +376,7 @@ mod tests {
             key: "k".into(),
             secret: b"s".to_vec(),
             client_events: false,
+            client_event_rate: 10,
             activity_timeout_secs: 120,
             max_event_bytes: 100,
             max_channels_per_trigger: 3,

@@ -164,6 +164,8 @@ pub struct PusherApp {
     pub secret: Vec<u8>,
     /// `pusher.client_events`.
     pub client_events: bool,
+    /// `pusher.client_event_rate`, per second (and the burst).
+    pub client_event_rate: u32,
     /// `pusher.activity_timeout_secs`.
     pub activity_timeout_secs: u32,
     /// `pusher.max_event_bytes`, in bytes.
@@ -186,6 +188,7 @@ impl PusherApp {
             key: c.app_key.clone(),
             secret: c.app_secret.as_bytes().to_vec(),
             client_events: c.client_events,
+            client_event_rate: c.client_event_rate,
             activity_timeout_secs: c.activity_timeout_secs,
             max_event_bytes: c.max_event_bytes as usize,
             max_channels_per_trigger: c.max_channels_per_trigger as usize,

@@ -176,6 +176,7 @@ impl State {
     pub fn remove_conn(&mut self, id: ConnId) {
         self.detach(id);
         self.api_waits.remove(&id);
+        self.client_event_buckets.remove(&id);
         if let Some(conn) = self.conns.remove(id) {
             tracing::debug!(shard = self.shard, peer = %conn.peer, "connection ended");
             if conn.admitted {

@@ -116,6 +116,12 @@ pub enum CloseCause {
     /// Pusher: the app ended this signed-in user's connections (HTTP API
     /// `terminate_connections`).
     Terminated,
+    /// Pusher: more client events than `pusher.client_event_rate` per
+    /// second.
+    ClientEventRate {
+        /// The limit, per second.
+        per_second: u32,
+    },
     /// Pusher: `?protocol=` missing (`None`) or a version this server does
     /// not speak.
     ProtocolVersion(Option<String>),
@@ -160,7 +166,10 @@ fn native_close(cause: &CloseCause) -> (u16, String) {
         ),
         CloseCause::PeerClosed(code) => (code.unwrap_or(ws::close::NORMAL), String::new()),
         // Pusher-only causes; a native connection never gets them.
-        CloseCause::UnknownApp(_) | CloseCause::ProtocolVersion(_) | CloseCause::Terminated => {
+        CloseCause::UnknownApp(_)
+        | CloseCause::ProtocolVersion(_)
+        | CloseCause::Terminated
+        | CloseCause::ClientEventRate { .. } => {
             (ws::close::POLICY_VIOLATION, "not a Pusher endpoint".into())
         }
     }
@@ -195,6 +204,10 @@ fn pusher_close(cause: &CloseCause) -> (u16, String) {
         CloseCause::UnsupportedData(why) => (ws::close::UNSUPPORTED_DATA, (*why).into()),
         CloseCause::Draining => (c::RECONNECT, "server restarting: reconnect".into()),
         CloseCause::PeerClosed(code) => (code.unwrap_or(ws::close::NORMAL), String::new()),
+        CloseCause::ClientEventRate { per_second } => (
+            c::CLIENT_EVENT_RATE,
+            format!("over {per_second} client events per second"),
+        ),
         CloseCause::Terminated => (
             c::UNAUTHORIZED,
             "connection terminated by the app".into(),

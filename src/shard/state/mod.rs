@@ -124,6 +124,9 @@ pub struct State {
     /// Pusher cache channels: history reads of the last event for a new
     /// subscriber, by token (shared with `recoveries`' counter).
     cache_reads: HashMap<u64, (ConnId, Arc<str>)>,
+    /// Client-event rate of the Pusher connections that sent any (kept
+    /// here, not in every connection's record).
+    client_event_buckets: HashMap<ConnId, crate::shard::rate::TokenBucket>,
     next_presence_query: u64,
     compressor: Compressor,
     decompressor: Decompressor,
@@ -180,6 +183,7 @@ impl State {
             api_waits: HashMap::new(),
             pusher_members: HashMap::new(),
             cache_reads: HashMap::new(),
+            client_event_buckets: HashMap::new(),
             next_presence_query: 0,
             compressor,
             decompressor,

@@ -162,7 +162,7 @@ impl State {
                 event,
                 channel,
                 data,
-            }) => self.pusher_client_event(id, &event, &channel, data.get()),
+            }) => self.pusher_client_event(id, &event, &channel, data.get())?,
         }
         Ok(())
     }
@@ -431,13 +431,42 @@ impl State {
         true
     }
 
-    fn pusher_client_event(&mut self, id: ConnId, event: &str, name: &str, data: &str) {
+    fn pusher_client_event(
+        &mut self,
+        id: ConnId,
+        event: &str,
+        name: &str,
+        data: &str,
+    ) -> Result<(), CloseCause> {
         let Some(app) = self.settings.pusher.clone() else {
-            return;
+            return Ok(());
         };
         if !app.client_events {
-            return self.pusher_error(id, None, "client events are not enabled for this app");
+            self.pusher_error(id, None, "client events are not enabled for this app");
+            return Ok(());
         }
+        let rate = app.client_event_rate;
+        let now = self.now;
+        let bucket = self
+            .client_event_buckets
+            .entry(id)
+            .or_insert_with(|| crate::shard::rate::TokenBucket::new(rate, now));
+        if !bucket.take(now, rate, rate) {
+            self.counters.limit(Limit::Rate);
+            return Err(CloseCause::ClientEventRate { per_second: rate });
+        }
+        self.pusher_client_event_checked(id, event, name, data, &app);
+        Ok(())
+    }
+
+    fn pusher_client_event_checked(
+        &mut self,
+        id: ConnId,
+        event: &str,
+        name: &str,
+        data: &str,
+        app: &crate::shard::PusherApp,
+    ) {
         if !ChannelKind::of(name).allows_client_events() {
             let msg = format!(
                 "client events are only allowed on private and presence channels, not on {name}"
