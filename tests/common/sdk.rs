@@ -272,6 +272,75 @@ impl SdkClient {
             WAIT,
         )
     }
+
+    /// The next `event` line on `channel`, whatever its event (presence
+    /// events included): with events published in order per channel, a
+    /// test triggers a marker event and asserts it is the next one, so
+    /// nothing unwanted came before it.
+    pub fn next_event_on(&mut self, channel: &str) -> Value {
+        self.next_matching(has(json!({"type": "event", "channel": channel})), WAIT)
+    }
+
+    /// The names of the next `n` events on `channel`, in order.
+    pub fn next_events_on(&mut self, channel: &str, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                self.next_event_on(channel)["event"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// A `pusher:ping` on the SDK's socket, waiting for the `pusher:pong`:
+    /// the server has handled everything this connection sent before
+    /// (Pusher acknowledges neither unsubscribes nor client events).
+    pub fn round_trip(&mut self) {
+        self.send(&json!({"op": "send_raw", "data": r#"{"event":"pusher:ping","data":{}}"#}));
+        self.next_matching(has(json!({"type": "pong"})), WAIT);
+    }
+
+    /// The socket's next `closed` line (its close code and reason).
+    pub fn closed(&mut self) -> Value {
+        self.next_matching(has(json!({"type": "closed"})), WAIT)
+    }
+
+    /// Asserts that the socket was never closed and pusher-js never left
+    /// `connected` since it connected (the lines seen so far).
+    pub fn assert_stayed_connected(&self) {
+        let left = self.seen.iter().find(|l| {
+            l["type"] == "closed" || (l["type"] == "state" && l["previous"] == "connected")
+        });
+        if let Some(line) = left {
+            panic!(
+                "the connection did not stay: {line}; lines seen: {:#?}",
+                self.seen
+            );
+        }
+    }
+}
+
+/// Whether `s` is a Pusher `socket_id`: `\d+\.\d+`.
+pub fn is_socket_id(s: &str) -> bool {
+    let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    s.split_once('.')
+        .is_some_and(|(a, b)| digits(a) && digits(b))
+}
+
+/// [`trigger`] (pusher-http-node) for the test app on `port`, asserting
+/// `200 {}`.
+pub fn trigger_ok(port: u16, op: Value) {
+    let r = trigger(&api(port, op.clone()));
+    assert_eq!(r["status"], 200, "pusher-http-node {op}: {r}");
+    assert_eq!(r["body"], json!({}), "pusher-http-node {op}: {r}");
+}
+
+/// [`trigger_py`] (PyPI pusher) for the test app on `port`, asserting 200.
+pub fn trigger_py_ok(port: u16, op: Value) {
+    let r = trigger_py(&api(port, op.clone()));
+    assert_eq!(r["ok"], true, "PyPI pusher {op}: {r}");
+    assert_eq!(r["status"], 200, "PyPI pusher {op}: {r}");
 }
 
 impl Drop for SdkClient {

@@ -48,6 +48,9 @@
 //                  the socket saw it (this is where a 4xxx close code shows)
 //   pusher_error   {code, message, channel}: a pusher:error frame arrived
 //                  (also during the handshake, which pusher-js hides)
+//   pong           {}: a pusher:pong frame arrived (the answer to a
+//                  pusher:ping sent with send_raw: everything sent before
+//                  it has been handled by the server)
 //   error          {error}: pusher-js's connection 'error' event, serialised
 //   ws_error       {message}: the socket's own error event
 //   subscribed     {channel, members, me, count}: subscription succeeded;
@@ -136,6 +139,7 @@ Pusher.Runtime.createWebSocket = function (url) {
     } catch (_) {
       return;
     }
+    if (msg && msg.event === "pusher:pong") out({ type: "pong" });
     if (msg && msg.event === "pusher:error") {
       let data = msg.data;
       if (typeof data === "string") {
