@@ -819,3 +819,112 @@ async fn bad_websocket_input_gets_its_own_error_while_clients_keep_receiving() {
     assert_eq!(data_of(&e), json!({"n": 1}), "{e}");
     bad.assert_stayed_connected();
 }
+
+#[test]
+fn a_cache_channel_gives_a_new_subscriber_its_last_event_or_a_cache_miss() {
+    let s = Server::start(&sdk::pusher_args(&[]));
+    let port = s.addr.port();
+    let mut first = SdkClient::spawn();
+    first.connect(port);
+    // Nothing published yet: a miss, right after the subscription.
+    first.subscribe("cache-prices");
+    assert_eq!(
+        first.next_event_on("cache-prices")["event"],
+        "pusher:cache_miss"
+    );
+    for v in [1, 2] {
+        sdk::trigger_ok(
+            port,
+            json!({"op": "trigger", "channels": ["cache-prices"], "event": "price", "data": {"v": v}}),
+        );
+        let e = first.event("cache-prices", "price");
+        assert_eq!(e["data"], json!({"v": v}), "{e}");
+    }
+    // A later subscriber gets the last one, and nothing before it: its
+    // next event is the next live one.
+    let mut later = SdkClient::spawn();
+    later.connect(port);
+    later.subscribe("cache-prices");
+    let e = later.next_event_on("cache-prices");
+    assert_eq!(
+        (&e["event"], &e["data"]),
+        (&json!("price"), &json!({"v": 2})),
+        "{e}"
+    );
+    sdk::trigger_ok(
+        port,
+        json!({"op": "trigger", "channels": ["cache-prices"], "event": "price", "data": {"v": 3}}),
+    );
+    assert_eq!(later.next_event_on("cache-prices")["data"], json!({"v": 3}));
+    // The same on a private cache channel.
+    later.subscribe("private-cache-quotes");
+    assert_eq!(
+        later.next_event_on("private-cache-quotes")["event"],
+        "pusher:cache_miss"
+    );
+    first.assert_stayed_connected();
+    later.assert_stayed_connected();
+}
+
+#[test]
+fn a_client_over_its_client_event_rate_is_closed_with_4301_and_others_stay() {
+    let s = Server::start(&sdk::pusher_args(&[
+        "--pusher-client-events",
+        "true",
+        "--pusher-client-event-rate",
+        "3",
+    ]));
+    let port = s.addr.port();
+    let mut fast = SdkClient::spawn();
+    let mut other = SdkClient::spawn();
+    fast.connect(port);
+    other.connect(port);
+    fast.subscribe("private-chat");
+    other.subscribe("private-chat");
+    // A burst of 3 is allowed; the fourth within the same second closes.
+    for i in 0..10 {
+        fast.send(&json!({"op": "trigger_client", "channel": "private-chat",
+                          "event": "client-typing", "data": {"i": i}}));
+    }
+    let closed = fast.closed();
+    assert_eq!(closed["code"], 4301, "{closed}");
+    // The other client got the burst, in order, and nothing after the
+    // close: then the marker. (A token comes back every 333 ms, so a sender
+    // stalled that long between two events gets one more through: the
+    // count is at least the burst and short of all ten.)
+    sdk::trigger_ok(
+        port,
+        json!({"op": "trigger", "channels": ["private-chat"], "event": "marker", "data": {}}),
+    );
+    let mut got = Vec::new();
+    loop {
+        let e = other.next_event_on("private-chat");
+        if e["event"] == "marker" {
+            break;
+        }
+        assert_eq!(e["event"], "client-typing", "{e}");
+        got.push(e["data"]["i"].as_u64().expect("i"));
+    }
+    assert!((3..10).contains(&got.len()), "{got:?}");
+    assert_eq!(got, (0..got.len() as u64).collect::<Vec<_>>());
+    other.assert_stayed_connected();
+}
+
+#[test]
+fn the_python_sdk_terminates_a_signed_in_user_by_its_own_path() {
+    let s = Server::start(&sdk::pusher_args(&[]));
+    let port = s.addr.port();
+    let mut u = SdkClient::spawn();
+    u.connect_with(json!({"port": port, "key": APP_KEY, "secret": APP_SECRET,
+                          "signin_user": {"id": "u9", "user_info": {}}}));
+    u.send(&json!({"op": "signin"}));
+    u.next_matching(has(json!({"type": "signed_in"})), WAIT);
+    u.next_matching(
+        has(json!({"type": "subscribed", "channel": "#server-to-user-u9"})),
+        WAIT,
+    );
+    // PyPI pusher 3.3 posts to /users/u9/terminate_connections (no /apps/1).
+    let r = sdk::trigger_py(&sdk::api(port, json!({"op": "terminate", "user_id": "u9"})));
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(u.closed()["code"], 4009);
+}

@@ -35,6 +35,10 @@ pub const TERMINATE_EVENT: &str = "pusher_internal:terminate_connections";
 /// The path prefix of the HTTP API: `/apps/{app_id}/…`.
 pub const API_PATH: &str = "/apps/";
 
+/// `/users/{user_id}/terminate_connections` without the `/apps/{app_id}`
+/// prefix, as the PyPI `pusher` SDK sends it; served for the one app.
+pub const USERS_PATH: &str = "/users/";
+
 /// Most header lines in a request head.
 pub const MAX_HEADERS: usize = 64;
 
@@ -233,10 +237,15 @@ struct Batch<'a> {
 /// seconds; for the signature's timestamp).
 pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
     let reply = |status, msg: &str| Outcome::Respond(Response::error(status, msg));
-    let Some(rest) = request.path.strip_prefix(API_PATH) else {
+    let (app_id, endpoint) = if let Some(rest) = request.path.strip_prefix(API_PATH) {
+        rest.split_once('/').unwrap_or((rest, ""))
+    } else if request.path.starts_with(USERS_PATH) {
+        // The PyPI SDK (3.3) posts terminate_connections to
+        // `/users/{id}/…` without the app: with one app it is this one.
+        (app.id.as_str(), &request.path[1..])
+    } else {
         return reply(404, "no such endpoint");
     };
-    let (app_id, endpoint) = rest.split_once('/').unwrap_or((rest, ""));
     if app_id != app.id {
         return reply(404, &format!("no app with id {app_id:?}"));
     }

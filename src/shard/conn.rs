@@ -18,7 +18,7 @@ use monoio::net::TcpStream;
 use super::slab::ConnId;
 use super::state::{CloseCause, Flushed, Form, State, PUSHER_PATH};
 use super::{now, sys, transmit, Shard};
-use crate::api::pusher_http::{RequestReader, Response, API_PATH};
+use crate::api::pusher_http::{RequestReader, Response, API_PATH, USERS_PATH};
 use crate::metrics::Limit;
 use crate::protocol::compression;
 use crate::protocol::ws::{self, Event, HandshakeParser, Session};
@@ -123,16 +123,16 @@ fn sniff(bytes: &[u8]) -> Sniff {
         };
     };
     let target = &bytes[space + 1..];
-    let prefix = API_PATH.as_bytes();
-    if target.len() < prefix.len() {
-        return if prefix.starts_with(target) {
-            Sniff::Undecided
-        } else {
-            Sniff::Upgrade
-        };
+    let mut undecided = false;
+    for prefix in [API_PATH.as_bytes(), USERS_PATH.as_bytes()] {
+        if target.len() < prefix.len() {
+            undecided |= prefix.starts_with(target);
+        } else if target.starts_with(prefix) {
+            return Sniff::Api;
+        }
     }
-    if target.starts_with(prefix) {
-        Sniff::Api
+    if undecided {
+        Sniff::Undecided
     } else {
         Sniff::Upgrade
     }
