@@ -928,3 +928,84 @@ fn the_python_sdk_terminates_a_signed_in_user_by_its_own_path() {
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(u.closed()["code"], 4009);
 }
+
+#[test]
+fn channel_information_counts_subscriptions_and_users_from_both_server_sdks() {
+    let s = Server::start(&sdk::pusher_args(&[]));
+    let port = s.addr.port();
+    // Two connections of user 1 and one of user 2 (over both shards:
+    // `Server::start` runs two), all on `chat` and `presence-room`.
+    let mut clients: Vec<SdkClient> = (0..3).map(|_| SdkClient::spawn()).collect();
+    for (c, user) in clients.iter_mut().zip(["1", "1", "2"]) {
+        c.connect(port);
+        c.subscribe("chat");
+        c.join("presence-room", json!(user), json!({}));
+    }
+    let get = |op: Value| -> Value {
+        let r = sdk::trigger(&sdk::api(port, op.clone()));
+        assert_eq!(r["status"], 200, "{op}: {r}");
+        r["body"].clone()
+    };
+    assert_eq!(
+        get(json!({"op": "channels"})),
+        json!({"channels": {"chat": {}, "presence-room": {}}})
+    );
+    assert_eq!(
+        get(json!({"op": "channels", "filter_by_prefix": "presence-",
+                   "info": "user_count,subscription_count"})),
+        json!({"channels": {"presence-room": {"user_count": 2, "subscription_count": 3}}})
+    );
+    assert_eq!(
+        get(json!({"op": "channel", "channel": "chat", "info": "subscription_count"})),
+        json!({"occupied": true, "subscription_count": 3})
+    );
+    assert_eq!(
+        get(json!({"op": "channel", "channel": "nobody-here"})),
+        json!({"occupied": false})
+    );
+    assert_eq!(
+        get(json!({"op": "users", "channel": "presence-room"})),
+        json!({"users": [{"id": "1"}, {"id": "2"}]})
+    );
+    // The PyPI SDK reads the same.
+    let r = sdk::trigger_py(&sdk::api(
+        port,
+        json!({"op": "channel", "channel": "presence-room", "info": "user_count"}),
+    ));
+    assert_eq!(r["body"], json!({"occupied": true, "user_count": 2}), "{r}");
+    // A user count of a channel that has no users is refused with a reason.
+    let r = sdk::trigger(&sdk::api(
+        port,
+        json!({"op": "channel", "channel": "chat", "info": "user_count"}),
+    ));
+    assert_eq!(r["status"], 400, "{r}");
+    assert!(
+        r["body"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("presence"),
+        "{r}"
+    );
+
+    // Leaving changes the figures: user 1's connections go.
+    for c in clients.iter_mut().take(2) {
+        c.send(&json!({"op": "disconnect"}));
+    }
+    for c in clients.iter_mut().take(2) {
+        c.closed();
+    }
+    let until = std::time::Instant::now() + WAIT;
+    loop {
+        let users = get(json!({"op": "users", "channel": "presence-room"}));
+        let chat = get(json!({"op": "channel", "channel": "chat", "info": "subscription_count"}));
+        if users == json!({"users": [{"id": "2"}]})
+            && chat == json!({"occupied": true, "subscription_count": 1})
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "after two left: {users} {chat}"
+        );
+    }
+}

@@ -215,6 +215,197 @@ pub enum Outcome {
     /// Publish these, in order; answer `200 {}` once all are stored, 503
     /// if one could not be.
     Publish(Vec<Publish>),
+    /// Answer from the bus's channel counts and member lists.
+    Query(ChannelsQuery),
+}
+
+/// A channel-information request (`GET …/channels…`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelsQuery {
+    /// `GET /apps/{id}/channels[?filter_by_prefix=P][&info=…]`: every
+    /// channel with a subscriber.
+    List {
+        /// `filter_by_prefix`, or empty.
+        prefix: String,
+        /// `info` has `user_count` (only with a `presence-` prefix).
+        user_count: bool,
+        /// `info` has `subscription_count`.
+        subscription_count: bool,
+    },
+    /// `GET /apps/{id}/channels/{name}[?info=…]`.
+    One {
+        /// The channel.
+        channel: String,
+        /// `info` has `user_count` (presence channels only).
+        user_count: bool,
+        /// `info` has `subscription_count`.
+        subscription_count: bool,
+    },
+    /// `GET /apps/{id}/channels/{name}/users` (presence channels only).
+    Users {
+        /// The channel.
+        channel: String,
+    },
+}
+
+impl ChannelsQuery {
+    /// The answer to a `List`: `channels` with their subscription counts
+    /// (sorted), and for `user_count` each one's number of users.
+    pub fn list_response(
+        subscription_count: bool,
+        channels: &[(std::sync::Arc<str>, u64)],
+        users: &std::collections::HashMap<std::sync::Arc<str>, usize>,
+        user_count: bool,
+    ) -> Response {
+        let mut out = serde_json::Map::new();
+        for (name, subs) in channels {
+            let mut info = serde_json::Map::new();
+            if user_count {
+                info.insert(
+                    "user_count".into(),
+                    users.get(name).copied().unwrap_or(0).into(),
+                );
+            }
+            if subscription_count {
+                info.insert("subscription_count".into(), (*subs).into());
+            }
+            out.insert(name.to_string(), info.into());
+        }
+        ok(serde_json::json!({ "channels": out }))
+    }
+
+    /// The answer to a `One`.
+    pub fn one_response(subscription_count: bool, subs: u64, users: Option<usize>) -> Response {
+        let mut info = serde_json::Map::new();
+        info.insert("occupied".into(), (subs > 0).into());
+        if let Some(n) = users {
+            info.insert("user_count".into(), n.into());
+        }
+        if subscription_count {
+            info.insert("subscription_count".into(), subs.into());
+        }
+        ok(info.into())
+    }
+
+    /// The answer to `Users`: each user id once.
+    pub fn users_response(ids: &[&str]) -> Response {
+        let users: Vec<serde_json::Value> = ids
+            .iter()
+            .map(|id| serde_json::json!({ "id": id }))
+            .collect();
+        ok(serde_json::json!({ "users": users }))
+    }
+}
+
+fn ok(body: serde_json::Value) -> Response {
+    Response {
+        status: 200,
+        body: body.to_string(),
+    }
+}
+
+/// Reads `info=a,b` of a query string: (user_count, subscription_count),
+/// or the name of an attribute this server does not know.
+fn info_of(query: &str) -> Result<(bool, bool), String> {
+    let mut user_count = false;
+    let mut subscription_count = false;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if k != "info" {
+            continue;
+        }
+        for attr in v.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            match attr {
+                "user_count" => user_count = true,
+                "subscription_count" => subscription_count = true,
+                other => return Err(other.to_string()),
+            }
+        }
+    }
+    Ok((user_count, subscription_count))
+}
+
+fn param(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// The channel-information endpoints (`GET`).
+fn channels_query(endpoint: &str, query: &str) -> Outcome {
+    let reply = |status, msg: &str| Outcome::Respond(Response::error(status, msg));
+    let (user_count, subscription_count) = match info_of(query) {
+        Ok(i) => i,
+        Err(attr) => {
+            return reply(
+                400,
+                &format!(
+                    "info attribute {attr:?} is not known: use user_count, subscription_count"
+                ),
+            )
+        }
+    };
+    if endpoint == "channels" {
+        let prefix = param(query, "filter_by_prefix").unwrap_or_default();
+        if user_count && !prefix.starts_with("presence-") {
+            return reply(
+                400,
+                "info=user_count needs filter_by_prefix=presence- (user counts are for presence channels)",
+            );
+        }
+        return Outcome::Query(ChannelsQuery::List {
+            prefix,
+            user_count,
+            subscription_count,
+        });
+    }
+    let Some(rest) = endpoint.strip_prefix("channels/") else {
+        return reply(404, &format!("no endpoint {endpoint:?}"));
+    };
+    let (name, users) = match rest.strip_suffix("/users") {
+        Some(name) => (name, true),
+        None => (rest, false),
+    };
+    let name = match percent_decode(name) {
+        Some(n) => n,
+        None => return reply(400, "channel name is not valid percent-encoding"),
+    };
+    if let Err(e) = channel::validate(&name) {
+        return reply(400, &format!("channel {name:?}: {e}"));
+    }
+    let presence = crate::bus::is_presence(&name);
+    if users {
+        if !presence {
+            return reply(400, "users are listed for presence channels only");
+        }
+        return Outcome::Query(ChannelsQuery::Users { channel: name });
+    }
+    if user_count && !presence {
+        return reply(400, "info=user_count is for presence channels only");
+    }
+    Outcome::Query(ChannelsQuery::One {
+        channel: name,
+        user_count,
+        subscription_count,
+    })
+}
+
+/// Decodes `%XX` escapes of a path segment (channel names may carry `#`,
+/// which clients send as `%23`).
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 #[derive(Deserialize)]
@@ -298,10 +489,15 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
                 body: body::event(TERMINATE_EVENT, false, None, None, b""),
             }])
         }
+        ("GET", e) if e == "channels" || e.starts_with("channels/") => {
+            channels_query(e, &request.query)
+        }
         (_, "events" | "batch_events") => reply(405, "use POST"),
         _ => reply(
             404,
-            &format!("no endpoint {endpoint:?}; this server serves events and batch_events"),
+            &format!(
+                "no endpoint {endpoint:?}: this server serves events, batch_events, channels, channels/<name>, channels/<name>/users and users/<id>/terminate_connections"
+            ),
         ),
     }
 }
@@ -408,8 +604,104 @@ mod tests {
     fn status(o: Outcome) -> u16 {
         match o {
             Outcome::Respond(r) => r.status,
-            Outcome::Publish(_) => 200,
+            Outcome::Publish(_) | Outcome::Query(_) => 200,
         }
+    }
+
+    fn query(path_and_query: &str) -> Outcome {
+        let (path, q) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        let owned: Vec<(String, String)> = form_urlencoded::parse(q.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let params: Vec<(&str, &str)> = owned
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let query = sign::sign_api_request("GET", path, &params, b"", "k", b"s", 1000);
+        handle(
+            &Request {
+                method: "GET".into(),
+                path: path.into(),
+                query,
+                body: Vec::new(),
+            },
+            &app(),
+            1000,
+        )
+    }
+
+    #[test]
+    fn channel_queries_are_read_and_checked() {
+        let want = |o: Outcome| match o {
+            Outcome::Query(q) => q,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            want(query(
+                "/apps/1/channels?filter_by_prefix=presence-&info=user_count,subscription_count"
+            )),
+            ChannelsQuery::List {
+                prefix: "presence-".into(),
+                user_count: true,
+                subscription_count: true
+            }
+        );
+        assert_eq!(
+            want(query(
+                "/apps/1/channels/%23server-to-user-1?info=subscription_count"
+            )),
+            ChannelsQuery::One {
+                channel: "#server-to-user-1".into(),
+                user_count: false,
+                subscription_count: true
+            }
+        );
+        assert_eq!(
+            want(query("/apps/1/channels/presence-a/users")),
+            ChannelsQuery::Users {
+                channel: "presence-a".into()
+            }
+        );
+        for bad in [
+            "/apps/1/channels?info=user_count",
+            "/apps/1/channels?info=colour",
+            "/apps/1/channels/chat?info=user_count",
+            "/apps/1/channels/chat/users",
+            "/apps/1/channels/a%2",
+            "/apps/1/channels/a b",
+        ] {
+            assert_eq!(status(query(bad)), 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn channel_answers_have_pushers_shapes() {
+        use std::collections::HashMap;
+        use std::sync::Arc;
+        let chans: Vec<(Arc<str>, u64)> =
+            vec![(Arc::from("presence-a"), 3), (Arc::from("presence-b"), 1)];
+        let users: HashMap<Arc<str>, usize> = [(Arc::from("presence-a"), 2)].into_iter().collect();
+        let r = ChannelsQuery::list_response(true, &chans, &users, true);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(
+            v["channels"]["presence-a"],
+            serde_json::json!({"user_count": 2, "subscription_count": 3})
+        );
+        assert_eq!(v["channels"]["presence-b"]["user_count"], 0);
+        let r = ChannelsQuery::list_response(false, &chans, &users, false);
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["channels"]["presence-b"], serde_json::json!({}));
+        let v: serde_json::Value =
+            serde_json::from_str(&ChannelsQuery::one_response(true, 0, None).body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"occupied": false, "subscription_count": 0})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&ChannelsQuery::users_response(&["1", "2"]).body).unwrap();
+        assert_eq!(v, serde_json::json!({"users": [{"id": "1"}, {"id": "2"}]}));
     }
 
     #[test]

@@ -143,6 +143,15 @@ pub enum BusEvent {
         /// True: the user became present; false: it left.
         joined: bool,
     },
+    /// The answer to [`Bus::channels`]: each channel asked about with its
+    /// number of subscribed connections over all shards (and nodes), sorted
+    /// by name.
+    Channels {
+        /// The `request` given to [`Bus::channels`].
+        request: u64,
+        /// The channels and their subscription counts.
+        result: Result<Vec<(Arc<str>, u64)>, BusError>,
+    },
     /// The answer to [`Bus::presence_members`]: every user present on
     /// `channel`, sorted, each once.
     Members {
@@ -153,6 +162,16 @@ pub enum BusEvent {
         /// The user ids, sorted, or why the bus could not answer.
         result: Result<Vec<Arc<str>>, BusError>,
     },
+}
+
+/// Which channels a [`Bus::channels`] query asks about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelQuery {
+    /// One channel (answered even when it has no subscriber: count 0).
+    One(Arc<str>),
+    /// Every channel with at least one subscriber anywhere whose name
+    /// starts with this (empty: all of them).
+    Prefix(Arc<str>),
 }
 
 /// What a history read found.
@@ -215,6 +234,14 @@ pub trait Bus: Send {
     /// carrying `request`, after every presence change this shard reported
     /// before asking.
     fn presence_members(&mut self, channel: &str, request: u64);
+    /// This shard's number of connections subscribed to `channel` is now
+    /// `count` (0: none left). Shards report at most once per channel per
+    /// tick; the bus sums shards (and nodes) for [`Bus::channels`].
+    fn subscription_count(&mut self, channel: &str, count: u64);
+    /// Asks the subscription counts of `query`'s channels. Answered by
+    /// [`BusEvent::Channels`] carrying `request`, after every count this
+    /// shard reported before asking.
+    fn channels(&mut self, query: ChannelQuery, request: u64);
     /// Sends everything queued since the last flush, one batch per
     /// destination.
     fn flush(&mut self);

@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::{Bus, BusEvent, History, Position, Publication, ReplyTo};
+use super::{Bus, BusEvent, ChannelQuery, History, Position, Publication, ReplyTo};
 
 mod channel;
 mod retention;
@@ -88,7 +88,24 @@ enum Envelope {
         from: u16,
         request: u64,
     },
+    /// `from`'s subscription count of `channel` is now `count`.
+    Count {
+        channel: Arc<str>,
+        from: u16,
+        count: u64,
+    },
+    /// Asks a shard for the counts of the channels it owns that `query`
+    /// names.
+    CountRead {
+        query: ChannelQuery,
+        from: u16,
+        request: u64,
+    },
     // From the owner.
+    CountAnswer {
+        request: u64,
+        channels: Vec<(Arc<str>, u64)>,
+    },
     Deliver {
         channel: Arc<str>,
         epoch: u64,
@@ -120,6 +137,10 @@ enum Envelope {
     },
 }
 
+/// Channels with their subscription counts, as [`BusEvent::Channels`]
+/// carries them.
+type ChannelCounts = Vec<(Arc<str>, u64)>;
+
 /// One shard's handle on the in-process bus.
 pub struct LocalBus {
     me: u16,
@@ -134,6 +155,11 @@ pub struct LocalBus {
     retention: Retention,
     retained: Retained,
     last_expiry: Instant,
+    /// Owned channels' subscription counts, per shard with subscribers.
+    counts: HashMap<Arc<str>, HashMap<u16, u64>>,
+    /// Channel queries this shard asked, waiting for every owner's answer:
+    /// shards left to answer, what they answered so far.
+    count_reads: HashMap<u64, (usize, ChannelCounts)>,
 }
 
 impl LocalBus {
@@ -163,6 +189,8 @@ impl LocalBus {
                 retention,
                 retained: Retained::default(),
                 last_expiry: Instant::now(),
+                counts: HashMap::new(),
+                count_reads: HashMap::new(),
             })
             .collect()
     }
@@ -404,6 +432,56 @@ impl LocalBus {
                     },
                     out,
                 );
+            }
+            Envelope::Count {
+                channel,
+                from,
+                count,
+            } => {
+                if count == 0 {
+                    if let Some(per_shard) = self.counts.get_mut(&channel) {
+                        per_shard.remove(&from);
+                        if per_shard.is_empty() {
+                            self.counts.remove(&channel);
+                        }
+                    }
+                } else {
+                    self.counts.entry(channel).or_default().insert(from, count);
+                }
+            }
+            Envelope::CountRead {
+                query,
+                from,
+                request,
+            } => {
+                let total = |per_shard: &HashMap<u16, u64>| per_shard.values().sum::<u64>();
+                let channels = match &query {
+                    ChannelQuery::One(name) => {
+                        vec![(name.clone(), self.counts.get(name).map_or(0, total))]
+                    }
+                    ChannelQuery::Prefix(prefix) => self
+                        .counts
+                        .iter()
+                        .filter(|(name, _)| name.starts_with(&**prefix))
+                        .map(|(name, per_shard)| (name.clone(), total(per_shard)))
+                        .collect(),
+                };
+                self.route(from, Envelope::CountAnswer { request, channels }, out);
+            }
+            Envelope::CountAnswer { request, channels } => {
+                let Some((left, got)) = self.count_reads.get_mut(&request) else {
+                    return;
+                };
+                got.extend(channels);
+                *left -= 1;
+                if *left == 0 {
+                    let (_, mut got) = self.count_reads.remove(&request).expect("looked up");
+                    got.sort_by(|a, b| a.0.cmp(&b.0));
+                    out.push(BusEvent::Channels {
+                        request,
+                        result: Ok(got),
+                    });
+                }
             }
             Envelope::PresenceChanged {
                 channel,
@@ -655,6 +733,34 @@ impl Bus for LocalBus {
             request,
         };
         self.send(owner, env);
+    }
+
+    fn subscription_count(&mut self, channel: &str, count: u64) {
+        let owner = self.owner_of(channel);
+        let env = Envelope::Count {
+            channel: Arc::from(channel),
+            from: self.me,
+            count,
+        };
+        self.send(owner, env);
+    }
+
+    fn channels(&mut self, query: ChannelQuery, request: u64) {
+        // One channel: its owner answers. A prefix: every shard answers for
+        // the channels it owns, and this shard merges the answers.
+        let owners: Vec<u16> = match &query {
+            ChannelQuery::One(name) => vec![self.owner_of(name)],
+            ChannelQuery::Prefix(_) => (0..self.peers.len() as u16).collect(),
+        };
+        self.count_reads.insert(request, (owners.len(), Vec::new()));
+        for owner in owners {
+            let env = Envelope::CountRead {
+                query: query.clone(),
+                from: self.me,
+                request,
+            };
+            self.send(owner, env);
+        }
     }
 
     fn flush(&mut self) {

@@ -400,6 +400,19 @@ impl Bus for RedisBus {
         });
     }
 
+    fn subscription_count(&mut self, _channel: &str, _count: u64) {
+        // Not counted across nodes yet: `channels` says so.
+    }
+
+    fn channels(&mut self, _query: crate::bus::ChannelQuery, request: u64) {
+        self.local.push(BusEvent::Channels {
+            request,
+            result: Err(BusError::Unavailable(
+                "channel counts are not served with the Redis bus yet".into(),
+            )),
+        });
+    }
+
     fn flush(&mut self) {
         if self.queued.is_empty() {
             return;

@@ -4,20 +4,37 @@
 //! answer (`200 {}`, or 503 if the bus could not store one) is written once
 //! the bus has answered every one of them. One request per connection.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use super::connections::Phase;
 use super::State;
-use crate::api::pusher_http::{self, Outcome, Response};
-use crate::bus::{BusError, Position, ReplyTo};
+use crate::api::pusher_http::{self, ChannelsQuery, Outcome, Response};
+use crate::bus::{BusError, ChannelQuery, Position, ReplyTo};
+use crate::protocol::pusher::presence::parse_member_key;
 use crate::shard::slab::ConnId;
 
 /// An HTTP API request waiting for the bus.
-pub(super) struct ApiWait {
-    /// Publications not answered yet.
-    remaining: usize,
-    /// Why one could not be stored, if one could not.
-    failed: Option<String>,
+pub(super) enum ApiWait {
+    /// Events being published.
+    Publish {
+        /// Publications not answered yet.
+        remaining: usize,
+        /// Why one could not be stored, if one could not.
+        failed: Option<String>,
+    },
+    /// A channel-information request.
+    Query {
+        query: ChannelsQuery,
+        /// The bus's subscription counts, once answered.
+        channels: Option<Vec<(Arc<str>, u64)>>,
+        /// Member-list answers still to come.
+        members_left: usize,
+        /// Users per presence channel, as the member lists came.
+        users: HashMap<Arc<str>, Vec<Arc<str>>>,
+    },
 }
 
 impl State {
@@ -33,13 +50,60 @@ impl State {
         let now_secs = self.unix_ms() / 1000;
         match pusher_http::handle(request, &app, now_secs) {
             Outcome::Respond(r) => self.respond_http(id, &r),
+            Outcome::Query(query) => {
+                if let Some(conn) = self.conns.get_mut(id) {
+                    conn.phase = Phase::Http;
+                }
+                let mut members_left = 0;
+                match &query {
+                    ChannelsQuery::List { prefix, .. } => {
+                        let token = self.api_token(id);
+                        self.bus
+                            .channels(ChannelQuery::Prefix(Arc::from(prefix.as_str())), token);
+                    }
+                    ChannelsQuery::One {
+                        channel,
+                        user_count,
+                        ..
+                    } => {
+                        let token = self.api_token(id);
+                        self.bus
+                            .channels(ChannelQuery::One(Arc::from(channel.as_str())), token);
+                        if *user_count {
+                            members_left += 1;
+                            let token = self.api_token(id);
+                            self.bus.presence_members(channel, token);
+                        }
+                    }
+                    ChannelsQuery::Users { channel } => {
+                        members_left += 1;
+                        let token = self.api_token(id);
+                        self.bus.presence_members(channel, token);
+                    }
+                }
+                let channels = match &query {
+                    // Answered by member lists alone.
+                    ChannelsQuery::Users { .. } => Some(Vec::new()),
+                    _ => None,
+                };
+                self.api_waits.insert(
+                    id,
+                    ApiWait::Query {
+                        query,
+                        channels,
+                        members_left,
+                        users: HashMap::new(),
+                    },
+                );
+                self.bus_pending = true;
+            }
             Outcome::Publish(publishes) => {
                 if let Some(conn) = self.conns.get_mut(id) {
                     conn.phase = Phase::Http;
                 }
                 self.api_waits.insert(
                     id,
-                    ApiWait {
+                    ApiWait::Publish {
                         remaining: publishes.len(),
                         failed: None,
                     },
@@ -57,25 +121,182 @@ impl State {
         }
     }
 
+    /// A token for one bus answer to connection `id`'s request.
+    fn api_token(&mut self, id: ConnId) -> u64 {
+        self.next_presence_query += 1;
+        let token = self.next_presence_query;
+        self.api_tokens.insert(token, id);
+        token
+    }
+
     /// The bus answered one publication of an HTTP API request.
     pub(super) fn on_api_published(&mut self, id: ConnId, result: Result<Position, BusError>) {
-        let Some(wait) = self.api_waits.get_mut(&id) else {
+        let Some(ApiWait::Publish { remaining, failed }) = self.api_waits.get_mut(&id) else {
             return;
         };
-        wait.remaining -= 1;
+        *remaining -= 1;
         if let Err(e) = result {
-            wait.failed.get_or_insert(e.to_string());
+            failed.get_or_insert(e.to_string());
         }
-        if wait.remaining > 0 {
+        if *remaining > 0 {
             return;
         }
-        let wait = self.api_waits.remove(&id).expect("looked up above");
-        let response = match wait.failed {
+        let response = match failed.take() {
             None => Response {
                 status: 200,
                 body: "{}".into(),
             },
             Some(why) => Response::error(503, &format!("not stored: {why}; retry")),
+        };
+        self.api_waits.remove(&id);
+        self.respond_http(id, &response);
+    }
+
+    /// The bus answered a channel query (`Bus::channels`); `false` if it
+    /// was not an HTTP API request's.
+    pub(super) fn on_api_channels(
+        &mut self,
+        token: u64,
+        result: Result<Vec<(Arc<str>, u64)>, BusError>,
+    ) -> bool {
+        let Some(id) = self.api_tokens.remove(&token) else {
+            return false;
+        };
+        let channels = match result {
+            Ok(c) => c,
+            Err(e) => {
+                self.api_waits.remove(&id);
+                let msg = format!("channel counts unavailable: {e}; retry");
+                self.respond_http(id, &Response::error(503, &msg));
+                return true;
+            }
+        };
+        let Some(ApiWait::Query {
+            query,
+            channels: slot,
+            members_left,
+            ..
+        }) = self.api_waits.get_mut(&id)
+        else {
+            return true;
+        };
+        // A list with user counts asks each presence channel's members.
+        let wanted: Vec<Arc<str>> = match query {
+            ChannelsQuery::List {
+                user_count: true, ..
+            } => channels.iter().map(|(c, _)| c.clone()).collect(),
+            _ => Vec::new(),
+        };
+        *members_left += wanted.len();
+        *slot = Some(channels);
+        for channel in wanted {
+            let token = self.api_token(id);
+            self.bus.presence_members(&channel, token);
+            self.bus_pending = true;
+        }
+        self.finish_api_query(id);
+        true
+    }
+
+    /// The bus answered a member list; `false` if it was not an HTTP API
+    /// request's.
+    pub(super) fn on_api_members(
+        &mut self,
+        token: u64,
+        channel: Arc<str>,
+        result: &Result<Vec<Arc<str>>, BusError>,
+    ) -> bool {
+        let Some(id) = self.api_tokens.remove(&token) else {
+            return false;
+        };
+        let users = match result {
+            Ok(u) => u.clone(),
+            Err(e) => {
+                self.api_waits.remove(&id);
+                let msg = format!("member list unavailable: {e}; retry");
+                self.respond_http(id, &Response::error(503, &msg));
+                return true;
+            }
+        };
+        if let Some(ApiWait::Query {
+            members_left,
+            users: got,
+            ..
+        }) = self.api_waits.get_mut(&id)
+        {
+            *members_left -= 1;
+            got.insert(channel, users);
+        }
+        self.finish_api_query(id);
+        true
+    }
+
+    /// Answers a channel query once every part of it came.
+    fn finish_api_query(&mut self, id: ConnId) {
+        let ready = matches!(
+            self.api_waits.get(&id),
+            Some(ApiWait::Query {
+                channels: Some(_),
+                members_left: 0,
+                ..
+            })
+        );
+        if !ready {
+            return;
+        }
+        let Some(ApiWait::Query {
+            query,
+            channels: Some(channels),
+            users,
+            ..
+        }) = self.api_waits.remove(&id)
+        else {
+            return;
+        };
+        // Each user once (a Pusher member key holds id and info; a native
+        // client's user is its id).
+        let ids = |members: &[Arc<str>]| -> Vec<String> {
+            let mut ids: Vec<String> = members
+                .iter()
+                .map(|m| {
+                    parse_member_key(m)
+                        .map_or(&**m, |(user_id, _)| user_id)
+                        .to_string()
+                })
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
+        let response = match query {
+            ChannelsQuery::List {
+                user_count,
+                subscription_count,
+                ..
+            } => {
+                let counts: HashMap<Arc<str>, usize> = users
+                    .iter()
+                    .map(|(c, m)| (c.clone(), ids(m).len()))
+                    .collect();
+                ChannelsQuery::list_response(subscription_count, &channels, &counts, user_count)
+            }
+            ChannelsQuery::One {
+                channel,
+                subscription_count,
+                ..
+            } => {
+                let subs = channels.first().map_or(0, |(_, n)| *n);
+                let user_count = users.get(channel.as_str()).map(|m| ids(m).len());
+                ChannelsQuery::one_response(subscription_count, subs, user_count)
+            }
+            ChannelsQuery::Users { channel } => {
+                let list = users
+                    .get(channel.as_str())
+                    .map(|m| ids(m))
+                    .unwrap_or_default();
+                let refs: Vec<&str> = list.iter().map(String::as_str).collect();
+                ChannelsQuery::users_response(&refs)
+            }
         };
         self.respond_http(id, &response);
     }

@@ -119,6 +119,10 @@ pub struct State {
     presence_queries: HashMap<u64, (ConnId, u32)>,
     /// HTTP API requests waiting for the bus, by connection.
     api_waits: HashMap<ConnId, api::ApiWait>,
+    /// Which connection each bus query of the HTTP API is for.
+    api_tokens: HashMap<u64, ConnId>,
+    /// Channels whose subscription count changed since the last flush.
+    counts_dirty: Vec<Arc<str>>,
     /// Pusher connections' members on presence channels.
     pusher_members: presence::PusherMembers,
     /// Pusher cache channels: history reads of the last event for a new
@@ -181,7 +185,9 @@ impl State {
             next_recovery: 0,
             presence_queries: HashMap::new(),
             api_waits: HashMap::new(),
+            api_tokens: HashMap::new(),
             pusher_members: HashMap::new(),
+            counts_dirty: Vec::new(),
             cache_reads: HashMap::new(),
             client_event_buckets: HashMap::new(),
             next_presence_query: 0,
@@ -263,6 +269,19 @@ impl State {
         self.close_pending();
         // Always flush: besides our own requests, handling events as a
         // channel owner queues deliveries and acknowledgements for others.
+        self.flush_bus();
+    }
+
+    /// Reports the subscription counts that changed (once per channel per
+    /// flush), then sends the bus everything queued.
+    pub(super) fn flush_bus(&mut self) {
+        for name in self.counts_dirty.drain(..) {
+            // A channel gone meanwhile reported its 0 when it went.
+            if let Some(ch) = self.channels.get_mut(&name) {
+                ch.count_dirty = false;
+                self.bus.subscription_count(&name, ch.subscribed);
+            }
+        }
         self.bus_pending = false;
         self.bus.flush();
     }
@@ -305,6 +324,9 @@ impl State {
                 user,
                 joined,
             } => self.deliver_presence(&channel, &user, joined),
+            BusEvent::Channels { request, result } => {
+                self.on_api_channels(request, result);
+            }
             BusEvent::Members {
                 request,
                 channel,

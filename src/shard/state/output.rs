@@ -69,8 +69,7 @@ impl State {
         // has seen a reply, whatever it does next (on any shard) reaches the
         // bus after the request behind that reply (see `bus::local`).
         if self.bus_pending {
-            self.bus_pending = false;
-            self.bus.flush();
+            self.flush_bus();
         }
         let conn = self.conns.get_mut(id)?;
         conn.dirty = false;

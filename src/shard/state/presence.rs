@@ -113,6 +113,9 @@ impl State {
         channel: Arc<str>,
         result: Result<Vec<Arc<str>>, BusError>,
     ) {
+        if self.on_api_members(request, channel.clone(), &result) {
+            return;
+        }
         let Some((id, request)) = self.presence_queries.remove(&request) else {
             return;
         };

@@ -31,6 +31,12 @@ pub(super) struct LocalChannel {
     /// Connections catching up from history; they join `subscribers` once
     /// they reach the live position.
     pub(super) recovering: Vec<ConnId>,
+    /// Connections subscribed here (live, catching up or waiting for the
+    /// bus): what this shard reports to the bus as its subscription count.
+    pub(super) subscribed: u64,
+    /// The count changed since it was last reported (listed in
+    /// `State::counts_dirty`).
+    pub(super) count_dirty: bool,
     /// Presence channels only: subscribed connections per user on this
     /// shard (a user is listed while it has at least one).
     pub(super) members: HashMap<Arc<str>, u32>,
@@ -62,6 +68,11 @@ impl State {
         let Some(ch) = self.channels.get_mut(name) else {
             return;
         };
+        ch.subscribed = ch.subscribed.saturating_sub(1);
+        if !ch.count_dirty {
+            ch.count_dirty = true;
+            self.counts_dirty.push(name.clone());
+        }
         if let Some(i) = ch.subscribers.iter().position(|&c| c == id) {
             ch.subscribers.swap_remove(i);
         }
@@ -101,6 +112,8 @@ impl State {
             self.pusher_members.remove(&(id, name.clone()));
         }
         if ch.is_unused() {
+            // Its last count (0) goes before the interest ends.
+            self.bus.subscription_count(name, 0);
             self.channels.remove(name);
             self.bus.unsubscribe(name);
             self.bus_pending = true;
@@ -166,8 +179,15 @@ impl State {
                 },
                 subscribers: Vec::new(),
                 recovering: Vec::new(),
+                subscribed: 0,
+                count_dirty: false,
                 members: HashMap::new(),
             });
+        ch.subscribed += 1;
+        if !ch.count_dirty {
+            ch.count_dirty = true;
+            self.counts_dirty.push(key.clone());
+        }
         let live = match &mut ch.state {
             ChannelState::Pending { waiters } => {
                 waiters.push((id, request, recover));
