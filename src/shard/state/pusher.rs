@@ -103,24 +103,8 @@ impl State {
                 "text frames are not accepted on /ws: send binary FlatBuffers frames",
             ));
         }
-        self.counters.messages_in += 1;
-        let (rate, burst, max_strikes) = {
-            let l = &self.settings.limits;
-            (l.messages_per_second, l.message_burst, l.rate_limit_strikes)
-        };
-        let now = self.now;
-        let Some(conn) = self.conns.get_mut(id) else {
-            return Ok(());
-        };
-        if !conn.bucket.take(now, rate, burst) {
-            conn.strikes += 1;
-            if conn.strikes >= max_strikes {
-                self.counters.limit(Limit::Rate);
-                return Err(CloseCause::RateLimited {
-                    per_second: rate,
-                    strikes: max_strikes,
-                });
-            }
+        if !self.admit_message(id)? {
+            let rate = self.settings.limits.messages_per_second;
             let msg = format!("over {rate} messages/s; this message was dropped");
             self.pusher_error(
                 id,
@@ -129,7 +113,6 @@ impl State {
             );
             return Ok(());
         }
-        conn.strikes = 0;
         // The session validated UTF-8 (RFC 6455 §8.1); 1007 otherwise.
         let Ok(text) = std::str::from_utf8(text) else {
             return Err(CloseCause::InvalidMessage("text is not UTF-8".into()));

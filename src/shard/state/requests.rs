@@ -68,35 +68,48 @@ impl State {
             &self.settings.decode_limits,
             &mut inflated,
         )?;
+        for (request, req) in requests {
+            if !self.admit_message(id)? {
+                let rate = self.settings.limits.messages_per_second;
+                let msg = format!("over {rate} messages/s; this request was dropped");
+                self.reply_error(id, request, ErrorCode::RateLimited, &msg);
+                continue;
+            }
+            self.on_request(id, request, req)?;
+        }
+        Ok(())
+    }
+
+    /// Counts one message from connection `id` against
+    /// `limits.messages_per_second` (burst `limits.message_burst`):
+    /// `Ok(true)` to handle it, `Ok(false)` to drop it (over the rate), `Err`
+    /// to close the connection after `limits.rate_limit_strikes` messages
+    /// over the rate in a row. Every form's messages come through here.
+    pub(super) fn admit_message(&mut self, id: ConnId) -> Result<bool, CloseCause> {
+        self.counters.messages_in += 1;
         let limits = &self.settings.limits;
         let (rate, burst, max_strikes) = (
             limits.messages_per_second,
             limits.message_burst,
             limits.rate_limit_strikes,
         );
-        for (request, req) in requests {
-            self.counters.messages_in += 1;
-            let now = self.now;
-            let Some(conn) = self.conns.get_mut(id) else {
-                break;
-            };
-            if !conn.bucket.take(now, rate, burst) {
-                conn.strikes += 1;
-                if conn.strikes >= max_strikes {
-                    self.counters.limit(Limit::Rate);
-                    return Err(CloseCause::RateLimited {
-                        per_second: rate,
-                        strikes: max_strikes,
-                    });
-                }
-                let msg = format!("over {rate} messages/s; this request was dropped");
-                self.reply_error(id, request, ErrorCode::RateLimited, &msg);
-                continue;
-            }
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(id) else {
+            return Ok(false);
+        };
+        if conn.bucket.take(now, rate, burst) {
             conn.strikes = 0;
-            self.on_request(id, request, req)?;
+            return Ok(true);
         }
-        Ok(())
+        conn.strikes += 1;
+        if conn.strikes >= max_strikes {
+            self.counters.limit(Limit::Rate);
+            return Err(CloseCause::RateLimited {
+                per_second: rate,
+                strikes: max_strikes,
+            });
+        }
+        Ok(false)
     }
 
     fn on_request(
