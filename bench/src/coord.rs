@@ -130,6 +130,7 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
     let server = target::start(t, &o.server)?;
     let pid = server.pid;
     let banner = server.banner.clone();
+    let proto = server.proto;
     let n = scenario.connections();
     let total = n + o.warm_connections;
     let source_ips = o.source_ips.unwrap_or(total.div_ceil(25_000).max(1) as u32);
@@ -373,6 +374,7 @@ pub fn run(t: Target, scenario: &Scenario, o: &RunOpts) -> Result<Report, String
     let mut rep = Report {
         scenario: scenario.clone(),
         target: t.name().into(),
+        protocol: proto.name().into(),
         banner,
         started_utc,
         host,

@@ -13,6 +13,7 @@ mod proc_stats;
 mod proto;
 mod pusher;
 mod report;
+mod sockudo;
 mod target;
 mod worker;
 
@@ -31,6 +32,7 @@ USAGE:
     shardcast-bench <scenario> [options]           run against one server
     shardcast-bench compare <scenario> [options]   run against every available
                                                    server, one after another
+                    [--targets T,T,...]            (or these, in this order)
     shardcast-bench samples [--payload B] [--payload-kind K] [--count N]
                                                    print N payloads, one a line
                                                    (to train a zstd dictionary)
@@ -48,7 +50,9 @@ SCENARIOS (defaults in brackets):
              N idle connections: server RSS and CPU per connection
 
 OPTIONS:
-    --target T          shardcast | baseline | nats | sockudo   [shardcast]
+    --target T          shardcast | shardcast-pusher | baseline | nats |
+                        sockudo [shardcast]; shardcast-pusher is shardcast
+                        driven over Pusher protocol 7 like sockudo
     --server PATH       shardcast binary [target/release/shardcast next to this one]
     --shards N          server threads (shards / tokio workers / GOMAXPROCS) [2]
     --server-arg ARG    extra argument for shardcast serve (repeatable)
@@ -269,15 +273,16 @@ fn compare(args: &[String]) -> Result<(), String> {
         .first()
         .ok_or(format!("compare needs a scenario\n\n{USAGE}"))?;
     if args.iter().any(|a| a == "--target") {
-        return Err("compare runs every target; drop --target".into());
+        return Err("compare runs every target (or --targets a,b,…); drop --target".into());
     }
     if args.iter().any(|a| a.starts_with("--zstd")) {
         return Err("--zstd is shardcast-only; run it without compare".into());
     }
-    let cli = parse(name, &args[1..])?;
+    let (targets, rest) = compare_targets(&args[1..])?;
+    let cli = parse(name, &rest)?;
     let mut runs = Vec::new();
     let mut skipped = Vec::new();
-    for t in target::ALL {
+    for t in targets {
         if let Err(why) = target::availability(t, &cli.run.server) {
             eprintln!("skipping {}: {why}", t.name());
             skipped.push((t.name().to_string(), why));
@@ -339,6 +344,29 @@ fn compare(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// `compare`'s `--targets a,b,…` (default: every target) and the other
+/// arguments, which are the scenario's.
+fn compare_targets(args: &[String]) -> Result<(Vec<Target>, Vec<String>), String> {
+    let mut targets = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--targets" {
+            let list = it
+                .next()
+                .ok_or("--targets needs a list, e.g. shardcast,sockudo")?;
+            targets = Some(Target::parse_list(list)?);
+        } else {
+            rest.push(a.clone());
+            // A server argument is the server's, whatever it says.
+            if a == "--server-arg" {
+                rest.extend(it.next().cloned());
+            }
+        }
+    }
+    Ok((targets.unwrap_or_else(|| target::ALL.to_vec()), rest))
+}
+
 /// `samples`: payloads as the bench sends them, one a line, for
 /// `shardcast zstd-train --lines`.
 fn samples(args: &[String]) -> Result<(), String> {
@@ -389,5 +417,36 @@ fn main() -> ExitCode {
             eprintln!("shardcast-bench: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn compare_runs_every_target_or_the_listed_ones() {
+        let (t, rest) = compare_targets(&args("--rate 5")).unwrap();
+        assert_eq!(t, target::ALL.to_vec());
+        assert_eq!(rest, args("--rate 5"));
+        let (t, rest) = compare_targets(&args(
+            "--subscribers 9 --targets shardcast-pusher,sockudo --server-arg --targets",
+        ))
+        .unwrap();
+        assert_eq!(t, [Target::ShardcastPusher, Target::Sockudo]);
+        assert_eq!(rest, args("--subscribers 9 --server-arg --targets"));
+        assert!(compare_targets(&args("--targets")).is_err());
+        assert!(compare_targets(&args("--targets shardcast,redis")).is_err());
+    }
+
+    #[test]
+    fn pusher_target_parses_and_refuses_zstd() {
+        let cli = parse("fanout", &args("--target shardcast-pusher --subscribers 5")).unwrap();
+        assert_eq!(cli.target, Target::ShardcastPusher);
+        assert!(parse("fanout", &args("--target shardcast-pusher --zstd")).is_err());
     }
 }

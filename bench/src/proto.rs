@@ -20,8 +20,8 @@ pub enum Proto {
     Baseline,
     /// NATS client protocol over WebSocket.
     Nats,
-    /// Pusher Channels protocol 7 (Sockudo); publishes go over the HTTP
-    /// API, see `pusher.rs`.
+    /// Pusher Channels protocol 7 (Sockudo, shardcast-pusher); publishes go
+    /// over the HTTP API, see `pusher.rs`.
     Pusher,
 }
 
@@ -31,6 +31,16 @@ impl Proto {
             Proto::Native => "/ws",
             Proto::Baseline | Proto::Nats => "/",
             Proto::Pusher => crate::pusher::WS_PATH,
+        }
+    }
+
+    /// How reports name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Native => "shardcast.v1",
+            Proto::Baseline => "baseline JSON",
+            Proto::Nats => "NATS",
+            Proto::Pusher => "Pusher 7",
         }
     }
 

@@ -1,11 +1,8 @@
-//! The Sockudo peer: a Pusher Channels (protocol 7) adapter.
+//! The Pusher Channels (protocol 7) client, shared by the two targets that
+//! speak it: Sockudo (`sockudo.rs`) and shardcast's own Pusher endpoint
+//! (`shardcast-pusher`, see `target.rs`). Both servers are given the app
+//! whose credentials are the constants below.
 //!
-//! * **Server**: `sockudo --config <generated JSON>` on a free loopback port
-//!   with everything in process (local adapter, memory cache and app
-//!   manager, no queue, no Redis), rate limiters and metrics off, one app
-//!   whose credentials are the constants below, and `TOKIO_WORKER_THREADS`
-//!   set to the bench's thread count. The environment is cleared so none of
-//!   Sockudo's many environment overrides (PORT, ADAPTER_DRIVER, …) leaks in.
 //! * **Subscribers** speak Pusher protocol 7 over WebSocket at
 //!   [`WS_PATH`]: the server opens with `pusher:connection_established`, the
 //!   client sends `pusher:subscribe` per channel and waits for
@@ -14,9 +11,11 @@
 //!   answered with `pusher:pong`.
 //! * **Publishers** use the Pusher HTTP API (`POST /apps/<id>/events`,
 //!   signed with HMAC-SHA256 as Pusher documents), one HTTP/1.1 request per
-//!   TCP connection because Sockudo closes every API connection after its
-//!   response; one sender task per publisher sends its queue in order,
-//!   batching what queued up meanwhile (see [`HttpPublisher`]).
+//!   TCP connection because both servers close every API connection after
+//!   its response; one sender task per publisher sends its queue in order,
+//!   batching what queued up meanwhile (see [`HttpPublisher`]). The
+//!   response is the publisher's acknowledgement: its time goes into
+//!   *publish → ack* like a native `PublishAck`.
 //!
 //! The bench payload (`<stream>:<seq>:<intended ns>:` padded with `.`, see
 //! `payload.rs`) is ASCII without quotes or backslashes, so it travels as
@@ -26,11 +25,9 @@ use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream as StdTcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -40,10 +37,11 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::clock::now_ns;
 use crate::net::io_error;
 use crate::proto::Event;
 
-/// The app the bench configures and uses.
+/// The app the bench configures (in Sockudo and in shardcast) and uses.
 pub const APP_ID: &str = "shardcast-bench";
 pub const APP_KEY: &str = "shardcast-bench-key";
 pub const APP_SECRET: &str = "shardcast-bench-secret";
@@ -53,119 +51,6 @@ pub const WS_PATH: &str = "/app/shardcast-bench-key?protocol=7&client=shardcast-
 
 /// Event name of bench publications.
 pub const EVENT: &str = "bench";
-
-/// What `compare` says when `sockudo` is not on PATH.
-pub const INSTALL_HINT: &str = "sockudo not installed: `apt-get install protobuf-compiler && cargo install sockudo --locked` (a long build), then make sure `sockudo` is on PATH";
-
-// ---------------------------------------------------------------------------
-// Server
-
-/// Sockudo's configuration for a bench run (JSON; Sockudo 5 reads JSON or
-/// TOML by file extension, every section defaulted when absent).
-pub fn server_config(port: u16) -> String {
-    let cfg = serde_json::json!({
-        "debug": false,
-        "host": "127.0.0.1",
-        "port": port,
-        "mode": "production",
-        "max_connections": 0,
-        "adapter": { "driver": "local" },
-        "cache": { "driver": "memory" },
-        "queue": { "driver": "none" },
-        "app_manager": {
-            "driver": "memory",
-            "array": { "apps": [{
-                "id": APP_ID,
-                "key": APP_KEY,
-                "secret": APP_SECRET,
-                "enabled": true,
-                "policy": {
-                    "limits": { "max_connections": 0, "max_client_events_per_second": 0 },
-                    "features": { "enable_client_messages": false }
-                }
-            }]}
-        },
-        // Defaults are 100 API requests and 20 WebSocket connects per
-        // minute per IP: a bench would measure the limiter.
-        "rate_limiter": { "enabled": false },
-        "metrics": { "enabled": false },
-    });
-    serde_json::to_string_pretty(&cfg).expect("serialisable")
-}
-
-/// Starts `bin` with a generated config in `dir` on a free loopback port
-/// and waits until the port accepts. Returns the child, the address and a
-/// banner. Server output goes to `dir/sockudo.log` (quoted on failure).
-pub fn spawn_server(
-    bin: &Path,
-    dir: &Path,
-    threads: u32,
-) -> Result<(Child, SocketAddr, String), String> {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        l.local_addr().map_err(|e| e.to_string())?.port()
-    };
-    let conf = dir.join("sockudo.json");
-    std::fs::write(&conf, server_config(port)).map_err(|e| format!("{}: {e}", conf.display()))?;
-    let log_path = dir.join("sockudo.log");
-    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-    let log2 = log.try_clone().map_err(|e| e.to_string())?;
-    let version = Command::new(bin)
-        .arg("--version")
-        .env_clear()
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let mut child = Command::new(bin)
-        .arg("--config")
-        .arg(&conf)
-        // Sockudo also loads config/config.{toml,json} from its working
-        // directory; the run's own directory has none.
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("TOKIO_WORKER_THREADS", threads.to_string())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log2))
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let t0 = Instant::now();
-    loop {
-        if StdTcpStream::connect(addr).is_ok() {
-            break;
-        }
-        let exited = child.try_wait().ok().flatten();
-        if exited.is_some() || t0.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            let _ = child.wait();
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(8).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(format!(
-                "sockudo did not open {addr} ({}); its last output:\n{}",
-                match exited {
-                    Some(s) => format!("exited: {s}"),
-                    None => "timed out".into(),
-                },
-                tail.join("\n")
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let version = if version.is_empty() {
-        "sockudo".to_owned()
-    } else {
-        version
-    };
-    Ok((
-        child,
-        addr,
-        format!("{version} pusher-v7 on {addr} TOKIO_WORKER_THREADS={threads}"),
-    ))
-}
 
 // ---------------------------------------------------------------------------
 // Subscriber side (WebSocket)
@@ -184,8 +69,9 @@ struct SubscribeData<'a> {
 /// The frames that subscribe to `channels`, and how many
 /// [`Event::Ready`] confirm the session: `connection_established` plus one
 /// `subscription_succeeded` per channel. Subscribes are sent right after the
-/// handshake; Sockudo sends `connection_established` before it reads any
-/// client message, so the order on the wire is the protocol's.
+/// handshake; both servers send `connection_established` before they read
+/// any client message (shardcast queues it behind the 101 response), so the
+/// order on the wire is the protocol's.
 pub fn setup(channels: &[String]) -> (Vec<Message>, usize) {
     let frames = channels
         .iter()
@@ -448,9 +334,15 @@ pub fn parse_responses(buf: &[u8], out: &mut Vec<(u16, String)>) -> Result<usize
 pub struct Outcome {
     pub acks: u64,
     pub errors: Vec<String>,
+    /// (intended send, response received), ns, for every event of every
+    /// request that was answered (2xx or not): the publisher's
+    /// acknowledgement. Shardcast answers once the events are stored,
+    /// Sockudo once it has fanned them out.
+    pub answered: Vec<(u64, u64)>,
 }
 
-/// Most events per HTTP request (Sockudo's default `max_batch_size`).
+/// Most events per HTTP request: the default limit of both servers
+/// (Sockudo's `max_batch_size`, shardcast's `pusher.max_batch_events`).
 pub const MAX_BATCH: usize = 10;
 
 #[derive(Serialize)]
@@ -488,8 +380,9 @@ pub fn trigger_request(events: &[(String, Vec<u8>)]) -> (String, String) {
 
 /// Triggers events through the HTTP API, in order.
 ///
-/// Sockudo 5 answers every HTTP API request with `Connection: close` (a
-/// layer on its API routes, "prevent idle HTTP connection buildup"), so
+/// Both servers answer every HTTP API request with `Connection: close`
+/// (Sockudo 5: a layer on its API routes, "prevent idle HTTP connection
+/// buildup"; shardcast: one request per connection by design), so
 /// keep-alive and pipelining are not available: every request is its own
 /// TCP connection. Requests on separate connections may be handled out of
 /// order, so each publisher has one sender task that sends its queue one
@@ -503,8 +396,12 @@ pub struct HttpPublisher {
     shared: Rc<SenderState>,
 }
 
+/// One event to trigger: (channel, payload).
+type Trigger = (String, Vec<u8>);
+
 struct SenderState {
-    queue: RefCell<VecDeque<(String, Vec<u8>)>>,
+    /// Events and their intended send times, ns.
+    queue: RefCell<VecDeque<(Trigger, u64)>>,
     outcome: RefCell<Outcome>,
     wake: Notify,
     closed: Cell<bool>,
@@ -557,10 +454,10 @@ fn signed_request(host: SocketAddr, events: &[(String, Vec<u8>)]) -> Vec<u8> {
 
 async fn sender(st: Rc<SenderState>, addr: SocketAddr, src: Ipv4Addr, timeout: Duration) {
     loop {
-        let events: Vec<(String, Vec<u8>)> = {
+        let (events, intended): (Vec<Trigger>, Vec<u64>) = {
             let mut q = st.queue.borrow_mut();
             let n = q.len().min(MAX_BATCH);
-            q.drain(..n).collect()
+            q.drain(..n).unzip()
         };
         if events.is_empty() {
             if st.closed.get() {
@@ -573,7 +470,11 @@ async fn sender(st: Rc<SenderState>, addr: SocketAddr, src: Ipv4Addr, timeout: D
         let r = tokio::time::timeout(timeout, request(addr, src, &req))
             .await
             .unwrap_or_else(|_| Err(format!("HTTP API request timed out after {timeout:?}")));
+        let at = now_ns();
         let mut o = st.outcome.borrow_mut();
+        if r.is_ok() {
+            o.answered.extend(intended.iter().map(|&i| (i, at)));
+        }
         match r {
             Ok((status, _)) if (200..300).contains(&status) => o.acks += events.len() as u64,
             Ok((status, body)) => o
@@ -606,20 +507,26 @@ impl HttpPublisher {
         Ok(Self { shared })
     }
 
-    /// Queues one trigger of `payload` on `channel`; [`Self::flush`] hands
-    /// the queue to the sender.
-    pub fn queue(&mut self, channel: &str, payload: &[u8]) {
+    /// Queues one trigger of `payload` on `channel`, due at `intended_ns`
+    /// (for publish → ack); [`Self::flush`] hands the queue to the sender.
+    pub fn queue(&mut self, channel: &str, payload: &[u8], intended_ns: u64) {
         self.shared
             .queue
             .borrow_mut()
-            .push_back((channel.to_owned(), payload.to_vec()));
+            .push_back(((channel.to_owned(), payload.to_vec()), intended_ns));
     }
 
     /// Wakes the sender and returns what the responses that arrived since
     /// the last call said. Never waits for the server.
     pub async fn flush(&mut self) -> Result<Outcome, String> {
         self.shared.wake.notify_one();
-        Ok(std::mem::take(&mut *self.shared.outcome.borrow_mut()))
+        Ok(self.take_outcome())
+    }
+
+    /// What the responses that arrived since the last call said, without
+    /// waking the sender.
+    pub fn take_outcome(&mut self) -> Outcome {
+        std::mem::take(&mut *self.shared.outcome.borrow_mut())
     }
 }
 
@@ -788,6 +695,105 @@ mod tests {
         }
     }
 
+    /// One request as a stand-in API server reads it: (path, query, body).
+    async fn read_request(s: &mut TcpStream) -> Option<(String, String, String)> {
+        let mut buf = Vec::new();
+        loop {
+            if let Some(h) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..h]).into_owned();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                if buf.len() >= h + 4 + len {
+                    let target = head.split(' ').nth(1).unwrap_or("");
+                    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                    let body = String::from_utf8_lossy(&buf[h + 4..h + 4 + len]).into_owned();
+                    return Some((path.into(), query.into(), body));
+                }
+            }
+            if s.read_buf(&mut buf).await.ok()? == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// The sender against a stand-in API server that answers `200 {}` and
+    /// closes, as both servers do: one request at a time, in queue order,
+    /// what queued up meanwhile as one `batch_events`, each signed so the
+    /// server can check it, and every event answered with its intended
+    /// time.
+    #[test]
+    fn publisher_sends_in_order_and_reports_answers() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let server = tokio::task::spawn_local(async move {
+                let mut seen = Vec::new();
+                while seen.len() < 2 {
+                    let (mut s, _) = l.accept().await.unwrap();
+                    // `connect` probes the port once and sends nothing.
+                    let Some((path, query, body)) = read_request(&mut s).await else {
+                        continue;
+                    };
+                    let params: Vec<(&str, &str)> = query
+                        .split('&')
+                        .filter_map(|kv| kv.split_once('='))
+                        .collect();
+                    let sig = params.iter().find(|(k, _)| *k == "auth_signature").unwrap().1;
+                    assert_eq!(sig, signature(APP_SECRET, "POST", &path, &params));
+                    let md5 = params.iter().find(|(k, _)| *k == "body_md5").unwrap().1;
+                    assert_eq!(md5, format!("{:x}", md5::compute(&body)));
+                    s.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+                    )
+                    .await
+                    .unwrap();
+                    seen.push((path, body));
+                }
+                seen
+            });
+            let src = Ipv4Addr::LOCALHOST;
+            let mut p = HttpPublisher::connect(addr, src, Duration::from_secs(10))
+                .await
+                .unwrap();
+            let mut got = Outcome::default();
+            // Waits (without a deadline of its own: the test harness has
+            // one) until `n` events were answered.
+            async fn until(p: &mut HttpPublisher, got: &mut Outcome, n: usize) {
+                while got.answered.len() < n {
+                    let o = p.flush().await.unwrap();
+                    got.acks += o.acks;
+                    got.errors.extend(o.errors);
+                    got.answered.extend(o.answered);
+                    tokio::task::yield_now().await;
+                }
+            }
+            p.queue("room.1", b"1:0:10:", 10);
+            until(&mut p, &mut got, 1).await;
+            p.queue("room.1", b"1:1:11:", 11);
+            p.queue("room.2", b"2:0:12:", 12);
+            until(&mut p, &mut got, 3).await;
+            assert_eq!(got.acks, 3);
+            assert!(got.errors.is_empty(), "{:?}", got.errors);
+            let intended: Vec<u64> = got.answered.iter().map(|a| a.0).collect();
+            assert_eq!(intended, [10, 11, 12]);
+            assert!(got.answered.iter().all(|&(i, at)| at > i));
+            let seen = server.await.unwrap();
+            let one = [("room.1".to_string(), b"1:0:10:".to_vec())];
+            let two = [
+                ("room.1".to_string(), b"1:1:11:".to_vec()),
+                ("room.2".to_string(), b"2:0:12:".to_vec()),
+            ];
+            assert_eq!(seen, [trigger_request(&one), trigger_request(&two)]);
+        });
+    }
+
     #[test]
     fn http_responses_pipelined_and_split() {
         let one = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}";
@@ -811,21 +817,5 @@ mod tests {
         assert_eq!(parse_responses(&chunked[..60], &mut out).unwrap(), 0);
         assert!(out.is_empty());
         assert!(parse_responses(b"garbage\r\n\r\n", &mut out).is_err());
-    }
-
-    #[test]
-    fn config_is_in_process_and_unthrottled() {
-        let v: serde_json::Value = serde_json::from_str(&server_config(4321)).unwrap();
-        assert_eq!(v["port"], 4321);
-        assert_eq!(v["host"], "127.0.0.1");
-        assert_eq!(v["adapter"]["driver"], "local");
-        assert_eq!(v["queue"]["driver"], "none");
-        assert_eq!(v["rate_limiter"]["enabled"], false);
-        let app = &v["app_manager"]["array"]["apps"][0];
-        assert_eq!(
-            (app["id"].as_str(), app["key"].as_str()),
-            (Some(APP_ID), Some(APP_KEY))
-        );
-        assert!(WS_PATH.starts_with(&format!("/app/{APP_KEY}?protocol=7")));
     }
 }

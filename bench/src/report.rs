@@ -93,6 +93,10 @@ pub struct Check {
 pub struct Report {
     pub scenario: Scenario,
     pub target: String,
+    /// The protocol the clients spoke (`Proto::name`): `compare` takes a
+    /// peer's ratios against the shardcast run that spoke the same one.
+    #[serde(default)]
+    pub protocol: String,
     pub banner: String,
     pub started_utc: String,
     pub host: Host,
@@ -432,7 +436,14 @@ fn rows(r: &Report) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = Vec::new();
     let mut add = |k: &str, val: String| v.push((k.to_owned(), val));
     add("scenario", scenario_line(&r.scenario));
-    add("server", format!("{} — {}", r.target, r.banner));
+    add(
+        "server",
+        if r.protocol.is_empty() {
+            format!("{} — {}", r.target, r.banner)
+        } else {
+            format!("{} ({}) — {}", r.target, r.protocol, r.banner)
+        },
+    );
     add(
         "connections",
         format!(
@@ -976,6 +987,18 @@ fn metrics() -> Vec<Metric> {
             none,
         ),
         Metric::exact("max", |r| latency(r, r.latency.max), msf),
+        Metric::exact(
+            "publish → ack p50",
+            |r| (r.ack.count > 0).then_some(r.ack.p50 as f64),
+            msf,
+        )
+        .sampled(|r| precision::percentile("p50", 0.5, r.ack.count), none),
+        Metric::exact(
+            "publish → ack p99",
+            |r| (r.ack.count > 0).then_some(r.ack.p99 as f64),
+            msf,
+        )
+        .sampled(|r| precision::percentile("p99", 0.99, r.ack.count), none),
         Metric::exact("lost", |r| Some(r.lost as f64), intf),
         Metric::exact(
             "errors + closed",
@@ -1020,22 +1043,46 @@ fn metrics() -> Vec<Metric> {
     ]
 }
 
-/// The side-by-side table: one column per server, then each peer's value
-/// as a ratio of shardcast's (the first run). A figure shows its
+/// Which run each run's ratio is taken against (`None` for the first
+/// run): a peer is compared with the shardcast run that spoke its
+/// protocol (Sockudo with shardcast-pusher: same clients, same load), and
+/// everything else with the first run (shardcast-pusher with native
+/// shardcast: same server, another protocol).
+pub fn ratio_bases(runs: &[Report]) -> Vec<Option<usize>> {
+    let is_shardcast = |r: &Report| r.target.starts_with("shardcast");
+    runs.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if i == 0 {
+                return None;
+            }
+            let same_protocol = (!is_shardcast(r) && !r.protocol.is_empty())
+                .then(|| {
+                    runs.iter()
+                        .position(|b| is_shardcast(b) && b.protocol == r.protocol)
+                })
+                .flatten();
+            Some(same_protocol.unwrap_or(0))
+        })
+        .collect()
+}
+
+/// The side-by-side table: one column per server, then each run's value
+/// as a ratio of its base run's ([`ratio_bases`]: the shardcast run of the
+/// same protocol, else the first run). A figure shows its
 /// resolution (±) where ticks or RSS steps make it coarse; a ratio of a
 /// figure too coarse to carry one says "insufficient sample", and a note
 /// under the table says why. `skipped` lists peers that were not run and
 /// why.
 pub fn compare_table(runs: &[Report], skipped: &[(String, String)], markdown: bool) -> String {
+    let bases = ratio_bases(runs);
     let mut header = vec!["metric".to_string()];
     header.extend(runs.iter().map(|r| r.target.clone()));
-    if let Some(base) = runs.first() {
-        header.extend(
-            runs.iter()
-                .skip(1)
-                .map(|r| format!("{}/{}", r.target, base.target)),
-        );
-    }
+    header.extend(
+        runs.iter()
+            .zip(&bases)
+            .filter_map(|(r, b)| b.map(|b| format!("{}/{}", r.target, runs[b].target))),
+    );
     let mut body: Vec<Vec<String>> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     for m in metrics() {
@@ -1049,9 +1096,10 @@ pub fn compare_table(runs: &[Report], skipped: &[(String, String)], markdown: bo
             },
             None => "—".into(),
         }));
-        for (i, v) in vals.iter().enumerate().skip(1) {
-            row.push(match (vals[0], v) {
-                (Some(b), Some(v)) => match (&samples[0], &samples[i]) {
+        for (i, base) in bases.iter().enumerate() {
+            let Some(base) = *base else { continue };
+            row.push(match (vals[base], vals[i]) {
+                (Some(b), Some(v)) => match (&samples[base], &samples[i]) {
                     (Ok(()), Ok(())) if b != 0.0 => format!("{:.2}×", v / b),
                     (Ok(()), Ok(())) => "—".into(),
                     _ => "insufficient sample".into(),
@@ -1133,6 +1181,7 @@ mod tests {
                 rate: 20.0,
             },
             target: "shardcast".into(),
+            protocol: "shardcast.v1".into(),
             banner: "shardcast listening on 127.0.0.1:1 shards=2 driver=io_uring".into(),
             started_utc: "20260101-000000".into(),
             host: Host {
@@ -1428,6 +1477,46 @@ mod tests {
         assert!(!t.contains("insufficient"), "{t}");
         let md = compare_table(&[sample_report()], &[], true);
         assert!(md.starts_with("| metric | shardcast |"));
+    }
+
+    #[test]
+    fn peers_are_compared_with_shardcast_on_their_protocol() {
+        let run = |target: &str, protocol: &str, p99: u64| {
+            let mut r = sample_report();
+            r.target = target.into();
+            r.protocol = protocol.into();
+            r.latency.p99 = p99;
+            r
+        };
+        let runs = [
+            run("shardcast", "shardcast.v1", 5_000),
+            run("shardcast-pusher", "Pusher 7", 10_000),
+            run("baseline", "baseline JSON", 20_000),
+            run("sockudo", "Pusher 7", 40_000),
+        ];
+        assert_eq!(ratio_bases(&runs), [None, Some(0), Some(0), Some(1)]);
+        let t = compare_table(&runs, &[], false);
+        let header = t.lines().next().unwrap();
+        assert!(
+            header.ends_with(
+                "shardcast-pusher/shardcast  baseline/shardcast  sockudo/shardcast-pusher"
+            ),
+            "{header}"
+        );
+        let p99 = t.lines().find(|l| l.starts_with("p99 ")).unwrap();
+        // shardcast-pusher / shardcast, baseline / shardcast, sockudo /
+        // shardcast-pusher.
+        let ratios: Vec<&str> = p99.split_whitespace().rev().take(3).collect();
+        assert_eq!(ratios, ["4.00×", "4.00×", "2.00×"], "{p99}");
+        // Without a shardcast run of its protocol, a peer is compared with
+        // the first run; so is every run of older results (no protocol).
+        let runs = [
+            run("shardcast", "shardcast.v1", 5_000),
+            run("sockudo", "Pusher 7", 40_000),
+        ];
+        assert_eq!(ratio_bases(&runs), [None, Some(0)]);
+        let old = [run("shardcast", "", 1), run("sockudo", "", 1)];
+        assert_eq!(ratio_bases(&old), [None, Some(0)]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! The servers the bench can start and measure: shardcast itself, the
-//! in-crate tokio-tungstenite baseline, NATS (WebSocket listener) and
-//! Sockudo. Each is started on a free loopback port with the same number of
-//! threads, and stopped (killed) when dropped.
+//! The servers the bench can start and measure: shardcast itself (native
+//! protocol, or its Pusher endpoint as `shardcast-pusher`), the in-crate
+//! tokio-tungstenite baseline, NATS (WebSocket listener) and Sockudo. Each
+//! is started on a free loopback port with the same number of threads, and
+//! stopped (killed) when dropped.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -15,13 +16,21 @@ use crate::proto::Proto;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
     Shardcast,
+    /// The same binary with a Pusher app configured, driven over Pusher
+    /// protocol 7 (WebSocket subscribers, HTTP API publishers): the same
+    /// clients and load as Sockudo.
+    ShardcastPusher,
     Baseline,
     Nats,
     Sockudo,
 }
 
-pub const ALL: [Target; 4] = [
+/// Every target, in the order `compare` runs them: shardcast-pusher right
+/// after native shardcast (same binary, the protocol is the difference)
+/// and before Sockudo (same protocol, the server is the difference).
+pub const ALL: [Target; 5] = [
     Target::Shardcast,
+    Target::ShardcastPusher,
     Target::Baseline,
     Target::Nats,
     Target::Sockudo,
@@ -31,6 +40,7 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Shardcast => "shardcast",
+            Target::ShardcastPusher => "shardcast-pusher",
             Target::Baseline => "baseline",
             Target::Nats => "nats",
             Target::Sockudo => "sockudo",
@@ -38,9 +48,26 @@ impl Target {
     }
 
     pub fn parse(s: &str) -> Result<Target, String> {
-        ALL.into_iter()
-            .find(|t| t.name() == s)
-            .ok_or_else(|| format!("unknown target {s:?} (shardcast, baseline, nats, sockudo)"))
+        ALL.into_iter().find(|t| t.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = ALL.iter().map(|t| t.name()).collect();
+            format!("unknown target {s:?} ({})", names.join(", "))
+        })
+    }
+
+    /// `a,b,c` (compare's `--targets`), in the order given, each once.
+    pub fn parse_list(s: &str) -> Result<Vec<Target>, String> {
+        let mut out = Vec::new();
+        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let t = Target::parse(name)?;
+            if out.contains(&t) {
+                return Err(format!("--targets names {name} twice"));
+            }
+            out.push(t);
+        }
+        if out.is_empty() {
+            return Err("--targets needs at least one target".into());
+        }
+        Ok(out)
     }
 }
 
@@ -98,15 +125,24 @@ fn sibling(name: &str) -> PathBuf {
 /// Whether `t` can be started here; if not, how to get it.
 pub fn availability(t: Target, o: &ServerOpts) -> Result<PathBuf, String> {
     match t {
-        Target::Shardcast => {
-            if o.shardcast.is_file() {
-                Ok(o.shardcast.clone())
-            } else {
-                Err(format!(
+        Target::Shardcast | Target::ShardcastPusher => {
+            if !o.shardcast.is_file() {
+                return Err(format!(
                     "{} not found: build it with `cargo build --release -p shardcast` (or pass --server PATH)",
                     o.shardcast.display()
-                ))
+                ));
             }
+            if t == Target::ShardcastPusher
+                && !shardcast_flags(&o.shardcast)
+                    .iter()
+                    .any(|f| f == PUSHER_KEY_FLAG)
+            {
+                return Err(format!(
+                    "{} has no Pusher endpoint (no {PUSHER_KEY_FLAG} in `shardcast keys`): build a newer one",
+                    o.shardcast.display()
+                ));
+            }
+            Ok(o.shardcast.clone())
         }
         Target::Baseline => {
             let p = sibling("bench-baseline");
@@ -122,7 +158,7 @@ pub fn availability(t: Target, o: &ServerOpts) -> Result<PathBuf, String> {
         Target::Nats => on_path("nats-server").ok_or_else(|| {
             "nats-server not installed: `apt-get install nats-server` (Debian/Ubuntu), or a release from the NATS project".into()
         }),
-        Target::Sockudo => on_path("sockudo").ok_or_else(|| crate::pusher::INSTALL_HINT.into()),
+        Target::Sockudo => on_path("sockudo").ok_or_else(|| crate::sockudo::INSTALL_HINT.into()),
     }
 }
 
@@ -154,6 +190,9 @@ fn addr_from_banner(line: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("unexpected server output {line:?}"))
 }
 
+/// The flag that turns shardcast's Pusher endpoint on.
+const PUSHER_KEY_FLAG: &str = "--pusher-app-key";
+
 /// The `--key` flags this shardcast build accepts (from `shardcast keys`).
 fn shardcast_flags(bin: &Path) -> Vec<String> {
     Command::new(bin)
@@ -169,46 +208,73 @@ fn shardcast_flags(bin: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `shardcast serve`'s arguments for a run: loopback on a free port,
+/// `o.threads` shards, quiet logs; `flags` (from `shardcast keys`) says
+/// which keys this build has. With `pusher`, the Pusher app of
+/// `pusher.rs`, placed after `o.extra_args` because the clients know only
+/// those credentials (the last occurrence of a flag wins).
+fn shardcast_args(flags: &[String], o: &ServerOpts, pusher: bool) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "serve",
+        "--server-listen",
+        "127.0.0.1:0",
+        "--log-level",
+        "warn",
+        "--server-shards",
+    ]
+    .map(String::from)
+    .into();
+    args.push(o.threads.to_string());
+    // The bench publishes far above the per-connection message rate limit
+    // meant for real clients, and runs several servers, so it turns the
+    // limit up and the admin port off where this build has them.
+    for (flag, value) in [
+        ("--limits-messages-per-second", "1000000"),
+        ("--limits-message-burst", "1000000"),
+        ("--admin-listen", ""),
+    ] {
+        if flags.iter().any(|f| f == flag) && !o.extra_args.iter().any(|a| a == flag) {
+            args.extend([flag.to_owned(), value.to_owned()]);
+        }
+    }
+    args.extend(o.extra_args.iter().cloned());
+    if pusher {
+        use crate::pusher::{APP_ID, APP_KEY, APP_SECRET};
+        for (flag, value) in [
+            ("--pusher-app-id", APP_ID),
+            ("--pusher-app-key", APP_KEY),
+            ("--pusher-app-secret", APP_SECRET),
+        ] {
+            args.extend([flag.to_owned(), value.to_owned()]);
+        }
+    }
+    args
+}
+
 pub fn start(t: Target, o: &ServerOpts) -> Result<Server, String> {
     let bin = availability(t, o)?;
     let threads = o.threads.to_string();
     match t {
-        Target::Shardcast => {
-            let flags = shardcast_flags(&bin);
-            let mut cmd = Command::new(&bin);
-            cmd.args([
-                "serve",
-                "--server-listen",
-                "127.0.0.1:0",
-                "--log-level",
-                "warn",
-            ])
-            .args(["--server-shards", &threads]);
-            // The bench publishes far above the per-connection message
-            // rate limit meant for real clients, and runs several servers,
-            // so it turns the limit up and the admin port off where this
-            // build has them.
-            for (flag, value) in [
-                ("--limits-messages-per-second", "1000000"),
-                ("--limits-message-burst", "1000000"),
-                ("--admin-listen", ""),
-            ] {
-                if flags.iter().any(|f| f == flag) && !o.extra_args.iter().any(|a| a == flag) {
-                    cmd.args([flag, value]);
-                }
-            }
-            cmd.args(&o.extra_args);
-            let mut child = cmd
+        Target::Shardcast | Target::ShardcastPusher => {
+            let pusher = t == Target::ShardcastPusher;
+            let args = shardcast_args(&shardcast_flags(&bin), o, pusher);
+            let mut child = Command::new(&bin)
+                .args(&args)
                 .stdout(Stdio::piped())
                 .spawn()
                 .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
             let banner = first_line(&mut child, Duration::from_secs(15))?;
             let addr = addr_from_banner(&banner)?;
+            let banner = banner.trim();
             Ok(Server {
-                proto: Proto::Native,
+                proto: if pusher { Proto::Pusher } else { Proto::Native },
                 addr,
                 pid: child.id(),
-                banner: banner.trim().to_owned(),
+                banner: if pusher {
+                    format!("{banner} pusher-v7 app {}", crate::pusher::APP_ID)
+                } else {
+                    banner.to_owned()
+                },
                 child,
                 _tmp: None,
             })
@@ -279,7 +345,7 @@ pub fn start(t: Target, o: &ServerOpts) -> Result<Server, String> {
                 .join(format!("shardcast-bench-sockudo-{}", std::process::id()));
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             let tmp = TempDir(dir.clone());
-            let (child, addr, banner) = crate::pusher::spawn_server(&bin, &dir, o.threads)?;
+            let (child, addr, banner) = crate::sockudo::spawn_server(&bin, &dir, o.threads)?;
             Ok(Server {
                 proto: Proto::Pusher,
                 addr,
@@ -311,6 +377,79 @@ mod tests {
             "127.0.0.1:4567".parse::<SocketAddr>().unwrap()
         );
         assert!(addr_from_banner("nothing here").is_err());
+    }
+
+    #[test]
+    fn target_names() {
+        for t in ALL {
+            assert_eq!(Target::parse(t.name()), Ok(t));
+        }
+        let e = Target::parse("pusher").unwrap_err();
+        assert!(
+            e.contains("shardcast-pusher") && e.contains("sockudo"),
+            "{e}"
+        );
+        assert_eq!(
+            Target::parse_list("shardcast, shardcast-pusher,sockudo"),
+            Ok(vec![
+                Target::Shardcast,
+                Target::ShardcastPusher,
+                Target::Sockudo
+            ])
+        );
+        assert!(Target::parse_list("shardcast,shardcast").is_err());
+        assert!(Target::parse_list(",").is_err());
+        assert!(Target::parse_list("shardcast,nope").is_err());
+    }
+
+    fn opts(extra: &[&str]) -> ServerOpts {
+        ServerOpts {
+            shardcast: PathBuf::from("shardcast"),
+            threads: 3,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn value<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn shardcast_arguments() {
+        let flags: Vec<String> = ["--limits-messages-per-second", "--admin-listen"]
+            .map(String::from)
+            .into();
+        let native = shardcast_args(&flags, &opts(&["--fanout-tick-pause-ms", "0"]), false);
+        assert_eq!(native[0], "serve");
+        assert_eq!(value(&native, "--server-shards"), ["3"]);
+        assert_eq!(value(&native, "--server-listen"), ["127.0.0.1:0"]);
+        // Only the keys this build has; the user's extra args are passed.
+        assert_eq!(value(&native, "--limits-messages-per-second"), ["1000000"]);
+        assert!(value(&native, "--limits-message-burst").is_empty());
+        assert_eq!(value(&native, "--fanout-tick-pause-ms"), ["0"]);
+        assert!(!native.iter().any(|a| a.starts_with("--pusher")));
+        // A limit the user sets is not set twice.
+        let own = shardcast_args(&flags, &opts(&["--limits-messages-per-second", "5"]), false);
+        assert_eq!(value(&own, "--limits-messages-per-second"), ["5"]);
+
+        // shardcast-pusher: everything native has, plus the bench's app,
+        // last, so a user's --pusher-app-key cannot leave the clients with
+        // the wrong credentials.
+        let p = shardcast_args(&flags, &opts(&["--pusher-app-key", "other"]), true);
+        assert_eq!(&p[..native.len() - 2], &native[..native.len() - 2]);
+        assert_eq!(value(&p, "--pusher-app-id"), [crate::pusher::APP_ID]);
+        assert_eq!(
+            value(&p, "--pusher-app-key").last(),
+            Some(&crate::pusher::APP_KEY)
+        );
+        assert_eq!(
+            value(&p, "--pusher-app-secret"),
+            [crate::pusher::APP_SECRET]
+        );
+        assert_eq!(p[p.len() - 6], "--pusher-app-id");
     }
 
     #[test]

@@ -115,6 +115,18 @@ impl Shared {
     }
 }
 
+/// Counts what the Pusher HTTP API answered: acks, errors, and publish →
+/// ack for every answered event.
+fn http_outcome(sh: &mut Shared, o: pusher::Outcome) {
+    sh.rec.counts.acks += o.acks;
+    for (intended, at) in o.answered {
+        sh.rec.on_answer(intended, at);
+    }
+    for e in o.errors {
+        sh.error(e);
+    }
+}
+
 async fn run(job: Job) -> Result<(), String> {
     let t0 = now_ns();
     // The window is not known yet; setup figures do not depend on it.
@@ -414,7 +426,7 @@ async fn run_conn(
                         payload::write(payload_kind, Stamp { stream: s.stream, seq: s.next_seq, intended_ns: due }, payload_bytes, &mut buf);
                         let sent = match c.http.as_mut() {
                             Some(h) => {
-                                h.queue(&s.channel, &buf);
+                                h.queue(&s.channel, &buf, due);
                                 true
                             }
                             None => {
@@ -436,13 +448,7 @@ async fn run_conn(
                 }
                 if let Some(h) = c.http.as_mut() {
                     match h.flush().await {
-                        Ok(o) => {
-                            let mut sh = shared.borrow_mut();
-                            sh.rec.counts.acks += o.acks;
-                            for e in o.errors {
-                                sh.error(e);
-                            }
-                        }
+                        Ok(o) => http_outcome(&mut shared.borrow_mut(), o),
                         Err(e) => {
                             shared.borrow_mut().first_error.get_or_insert(e);
                             failed = true;
@@ -518,6 +524,11 @@ async fn run_conn(
     }
     // Publications due in the window that were never sent.
     let mut sh = shared.borrow_mut();
+    // The HTTP API's answers to the last requests (publishing stopped
+    // before they came back).
+    if let Some(h) = c.http.as_mut() {
+        http_outcome(&mut sh, h.take_outcome());
+    }
     for s in &scheds {
         let mut seq = s.next_seq;
         while s.due(seq) < go.window.to_ns {
