@@ -271,10 +271,12 @@ impl Writer {
         self.buf.push_str(",\"data\":");
     }
 
+    /// Writes `s` as a JSON string (RFC 8259 §7) straight into the buffer:
+    /// a reused writer then builds a message with no allocation of its own.
     fn string(&mut self, s: &str) {
-        // Writing a &str as JSON cannot fail.
-        let quoted = serde_json::to_string(s).expect("a string serialises");
-        self.buf.push_str(&quoted);
+        self.buf.push('"');
+        escape_into(&mut self.buf, s);
+        self.buf.push('"');
     }
 
     fn finish(&mut self) -> &str {
@@ -286,12 +288,22 @@ impl Writer {
     /// and the activity timeout in seconds (the client pings after that
     /// long without traffic).
     pub fn connection_established(&mut self, socket_id: &str, activity_timeout_secs: u32) -> &str {
+        use std::fmt::Write as _;
         self.start("pusher:connection_established", None);
-        let data = format!(
-            "{{\"socket_id\":{},\"activity_timeout\":{activity_timeout_secs}}}",
-            serde_json::to_string(socket_id).expect("a string serialises")
+        // `data` is a JSON string holding the object: escaped twice.
+        self.buf.push_str("\"{\\\"socket_id\\\":\\\"");
+        if socket_id.chars().all(|c| c != '"' && c != '\\' && c >= ' ') {
+            // Ours (digits and a dot): nothing to escape, no temporary.
+            self.buf.push_str(socket_id);
+        } else {
+            let mut once = String::new();
+            escape_into(&mut once, socket_id);
+            escape_into(&mut self.buf, &once);
+        }
+        let _ = write!(
+            self.buf,
+            "\\\",\\\"activity_timeout\\\":{activity_timeout_secs}}}\""
         );
-        self.string(&data);
         self.finish()
     }
 
@@ -432,6 +444,25 @@ impl Writer {
             self.string(u);
         }
         self.finish()
+    }
+}
+
+/// Appends `s` with JSON's string escapes (RFC 8259 §7): `"`, `\\` and
+/// the control characters; everything else as it is (UTF-8 is valid JSON).
+fn escape_into(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
     }
 }
 
@@ -605,6 +636,17 @@ mod tests {
         let m = json(w.cache_miss("cache-a"));
         assert_eq!(m["event"], "pusher:cache_miss");
         assert_eq!(json(w.pong())["event"], "pusher:pong");
+    }
+
+    #[test]
+    fn strings_are_escaped_as_json_parses_them() {
+        let mut w = Writer::new();
+        let tricky = "q\"b\\n\nt\tc\u{1}é😀";
+        let m = json(w.event("e", "c", Data::Str(tricky), None));
+        assert_eq!(m["data"], tricky);
+        let m = json(w.connection_established("1.2\"x", 5));
+        let data = json(m["data"].as_str().unwrap());
+        assert_eq!(data["socket_id"], "1.2\"x");
     }
 
     #[test]

@@ -310,7 +310,7 @@ pub fn reply_frame(
     reply: Reply<'_>,
 ) -> Option<Bytes> {
     match form {
-        Form::Pusher => pusher_reply(reply).map(|text| ws::frame(OpCode::Text, text.as_bytes())),
+        Form::Pusher => pusher_reply(reply),
         Form::Native | Form::NativeZstd => {
             let data = match reply {
                 Reply::Connected {
@@ -338,9 +338,26 @@ pub fn reply_frame(
     }
 }
 
-/// A reply's Pusher message, if the protocol has one.
-fn pusher_reply(reply: Reply<'_>) -> Option<String> {
-    let mut w = Writer::new();
+thread_local! {
+    /// The shard's Pusher message writer, reused (a shard is one thread):
+    /// building a message allocates nothing but its frame.
+    static PUSHER_WRITER: std::cell::RefCell<Writer> = std::cell::RefCell::new(Writer::new());
+}
+
+/// Runs `f` with this shard's reusable Pusher writer. `f` must not call
+/// back into this function.
+pub(super) fn with_pusher_writer<R>(f: impl FnOnce(&mut Writer) -> R) -> R {
+    PUSHER_WRITER.with(|w| f(&mut w.borrow_mut()))
+}
+
+/// A reply's Pusher frame, if the protocol has one.
+fn pusher_reply(reply: Reply<'_>) -> Option<Bytes> {
+    with_pusher_writer(|w| {
+        pusher_reply_with(w, reply).map(|text| ws::frame(OpCode::Text, text.as_bytes()))
+    })
+}
+
+fn pusher_reply_with<'w>(w: &'w mut Writer, reply: Reply<'_>) -> Option<&'w str> {
     let text = match reply {
         Reply::Pong => w.pong(),
         Reply::Subscribed { channel, .. } => w.subscription_succeeded(channel),
@@ -365,7 +382,7 @@ fn pusher_reply(reply: Reply<'_>) -> Option<String> {
             return None
         }
     };
-    Some(text.to_string())
+    Some(text)
 }
 
 /// The Pusher event name a publication without one (a native publish, an
@@ -522,8 +539,11 @@ impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
     /// publications is their frames back to back in one buffer, shared by
     /// every Pusher recipient and written in one go.
     fn build_pusher(&mut self) -> Bytes {
+        with_pusher_writer(|w| self.build_pusher_with(w))
+    }
+
+    fn build_pusher_with(&mut self, w: &mut Writer) -> Bytes {
         let mut out = Vec::new();
-        let mut w = Writer::new();
         match *self.what {
             Broadcast::Publications { channel, items, .. } => {
                 for p in items {
@@ -533,7 +553,7 @@ impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
                         continue;
                     }
                     let start = out.len();
-                    pusher_publication(&mut out, &mut w, channel, p);
+                    pusher_publication(&mut out, w, channel, p);
                     if let Some(socket) = body::decode(&p.payload).exclude.and_then(SocketId::parse)
                     {
                         self.pusher_excluded.push((start..out.len(), socket));
@@ -591,17 +611,16 @@ pub fn publications_frame<P: Borrow<Publication>>(
             form == Form::NativeZstd,
             encode_publications(encoder, channel, epoch, items),
         ),
-        Form::Pusher => {
+        Form::Pusher => with_pusher_writer(|w| {
             let mut out = Vec::new();
-            let mut w = Writer::new();
             for p in items {
                 let p = p.borrow();
                 if body::decode(&p.payload).event != Some(TERMINATE_EVENT) {
-                    pusher_publication(&mut out, &mut w, channel, p);
+                    pusher_publication(&mut out, w, channel, p);
                 }
             }
             Bytes::from(out)
-        }
+        }),
     }
 }
 

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::connections::Phase;
-use super::form::{self, CloseCause, Form, Reply, SocketId};
+use super::form::{self, with_pusher_writer, CloseCause, Form, Reply, SocketId};
 use super::subscriptions::ChannelState;
 use super::State;
 use crate::bus::{History, ReplyTo};
 use crate::metrics::Limit;
 use crate::protocol::pusher::channel::{ChannelKind, Kind, SERVER_TO_USER_PREFIX};
-use crate::protocol::pusher::message::{self, ClientMessage, Writer};
+use crate::protocol::pusher::message::{self, ClientMessage};
 use crate::protocol::pusher::{presence, sign};
 use crate::protocol::ws::{self, OpCode};
 use crate::protocol::{body, channel};
@@ -80,8 +80,8 @@ impl State {
             .as_ref()
             .map_or(120, |a| a.activity_timeout_secs);
         let socket_id = self.socket_id(id).to_string();
-        let mut w = Writer::new();
-        let frame = text_frame(w.connection_established(&socket_id, timeout));
+        let frame =
+            with_pusher_writer(|w| text_frame(w.connection_established(&socket_id, timeout)));
         if let Some(conn) = self.conns.get(id) {
             tracing::debug!(
                 shard = self.shard,
@@ -304,8 +304,7 @@ impl State {
             tracing::debug!(shard = self.shard, peer = %conn.peer, user = %user, "pusher sign-in");
             conn.identity = Some(Box::new(crate::auth::Identity::signed_in(user)));
         }
-        let mut w = Writer::new();
-        let frame = text_frame(w.signin_success(user_data));
+        let frame = with_pusher_writer(|w| text_frame(w.signin_success(user_data)));
         self.enqueue(id, frame);
         Ok(())
     }
@@ -356,8 +355,7 @@ impl State {
     }
 
     fn cache_miss(&mut self, id: ConnId, channel: &str) {
-        let mut w = Writer::new();
-        let frame = text_frame(w.cache_miss(channel));
+        let frame = with_pusher_writer(|w| text_frame(w.cache_miss(channel)));
         self.enqueue(id, frame);
     }
 
@@ -497,14 +495,13 @@ impl State {
         error: &str,
         status: u16,
     ) {
-        let mut w = Writer::new();
-        let frame = text_frame(w.subscription_error(channel, kind, error, status));
+        let frame =
+            with_pusher_writer(|w| text_frame(w.subscription_error(channel, kind, error, status)));
         self.enqueue(id, frame);
     }
 
     fn pusher_error(&mut self, id: ConnId, code: Option<u16>, message: &str) {
-        let mut w = Writer::new();
-        let frame = text_frame(w.error(code, message));
+        let frame = with_pusher_writer(|w| text_frame(w.error(code, message)));
         self.enqueue(id, frame);
     }
 }
