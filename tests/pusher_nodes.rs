@@ -1,7 +1,8 @@
 //! Pusher Channels across two nodes sharing one real `redis-server`, with
 //! the real SDKs (issue 11): HTTP API events, presence once per user,
 //! client events, send-to-user and terminate reach clients on the other
-//! node, and native and Pusher clients share channels.
+//! node, native and Pusher clients share channels, and the channel
+//! information endpoints count subscribers and users on every node.
 //!
 //! As in `tests/pusher.rs`, "nothing else arrived" is shown by a marker
 //! event that must be the next one on the channel (events, presence
@@ -10,6 +11,8 @@
 mod common;
 
 use common::sdk::{self, has, SdkClient, APP_KEY, APP_SECRET};
+use std::time::{Duration, Instant};
+
 use common::{Client, RedisServer, Server, WAIT};
 use serde_json::{json, Value};
 
@@ -317,5 +320,114 @@ async fn native_and_pusher_clients_share_channels_across_nodes() {
         (&e["event"], &e["data"]),
         (&json!("headline"), &json!({"a": 1})),
         "{e}"
+    );
+}
+
+/// Asks node `port` through pusher-http-node until the answer is `200`
+/// with body `want`, within `WAIT`: a node reports a count to Redis right
+/// after its client is told it subscribed, so the first answer may miss
+/// the newest one.
+fn until_answer(port: u16, op: Value, want: Value) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = sdk::trigger(&sdk::api(port, op.clone()));
+        if r["status"] == 200 && r["body"] == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{op} on port {port}: {r}; want {want}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn channel_information_through_one_node_counts_subscribers_on_both() {
+    let redis = RedisServer::start(false);
+    let (a, b) = nodes(&redis, &[]);
+    let (pa, pb) = (a.addr.port(), b.addr.port());
+    let room = "presence-room";
+    // Node A: user 1 in the room, also subscribed to `orders`.
+    let mut a1 = SdkClient::spawn();
+    a1.connect(pa);
+    a1.join(room, json!("1"), json!({"name": "Ann"}));
+    a1.subscribe("orders");
+    // Node B: user 1 again, user 2 (also on `orders`), user 3 in the lobby.
+    let mut b1 = SdkClient::spawn();
+    b1.connect(pb);
+    b1.join(room, json!("1"), json!({"name": "Ann"}));
+    let mut b2 = SdkClient::spawn();
+    b2.connect(pb);
+    b2.join(room, json!("2"), json!({"name": "Bob"}));
+    b2.subscribe("orders");
+    let mut b3 = SdkClient::spawn();
+    b3.connect(pb);
+    b3.join("presence-lobby", json!("3"), json!(null));
+
+    until_answer(
+        pa,
+        json!({"op": "channels", "filter_by_prefix": "presence-",
+               "info": "user_count,subscription_count"}),
+        json!({"channels": {
+            "presence-lobby": {"user_count": 1, "subscription_count": 1},
+            "presence-room": {"user_count": 2, "subscription_count": 3},
+        }}),
+    );
+    until_answer(
+        pa,
+        json!({"op": "channels"}),
+        json!({"channels": {"orders": {}, "presence-lobby": {}, "presence-room": {}}}),
+    );
+    until_answer(
+        pa,
+        json!({"op": "channel", "channel": "orders", "info": "subscription_count"}),
+        json!({"occupied": true, "subscription_count": 2}),
+    );
+    until_answer(
+        pa,
+        json!({"op": "channel", "channel": room, "info": "user_count,subscription_count"}),
+        json!({"occupied": true, "user_count": 2, "subscription_count": 3}),
+    );
+    until_answer(
+        pa,
+        json!({"op": "channel", "channel": "nobody", "info": "subscription_count"}),
+        json!({"occupied": false, "subscription_count": 0}),
+    );
+    until_answer(
+        pa,
+        json!({"op": "users", "channel": room}),
+        json!({"users": [{"id": "1"}, {"id": "2"}]}),
+    );
+    // Node B answers the same.
+    until_answer(
+        pb,
+        json!({"op": "channel", "channel": room, "info": "user_count,subscription_count"}),
+        json!({"occupied": true, "user_count": 2, "subscription_count": 3}),
+    );
+
+    // User 2 leaves node B, and user 1 its connection there: node A's
+    // answers follow.
+    b2.send(&json!({"op": "disconnect"}));
+    b1.send(&json!({"op": "unsubscribe", "channel": room}));
+    b1.round_trip();
+    until_answer(
+        pa,
+        json!({"op": "channels", "filter_by_prefix": "presence-",
+               "info": "user_count,subscription_count"}),
+        json!({"channels": {
+            "presence-lobby": {"user_count": 1, "subscription_count": 1},
+            "presence-room": {"user_count": 1, "subscription_count": 1},
+        }}),
+    );
+    until_answer(
+        pa,
+        json!({"op": "channel", "channel": "orders", "info": "subscription_count"}),
+        json!({"occupied": true, "subscription_count": 1}),
+    );
+    until_answer(
+        pa,
+        json!({"op": "users", "channel": room}),
+        json!({"users": [{"id": "1"}]}),
     );
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{unix_us, Bus, BusEvent, History, Position, Publication, ReplyTo};
+use super::{unix_us, Bus, BusEvent, ChannelQuery, History, Position, Publication, ReplyTo};
 
 /// Two shards' handles on one bus, driven by polling.
 pub trait Harness {
@@ -312,6 +312,141 @@ fn members(events: &[BusEvent]) -> Option<Vec<String>> {
     })
 }
 
+/// The answer to the channel query `request` of shard `shard`, once it
+/// came (taken out of the shard's events): (channel, count) in order.
+fn channels_answer(h: &mut dyn Harness, shard: usize, request: u64) -> Vec<(String, u64)> {
+    let answered = |h: &mut dyn Harness| {
+        h.events(shard)
+            .iter()
+            .position(|e| matches!(e, BusEvent::Channels { request: r, .. } if *r == request))
+    };
+    until(h, "a channel query's answer", |h| answered(h).is_some());
+    let i = answered(h).expect("checked above");
+    let BusEvent::Channels { result, .. } = h.events(shard).remove(i) else {
+        unreachable!("matched above");
+    };
+    result
+        .expect("channel counts")
+        .into_iter()
+        .map(|(c, n)| (c.to_string(), n))
+        .collect()
+}
+
+/// Asks `query` from `shard` and waits for the answer.
+fn ask(h: &mut dyn Harness, shard: usize, query: ChannelQuery) -> Vec<(String, u64)> {
+    const REQUEST: u64 = 1 << 40;
+    h.bus(shard).channels(query, REQUEST);
+    channels_answer(h, shard, REQUEST)
+}
+
+fn one(name: &str) -> ChannelQuery {
+    ChannelQuery::One(name.into())
+}
+
+fn prefix(p: &str) -> ChannelQuery {
+    ChannelQuery::Prefix(p.into())
+}
+
+fn counted(list: &[(&str, u64)]) -> Vec<(String, u64)> {
+    list.iter().map(|&(c, n)| (c.to_string(), n)).collect()
+}
+
+/// `shard` reports `count` subscribers of `channel`, and waits until a
+/// query it asks afterwards is answered: the count is then part of every
+/// later answer, whichever shard asks (the contract orders a shard's
+/// queries only after its own counts).
+fn report(h: &mut dyn Harness, shard: usize, channel: &str, count: u64) {
+    h.bus(shard).subscription_count(channel, count);
+    ask(h, shard, one(channel));
+}
+
+/// Subscription counts are summed over shards: one channel (0 when it has
+/// no subscriber anywhere or was never heard of) and every channel with a
+/// subscriber whose name starts with a prefix, sorted by name; a new count
+/// replaces the shard's previous one.
+pub fn subscription_counts_are_summed_over_shards(h: &mut dyn Harness) {
+    report(h, 0, "count-b", 1);
+    report(h, 0, "count-a", 2);
+    report(h, 1, "count-a", 3);
+    report(h, 1, "count-ab", 4);
+    report(h, 1, "count", 6);
+    report(h, 0, "other", 5);
+    report(h, 0, "count-zero", 0);
+    for asker in [0, 1] {
+        assert_eq!(ask(h, asker, one("count-a")), counted(&[("count-a", 5)]));
+        assert_eq!(ask(h, asker, one("never")), counted(&[("never", 0)]));
+        assert_eq!(
+            ask(h, asker, one("count-zero")),
+            counted(&[("count-zero", 0)])
+        );
+        assert_eq!(
+            ask(h, asker, prefix("count-")),
+            counted(&[("count-a", 5), ("count-ab", 4), ("count-b", 1)]),
+            "the prefix's channels with a subscriber, sorted"
+        );
+        assert_eq!(
+            ask(h, asker, prefix("")),
+            counted(&[
+                ("count", 6),
+                ("count-a", 5),
+                ("count-ab", 4),
+                ("count-b", 1),
+                ("other", 5)
+            ]),
+            "every channel with a subscriber"
+        );
+        assert_eq!(ask(h, asker, prefix("none-")), counted(&[]));
+    }
+    report(h, 1, "count-a", 1);
+    assert_eq!(ask(h, 0, one("count-a")), counted(&[("count-a", 3)]));
+}
+
+/// A shard reporting 0 takes its share out; a channel with no share left
+/// counts 0 and leaves prefix answers.
+pub fn a_shard_reporting_zero_removes_its_share(h: &mut dyn Harness) {
+    const CH: &str = "count-gone";
+    report(h, 0, CH, 2);
+    report(h, 1, CH, 3);
+    report(h, 1, "count-stays", 1);
+    assert_eq!(ask(h, 0, one(CH)), counted(&[(CH, 5)]));
+    report(h, 1, CH, 0);
+    assert_eq!(ask(h, 0, one(CH)), counted(&[(CH, 2)]));
+    assert_eq!(
+        ask(h, 1, prefix("count-")),
+        counted(&[(CH, 2), ("count-stays", 1)])
+    );
+    report(h, 0, CH, 0);
+    assert_eq!(ask(h, 1, one(CH)), counted(&[(CH, 0)]));
+    assert_eq!(ask(h, 0, prefix("count-")), counted(&[("count-stays", 1)]));
+}
+
+/// A channel query is answered after every count its shard reported
+/// before asking, however soon it asks: here each query follows a new
+/// count in the same flush, without waiting for anything.
+pub fn channels_are_answered_after_the_counts_reported_before_asking(h: &mut dyn Harness) {
+    const CH: &str = "count-ordered";
+    const N: u64 = 20;
+    for i in 1..=N {
+        h.bus(0).subscription_count(CH, i);
+        h.bus(0).channels(one(CH), i);
+        h.bus(0).channels(prefix("count-"), 100 + i);
+        h.bus(0).flush();
+    }
+    h.bus(0).subscription_count(CH, 0);
+    h.bus(0).channels(one(CH), 1000);
+    h.bus(0).channels(prefix(""), 1001);
+    for i in 1..=N {
+        assert_eq!(channels_answer(h, 0, i), counted(&[(CH, i)]), "query {i}");
+        assert_eq!(
+            channels_answer(h, 0, 100 + i),
+            counted(&[(CH, i)]),
+            "prefix query {i}"
+        );
+    }
+    assert_eq!(channels_answer(h, 0, 1000), counted(&[(CH, 0)]));
+    assert_eq!(channels_answer(h, 0, 1001), counted(&[]));
+}
+
 /// Expands to one `#[test]` per contract rule, each on a fresh harness
 /// from `$make` (an expression evaluating to a `Harness`).
 macro_rules! bus_contract_tests {
@@ -340,6 +475,26 @@ macro_rules! bus_contract_tests {
         fn contract_presence_is_one_member_per_user_across_shards() {
             let mut h = $make;
             $crate::bus::contract::presence_is_one_member_per_user_across_shards(&mut h);
+        }
+
+        #[test]
+        fn contract_subscription_counts_are_summed_over_shards() {
+            let mut h = $make;
+            $crate::bus::contract::subscription_counts_are_summed_over_shards(&mut h);
+        }
+
+        #[test]
+        fn contract_a_shard_reporting_zero_removes_its_share() {
+            let mut h = $make;
+            $crate::bus::contract::a_shard_reporting_zero_removes_its_share(&mut h);
+        }
+
+        #[test]
+        fn contract_channels_are_answered_after_the_counts_reported_before_asking() {
+            let mut h = $make;
+            $crate::bus::contract::channels_are_answered_after_the_counts_reported_before_asking(
+                &mut h,
+            );
         }
     };
 }

@@ -32,6 +32,28 @@ pub fn presence_users(channel: &str) -> String {
     format!("sc:{{{channel}}}:pu")
 }
 
+/// Subscription counts: a hash of instance (one shard's companion, see
+/// `companion::Shared::instance`) → its number of subscribed connections.
+pub fn counts(channel: &str) -> String {
+    format!("sc:{{{channel}}}:n")
+}
+
+/// When each instance's count expires: a sorted set of instance scored by
+/// expiry (Redis ms), so a dead node's counts are ignored and swept out.
+pub fn count_expiries(channel: &str) -> String {
+    format!("sc:{{{channel}}}:nz")
+}
+
+/// The channels with a live subscription count: a sorted set of channel
+/// name scored by the latest expiry among its counts, for the prefix
+/// query (`GET /apps/{id}/channels`). It spans channels, so it is in no
+/// channel's hash slot and the scripts that touch it with a channel's keys
+/// are cross-slot: fine on one Redis, refused by Redis Cluster (which
+/// would need the index split per slot; not supported yet). The count
+/// scripts build a channel's keys from its name as [`counts`] and
+/// [`count_expiries`] do.
+pub const COUNTED_CHANNELS: &str = "sc:channels";
+
 /// The channel name inside a Pub/Sub channel name, if it is one of ours.
 pub fn channel_of_pubsub(name: &str) -> Option<&str> {
     name.strip_prefix("sc:{")?.strip_suffix("}:p")
@@ -73,6 +95,8 @@ mod tests {
         assert_eq!(stream("room:1"), "sc:{room:1}:s");
         assert_eq!(meta("room:1"), "sc:{room:1}:m");
         assert_eq!(pubsub("room:1"), "sc:{room:1}:p");
+        assert_eq!(counts("room:1"), "sc:{room:1}:n");
+        assert_eq!(count_expiries("room:1"), "sc:{room:1}:nz");
         assert_eq!(channel_of_pubsub("sc:{room:1}:p"), Some("room:1"));
         assert_eq!(channel_of_pubsub("sc:{room:1}:s"), None);
         assert_eq!(channel_of_pubsub("other"), None);

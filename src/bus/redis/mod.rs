@@ -23,7 +23,23 @@
 //!   — the outcome (`<epoch>:<offset>`) of a publish with that idempotency
 //!   key;
 //! - `sc:{C}:p` — the Pub/Sub channel announcing publications (binary: see
-//!   [`codec::encode_announcement`]).
+//!   [`codec::encode_announcement`]);
+//! - `sc:{C}:pz` / `sc:{C}:pu` — presence entries (per instance and user,
+//!   scored by expiry) and present users;
+//! - `sc:{C}:n` / `sc:{C}:nz` — subscription counts: instance → its number
+//!   of subscribed connections, and instance scored by that count's expiry.
+//!
+//! Besides the ingest stream (below), one key spans channels, so it is in
+//! no channel's hash slot (Redis Cluster is not supported yet):
+//! `sc:channels`, the channels with a live subscription count, scored by
+//! the latest expiry among their counts (for the prefix query of
+//! `Bus::channels`).
+//!
+//! An *instance* is one shard's companion in one process start. Its
+//! presence entries and counts expire `presence_ttl` after it last wrote
+//! them and it rewrites them every third of that, so a dead node's users
+//! and subscribers stop counting without anyone cleaning up after it (see
+//! [`RedisOptions::presence_ttl`]).
 //!
 //! A publish is one Lua script: it creates a new epoch if the channel has
 //! none (history lost or never kept), returns the stored position for a
@@ -82,7 +98,7 @@ use bytes::Bytes;
 use thiserror::Error;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::{Bus, BusError, BusEvent, History, Position, ReplyTo};
+use super::{Bus, BusError, BusEvent, ChannelQuery, History, Position, ReplyTo};
 
 pub use codec::{decode_announcement, encode_announcement, Announcement, Malformed};
 pub use keys::{INGEST_GROUP, INGEST_STREAM};
@@ -112,12 +128,14 @@ pub struct RedisOptions {
     /// Largest payload accepted from Redis (announcements, history,
     /// ingest entries); larger ones are rejected as malformed.
     pub max_payload_bytes: usize,
-    /// A node's presence entries live this long without a heartbeat; each
-    /// shard refreshes its own, and sweeps out expired ones (a dead
-    /// node's), every third of it. So a dead node's members are removed
-    /// within `presence_ttl × 4/3` of its death (the entry may have just
-    /// been refreshed, and the sweep that finds it expired comes at most a
-    /// third later), plus one Redis round trip.
+    /// A node's presence entries and subscription counts live this long
+    /// without a heartbeat; each shard refreshes its own, and sweeps out
+    /// expired ones (a dead node's), every third of it. So a dead node's
+    /// members are removed within `presence_ttl × 4/3` of its death (the
+    /// entry may have just been refreshed, and the sweep that finds it
+    /// expired comes at most a third later), plus one Redis round trip; its
+    /// subscription counts stop counting within `presence_ttl` (a read
+    /// ignores expired counts without waiting for a sweep).
     pub presence_ttl: Duration,
     /// Replicas that must confirm a publish (Redis `WAIT`) before it is
     /// acknowledged; 0 = none (acknowledged once the primary ran it).
@@ -235,6 +253,14 @@ pub(crate) enum Request {
     },
     Members {
         channel: Arc<str>,
+        request: u64,
+    },
+    Count {
+        channel: Arc<str>,
+        count: u64,
+    },
+    Channels {
+        query: ChannelQuery,
         request: u64,
     },
 }
@@ -400,17 +426,15 @@ impl Bus for RedisBus {
         });
     }
 
-    fn subscription_count(&mut self, _channel: &str, _count: u64) {
-        // Not counted across nodes yet: `channels` says so.
+    fn subscription_count(&mut self, channel: &str, count: u64) {
+        self.push(Request::Count {
+            channel: Arc::from(channel),
+            count,
+        });
     }
 
-    fn channels(&mut self, _query: crate::bus::ChannelQuery, request: u64) {
-        self.local.push(BusEvent::Channels {
-            request,
-            result: Err(BusError::Unavailable(
-                "channel counts are not served with the Redis bus yet".into(),
-            )),
-        });
+    fn channels(&mut self, query: ChannelQuery, request: u64) {
+        self.push(Request::Channels { query, request });
     }
 
     fn flush(&mut self) {
@@ -442,7 +466,14 @@ impl Bus for RedisBus {
                         channel,
                         result: Err(BusError::Unavailable("redis bus stopped".into())),
                     }),
-                    Request::Subscribe(_) | Request::Unsubscribe(_) | Request::Presence { .. } => {}
+                    Request::Channels { request, .. } => self.local.push(BusEvent::Channels {
+                        request,
+                        result: Err(BusError::Unavailable("redis bus stopped".into())),
+                    }),
+                    Request::Subscribe(_)
+                    | Request::Unsubscribe(_)
+                    | Request::Presence { .. }
+                    | Request::Count { .. } => {}
                 }
             }
             if let Some(w) = self.waker.take() {

@@ -215,6 +215,117 @@ end
 return announced
 "#;
 
+/// Shared by the subscription count scripts. A channel `C` has a hash
+/// `sc:{C}:n` (instance → count) and a sorted set `sc:{C}:nz` (instance
+/// scored by the expiry of its count, Redis ms); `KEYS[1]` is the index of
+/// counted channels (`keys::COUNTED_CHANNELS`, channel scored by the latest
+/// expiry of its counts). `now`/`now_s`: Redis' clock in ms.
+///
+/// `sweep` drops a channel's expired counts (a dead node's: a live one
+/// refreshes its counts every third of their life). `settle` keeps the
+/// index exact: a channel's score is the latest expiry of its counts, so
+/// sweeping the index by score drops exactly the channels none of whose
+/// counts is live; a channel with no count left loses its keys and its
+/// index entry. A channel's keys expire after twice a count's life, so a
+/// dead node's counts leave nothing behind even if nobody touches the
+/// channel again; their index entries go with the next count update or
+/// prefix read of any node (both sweep the index by score first).
+const COUNT_HELPERS: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_s = string.format('%d', now)
+local function sweep(n, nz)
+  local dead = redis.call('ZRANGEBYSCORE', nz, '-inf', now_s)
+  if #dead > 0 then
+    redis.call('ZREMRANGEBYSCORE', nz, '-inf', now_s)
+    for _, inst in ipairs(dead) do redis.call('HDEL', n, inst) end
+  end
+end
+local function forget_if_empty(n, nz, channel)
+  if redis.call('EXISTS', nz) == 0 then
+    redis.call('DEL', n)
+    redis.call('ZREM', KEYS[1], channel)
+    return true
+  end
+  return false
+end
+local function settle(n, nz, channel, keep_ms)
+  if forget_if_empty(n, nz, channel) then return end
+  local last = redis.call('ZRANGE', nz, -1, -1, 'WITHSCORES')
+  redis.call('ZADD', KEYS[1], last[2], channel)
+  redis.call('PEXPIRE', n, keep_ms)
+  redis.call('PEXPIRE', nz, keep_ms)
+end
+"#;
+
+/// Subscription counts of one instance (a shard's companion). KEYS: the
+/// index, then each channel's counts hash and expiries set. ARGV: count
+/// ttl ms, instance, then each channel's name and count (decimal; 0 = none
+/// left). A count > 0 is set (or refreshed) with expiry now + ttl; 0
+/// removes the instance's count. Several channels in one call are the
+/// heartbeat's refresh; their keys are in different hash slots (see
+/// `keys::COUNTED_CHANNELS`). Returns 0.
+const COUNT_BODY: &str = r#"
+local ttl, inst = tonumber(ARGV[1]), ARGV[2]
+local expiry = string.format('%d', now + ttl)
+local keep = string.format('%d', ttl * 2)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_s)
+for i = 1, math.floor((#ARGV - 2) / 2) do
+  local n, nz, channel = KEYS[2 * i], KEYS[2 * i + 1], ARGV[2 * i + 1]
+  local count = tonumber(ARGV[2 * i + 2]) or 0
+  sweep(n, nz)
+  if count > 0 then
+    redis.call('HSET', n, inst, ARGV[2 * i + 2])
+    redis.call('ZADD', nz, expiry, inst)
+  else
+    redis.call('HDEL', n, inst)
+    redis.call('ZREM', nz, inst)
+  end
+  settle(n, nz, channel, keep)
+end
+return 0
+"#;
+
+/// Reads subscription counts, summing the live counts of every instance
+/// (expired ones are swept out first). KEYS: the index, and for `one` the
+/// channel's counts hash and expiries set. ARGV: op (`one` or `prefix`),
+/// the channel or the prefix. `one` returns the channel's total (0 if
+/// none); `prefix` returns a flat array `name, total, ...` of every
+/// indexed channel starting with the prefix whose total is above 0,
+/// unsorted. A prefix read walks the whole index (Pusher's channel list
+/// has no paging either) and reads keys it cannot declare, in other hash
+/// slots (see `keys::COUNTED_CHANNELS`); it builds them as
+/// `keys::counts`/`keys::count_expiries` do. Counts are read as Redis holds
+/// them: anything that is not a whole number from 1 to 2^53 counts 0.
+const COUNTS_READ_BODY: &str = r#"
+local function total(n, nz, channel)
+  sweep(n, nz)
+  local sum = 0
+  for _, inst in ipairs(redis.call('ZRANGE', nz, 0, -1)) do
+    local c = tonumber(redis.call('HGET', n, inst))
+    if c and c >= 1 and c <= 2^53 then sum = sum + math.floor(c) end
+  end
+  forget_if_empty(n, nz, channel)
+  return sum
+end
+local op, arg = ARGV[1], ARGV[2]
+if op == 'one' then
+  return total(KEYS[2], KEYS[3], arg)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_s)
+local out = {}
+for _, c in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now_s, '+inf')) do
+  if string.sub(c, 1, #arg) == arg then
+    local sum = total('sc:{' .. c .. '}:n', 'sc:{' .. c .. '}:nz', c)
+    if sum > 0 then
+      out[#out + 1] = c
+      out[#out + 1] = sum
+    end
+  end
+end
+return out
+"#;
+
 /// A script with its SHA-1, run by `EVALSHA` with a fallback to `EVAL`
 /// (which also caches it) when Redis answers `NOSCRIPT` (first use, or
 /// after a restart).
@@ -258,6 +369,8 @@ pub struct Scripts {
     pub open: Script,
     pub read: Script,
     pub presence: Script,
+    pub count: Script,
+    pub counts_read: Script,
 }
 
 pub fn scripts() -> &'static Scripts {
@@ -267,5 +380,7 @@ pub fn scripts() -> &'static Scripts {
         open: Script::new(OPEN_BODY),
         read: Script::new(READ_BODY),
         presence: Script::new(PRESENCE_BODY),
+        count: Script::new(&format!("{COUNT_HELPERS}{COUNT_BODY}")),
+        counts_read: Script::new(&format!("{COUNT_HELPERS}{COUNTS_READ_BODY}")),
     })
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::bus::contract::{delivered, presence as presence_events, subscribed};
-use crate::bus::{unix_us, Bus, BusEvent, History, Position, ReplyTo};
+use crate::bus::{unix_us, Bus, BusEvent, ChannelQuery, History, Position, ReplyTo};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -764,4 +764,224 @@ fn presence_is_one_list_across_nodes_and_a_dead_nodes_members_expire() {
         died.elapsed()
     );
     assert_eq!(members(&mut b, 0, ch, 5), vec!["u2"]);
+}
+
+/// Asks `query` from `node`'s shard `shard` and waits for the answer.
+fn channels(
+    node: &mut Node,
+    shard: usize,
+    query: ChannelQuery,
+) -> Result<Vec<(String, u64)>, BusError> {
+    const REQUEST: u64 = 77;
+    node.buses[shard].channels(query, REQUEST);
+    until(&mut [node], "a channel query's answer", |n| {
+        n[0].events[shard].iter().any(|e| {
+            matches!(
+                e,
+                BusEvent::Channels {
+                    request: REQUEST,
+                    ..
+                }
+            )
+        })
+    });
+    let i = node.events[shard]
+        .iter()
+        .position(|e| {
+            matches!(
+                e,
+                BusEvent::Channels {
+                    request: REQUEST,
+                    ..
+                }
+            )
+        })
+        .expect("checked above");
+    let BusEvent::Channels { result, .. } = node.events[shard].remove(i) else {
+        unreachable!("matched above");
+    };
+    result.map(|list| list.into_iter().map(|(c, n)| (c.to_string(), n)).collect())
+}
+
+fn one(channel: &str) -> ChannelQuery {
+    ChannelQuery::One(channel.into())
+}
+
+fn everything() -> ChannelQuery {
+    ChannelQuery::Prefix("".into())
+}
+
+fn counted(list: &[(&str, u64)]) -> Result<Vec<(String, u64)>, BusError> {
+    Ok(list.iter().map(|&(c, n)| (c.to_string(), n)).collect())
+}
+
+/// Queries `node`'s shard 0 until the answer to `query` is `want` (errors
+/// while Redis comes back are asked again), within `WAIT`.
+fn until_counted(node: &mut Node, query: ChannelQuery, want: &[(&str, u64)], what: &str) {
+    let deadline = Instant::now() + WAIT;
+    let want = counted(want);
+    loop {
+        let got = channels(node, 0, query.clone());
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {got:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_dead_nodes_subscription_counts_stop_counting_within_the_ttl() {
+    let redis = RedisServer::start(false);
+    let ttl = Duration::from_millis(900);
+    let short = |node: &str| RedisOptions {
+        presence_ttl: ttl,
+        ..options(node)
+    };
+    let mut a = Node::start(&redis, 2, short("a"));
+    let mut b = Node::start(&redis, 1, short("b"));
+    a.buses[0].subscription_count("room", 2);
+    a.buses[1].subscription_count("room", 3);
+    a.buses[1].subscription_count("only-a", 1);
+    b.buses[0].subscription_count("room", 4);
+    // Each shard's query comes after its own counts.
+    channels(&mut a, 0, one("room")).expect("counts");
+    channels(&mut a, 1, one("room")).expect("counts");
+    assert_eq!(channels(&mut b, 0, one("room")), counted(&[("room", 9)]));
+    let both = [("only-a", 1), ("room", 9)];
+    assert_eq!(channels(&mut b, 0, everything()), counted(&both));
+
+    // Alive, a node's counts outlive their TTL: its heartbeat rewrites them.
+    std::thread::sleep(ttl * 3);
+    assert_eq!(channels(&mut b, 0, everything()), counted(&both));
+
+    // Node a dies without a word (its companions stop as a SIGKILL would
+    // stop them: nothing is taken back).
+    drop(a);
+    let died = Instant::now();
+    until_counted(&mut b, everything(), &[("room", 4)], "a's counts expire");
+    let took = died.elapsed();
+    assert!(
+        took < ttl * 4 / 3 + Duration::from_secs(1),
+        "a dead node's counts counted for {took:?}"
+    );
+    assert_eq!(
+        channels(&mut b, 0, one("only-a")),
+        counted(&[("only-a", 0)])
+    );
+    // Reads swept the dead node's entries out of Redis.
+    assert_eq!(redis.cli_checked(&["EXISTS", "sc:{only-a}:n"]).trim(), "0");
+    assert_eq!(redis.cli_checked(&["EXISTS", "sc:{only-a}:nz"]).trim(), "0");
+    assert_eq!(redis.cli_checked(&["HLEN", "sc:{room}:n"]).trim(), "1");
+    assert_eq!(
+        redis
+            .cli_checked(&["ZRANGE", "sc:channels", "0", "-1"])
+            .trim(),
+        "room"
+    );
+}
+
+#[test]
+fn with_redis_down_a_channel_query_fails_within_the_command_timeout() {
+    let mut redis = RedisServer::start(false);
+    let timeout = Duration::from_millis(500);
+    let mut a = Node::start(
+        &redis,
+        1,
+        RedisOptions {
+            command_timeout: timeout,
+            ..options("a")
+        },
+    );
+    a.buses[0].subscription_count("room", 2);
+    assert_eq!(channels(&mut a, 0, one("room")), counted(&[("room", 2)]));
+    redis.kill();
+    for round in 0..2 {
+        let started = Instant::now();
+        a.buses[0].subscription_count("room", 3 + round);
+        a.buses[0].channels(one("room"), 1);
+        a.buses[0].channels(everything(), 2);
+        until(&mut [&mut a], "both answers", |n| {
+            n[0].events[0]
+                .iter()
+                .filter(|e| matches!(e, BusEvent::Channels { .. }))
+                .count()
+                == 2
+        });
+        let took = started.elapsed();
+        for e in a.take(0) {
+            if let BusEvent::Channels { request, result } = e {
+                match result {
+                    Err(BusError::Unavailable(why)) => assert!(!why.is_empty()),
+                    other => panic!("query {request} in round {round}: {other:?}"),
+                }
+            }
+        }
+        assert!(
+            took < timeout + Duration::from_millis(700),
+            "round {round}: answered after {took:?}"
+        );
+    }
+}
+
+#[test]
+fn counts_reported_while_redis_was_down_count_once_it_is_back() {
+    let mut redis = RedisServer::start(true);
+    let ttl = Duration::from_millis(900);
+    let mut a = Node::start(
+        &redis,
+        2,
+        RedisOptions {
+            presence_ttl: ttl,
+            ..options("a")
+        },
+    );
+    a.buses[0].subscription_count("kept", 2);
+    a.buses[1].subscription_count("dropped", 5);
+    channels(&mut a, 1, one("kept")).expect("counts");
+    let before = [("dropped", 5), ("kept", 2)];
+    assert_eq!(channels(&mut a, 0, everything()), counted(&before));
+
+    redis.kill();
+    a.buses[0].subscription_count("new", 3);
+    a.buses[1].subscription_count("dropped", 0);
+    a.buses[1].subscription_count("kept", 1);
+    a.pump();
+    // Longer than the command timeout: the writes failed.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Back with its append-only file, so with the counts of before Redis
+    // went down: the new ones are written again by the heartbeat, and the
+    // 0 that never reached Redis lets the old count expire.
+    redis.restart();
+    let after = [("kept", 3), ("new", 3)];
+    until_counted(&mut a, everything(), &after, "after a restart");
+    assert_eq!(
+        channels(&mut a, 0, one("dropped")),
+        counted(&[("dropped", 0)])
+    );
+
+    // Back empty: everything is written again.
+    redis.restart_empty();
+    until_counted(&mut a, everything(), &after, "after an empty restart");
+    assert_eq!(channels(&mut a, 0, one("kept")), counted(&[("kept", 3)]));
+}
+
+#[test]
+fn garbage_in_the_count_keys_is_skipped() {
+    let redis = RedisServer::start(false);
+    let mut a = Node::start(&redis, 1, options("a"));
+    a.buses[0].subscription_count("room", 2);
+    assert_eq!(channels(&mut a, 0, one("room")), counted(&[("room", 2)]));
+    // Live entries (far in the future) that are not counts, and an indexed
+    // name that is not a channel name.
+    let far = "99999999999999";
+    redis.cli_checked(&["HSET", "sc:{room}:n", "x", "many", "y", "-3", "z", "inf"]);
+    redis.cli_checked(&["ZADD", "sc:{room}:nz", far, "x", far, "y", far, "z"]);
+    redis.cli_checked(&["ZADD", "sc:channels", far, "bad name"]);
+    redis.cli_checked(&["HSET", "sc:{bad name}:n", "x", "4"]);
+    redis.cli_checked(&["ZADD", "sc:{bad name}:nz", far, "x"]);
+    assert_eq!(channels(&mut a, 0, one("room")), counted(&[("room", 2)]));
+    assert_eq!(channels(&mut a, 0, everything()), counted(&[("room", 2)]));
+    assert!(RedisStats::get(&a.buses[0].stats().malformed) >= 1);
 }

@@ -16,18 +16,23 @@
 //!
 //! This file holds what the tasks share (`Shared`) and the main loop
 //! (`Companion`): its turn, the shard's requests and the presence
-//! heartbeat. The rest lives beside the job it does:
+//! heartbeat (which also refreshes subscription counts). The rest lives
+//! beside the job it does:
 //! - `startup`: the thread body: runtime, clients, clock and scripts;
 //! - `subscriptions`: the main loop's per-channel state machine (opening,
 //!   ordering live announcements, catching up, resubscribing);
 //! - `outbox`: the batch of events the shard gets at the end of a turn;
 //! - `pubsub`: the subscription controller (`SUBSCRIBE`/`UNSUBSCRIBE`);
-//! - `sequencer`: publishes and presence operations, in order;
+//! - `sequencer`: publishes, presence operations and subscription counts,
+//!   in order;
+//! - `counts`: subscription counts across nodes (what the main loop
+//!   remembers and refreshes, the count scripts' calls and replies);
 //! - `pipeline`: script calls sent as one pipeline;
 //! - `history`: history reads and catch-up reads from the streams.
 
 #![forbid(unsafe_code)]
 
+mod counts;
 mod history;
 mod outbox;
 mod pipeline;
@@ -127,6 +132,9 @@ struct Companion {
     jobs: UnboundedSender<(u64, Job)>,
     /// Users this shard reported present, per presence channel.
     present: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    /// This shard's non-zero subscription counts, rewritten by each
+    /// heartbeat (see `counts`).
+    counts: HashMap<Arc<str>, u64>,
     subctl_tx: UnboundedSender<SubOp>,
     key_seed: u64,
     key_counter: u64,
@@ -166,6 +174,7 @@ impl Companion {
             internal_rx,
             jobs,
             present: HashMap::new(),
+            counts: HashMap::new(),
             subctl_tx,
             key_seed,
             key_counter: 0,
@@ -285,6 +294,7 @@ impl Companion {
                 }
                 Request::Subscribe(channel) => self.subscribe(channel),
                 Request::Unsubscribe(channel) => {
+                    self.forget_count(&channel);
                     // Members the shard did not report as left leave now.
                     if let Some(users) = self.present.remove(&channel) {
                         self.queue(Job::Presence {
@@ -323,6 +333,10 @@ impl Companion {
                 Request::Members { channel, request } => {
                     self.queue(Job::Members { channel, request });
                 }
+                Request::Count { channel, count } => self.on_count(channel, count),
+                Request::Channels { query, request } => {
+                    self.queue(Job::Channels { query, request });
+                }
 
                 Request::History {
                     channel,
@@ -346,8 +360,10 @@ impl Companion {
     }
 
     /// Refreshes this shard's presence entries (and sweeps out expired
-    /// ones, a dead node's) on every presence channel it subscribes to.
+    /// ones, a dead node's) on every presence channel it subscribes to, and
+    /// its subscription counts.
     fn on_heartbeat(&mut self) {
+        self.refresh_counts();
         let mut channels: Vec<Arc<str>> = self
             .subs
             .keys()

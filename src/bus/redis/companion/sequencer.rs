@@ -1,7 +1,7 @@
-//! The sequencer task: publishes and presence operations run in order,
-//! one pipeline of script calls at a time, and their answers go to the
-//! shard. Also the publish script's arguments and reply (shared with the
-//! ingest consumer).
+//! The sequencer task: publishes, presence operations and subscription
+//! counts run in order, one pipeline of script calls at a time, and their
+//! answers go to the shard. Also the publish script's arguments and reply
+//! (shared with the ingest consumer).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +14,14 @@ use fred::types::Value;
 use tokio::sync::broadcast::error::TryRecvError;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
+use super::counts::{count_call, parse_channels, read_call};
 use super::pipeline::{run_pipelined, Call};
 use super::Shared;
 use crate::bus::redis::codec::{self, bytes_of, parse_epoch, u64_of};
 use crate::bus::redis::keys::{self, IdemKey};
 use crate::bus::redis::scripts::scripts;
 use crate::bus::redis::RedisStats;
-use crate::bus::{unix_us, BusError, BusEvent, Position, ReplyTo};
+use crate::bus::{unix_us, BusError, BusEvent, ChannelQuery, Position, ReplyTo};
 
 /// Most publishes in one pipeline.
 const MAX_PIPELINE: usize = 256;
@@ -292,8 +293,8 @@ fn timed_out(timeout: Duration) -> String {
     )
 }
 
-/// Turns a job's result into what the shard is told (publishes and member
-/// queries are answered; presence updates are not).
+/// Turns a job's result into what the shard is told (publishes, member
+/// and channel queries are answered; presence and count updates are not).
 fn answer(shared: &Shared, job: Job, r: Result<Value, String>, out: &mut Vec<BusEvent>) {
     match job {
         Job::Publish(job) => {
@@ -328,6 +329,19 @@ fn answer(shared: &Shared, job: Job, r: Result<Value, String>, out: &mut Vec<Bus
                 result,
             });
         }
+        Job::Count { counts } => {
+            // A failed non-zero count is rewritten by the next heartbeat;
+            // a failed 0 expires with the entry it meant to remove.
+            if let Err(e) = r {
+                tracing::debug!(channels = counts.len(), error = %e, "subscription count update failed");
+            }
+        }
+        Job::Channels { query, request } => {
+            let result = r
+                .and_then(|v| parse_channels(shared, &query, v).map_err(|e| e.to_string()))
+                .map_err(BusError::Unavailable);
+            out.push(BusEvent::Channels { request, result });
+        }
     }
 }
 
@@ -343,6 +357,15 @@ pub(super) enum Job {
         channel: Arc<str>,
         request: u64,
     },
+    /// This shard's subscription counts (0: remove), one channel's or a
+    /// heartbeat's refresh of many.
+    Count {
+        counts: Vec<(Arc<str>, u64)>,
+    },
+    Channels {
+        query: ChannelQuery,
+        request: u64,
+    },
 }
 
 fn job_call(shared: &Shared, job: &Job) -> Call {
@@ -353,6 +376,8 @@ fn job_call(shared: &Shared, job: &Job) -> Call {
         Job::Publish(p) => publish_call(shared, p, [p.seen, shared.seen.get(&p.channel)]),
         Job::Presence { channel, op, users } => presence_call(shared, channel, op, users),
         Job::Members { channel, .. } => presence_call(shared, channel, "members", &[]),
+        Job::Count { counts } => count_call(shared, counts),
+        Job::Channels { query, .. } => read_call(query),
     }
 }
 
