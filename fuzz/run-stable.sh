@@ -3,14 +3,14 @@
 # the same coverage instrumentation cargo-fuzz uses, minus AddressSanitizer
 # (a -Z flag; the code under test has no `unsafe`, so ASan adds little here).
 #
-#   fuzz/run-stable.sh <deframer|handshake|envelope|zstd_inbound|jwt> [seconds=60] [extra libFuzzer flags...]
+#   fuzz/run-stable.sh <deframer|handshake|envelope|zstd_inbound|jwt|pusher_message|pusher_http> [seconds=60] [extra libFuzzer flags...]
 #
 # Corpus grows in fuzz/corpus/<target>, crashes land in fuzz/artifacts/<target>;
 # reproduce one with: fuzz/run-stable.sh <target> 0 fuzz/artifacts/<target>/crash-...
 set -euo pipefail
 cd "$(dirname "$0")"
 
-target=${1:?usage: run-stable.sh <deframer|handshake|envelope|zstd_inbound|jwt> [seconds] [libFuzzer flags...]}
+target=${1:?usage: run-stable.sh <deframer|handshake|envelope|zstd_inbound|jwt|pusher_message|pusher_http> [seconds] [libFuzzer flags...]}
 seconds=${2:-60}
 shift $(( $# >= 2 ? 2 : 1 ))
 
