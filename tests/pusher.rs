@@ -1009,3 +1009,76 @@ fn channel_information_counts_subscriptions_and_users_from_both_server_sdks() {
         );
     }
 }
+
+/// `POST /apps/1/{endpoint}` signed with the SDKs' scheme
+/// (`protocol::pusher::sign`), with an `Idempotency-Key` header: the
+/// status.
+fn post_with_key(addr: SocketAddr, endpoint: &str, body: &str, key: &str) -> u16 {
+    let path = format!("/apps/{}/{endpoint}", sdk::APP_ID);
+    let query = shardcast::protocol::pusher::sign::sign_api_request(
+        "POST",
+        &path,
+        &[],
+        body.as_bytes(),
+        APP_KEY,
+        APP_SECRET.as_bytes(),
+        now_secs(),
+    );
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        s,
+        "POST {path}?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nIdempotency-Key: {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read the response");
+    text[9..12].parse().expect("a status")
+}
+
+#[test]
+fn a_request_retried_with_its_idempotency_key_publishes_once() {
+    let s = Server::start(&sdk::pusher_args(&[]));
+    let mut c = SdkClient::spawn();
+    c.connect(s.addr.port());
+    c.subscribe("orders");
+    let event = r#"{"name":"paid","channel":"orders","data":"{\"n\":1}"}"#;
+    let batch = r#"{"batch":[{"name":"b","channel":"orders","data":"1"},{"name":"b","channel":"orders","data":"2"}]}"#;
+    // Each sent twice (a client retrying after a lost answer): stored and
+    // delivered once, the retry answered 200 as well.
+    for _ in 0..2 {
+        assert_eq!(post_with_key(s.addr, "events", event, "order-1-paid"), 200);
+        assert_eq!(post_with_key(s.addr, "batch_events", batch, "batch-7"), 200);
+    }
+    // Another key is another publication.
+    assert_eq!(post_with_key(s.addr, "events", event, "order-2-paid"), 200);
+    sdk::trigger_ok(
+        s.addr.port(),
+        json!({"op": "trigger", "channels": ["orders"], "event": "marker", "data": {}}),
+    );
+    let mut got = Vec::new();
+    loop {
+        let e = c.next_event_on("orders");
+        if e["event"] == "marker" {
+            break;
+        }
+        got.push((e["event"].as_str().unwrap().to_string(), e["data"].clone()));
+    }
+    assert_eq!(
+        got,
+        vec![
+            ("paid".to_string(), json!({"n": 1})),
+            ("b".to_string(), json!(1)),
+            ("b".to_string(), json!(2)),
+            ("paid".to_string(), json!({"n": 1})),
+        ]
+    );
+    // A key that is no key is refused with the reason.
+    assert_eq!(
+        post_with_key(s.addr, "events", event, &"k".repeat(129)),
+        400
+    );
+    c.assert_stayed_connected();
+}

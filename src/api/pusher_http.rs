@@ -53,7 +53,13 @@ pub struct Request {
     pub query: String,
     /// The body (`Content-Length` bytes).
     pub body: Vec<u8>,
+    /// The `Idempotency-Key` header (draft-ietf-httpapi-idempotency-key-header),
+    /// if sent: a retried request with the same key publishes nothing twice.
+    pub idempotency_key: Option<String>,
 }
+
+/// Longest `Idempotency-Key` accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 
 /// An HTTP answer: status and JSON body.
 #[derive(Debug, PartialEq, Eq)]
@@ -156,7 +162,25 @@ impl RequestReader {
         }
         let mut length = 0usize;
         let mut expect_continue = false;
+        let mut idempotency_key = None;
         for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("idempotency-key") {
+                let key = std::str::from_utf8(h.value)
+                    .ok()
+                    .map(str::trim)
+                    .filter(|k| {
+                        !k.is_empty()
+                            && k.len() <= MAX_IDEMPOTENCY_KEY_BYTES
+                            && k.bytes().all(|b| b.is_ascii_graphic())
+                    })
+                    .ok_or_else(|| {
+                        Response::error(
+                            400,
+                            "Idempotency-Key must be 1 to 128 printable ASCII characters",
+                        )
+                    })?;
+                idempotency_key = Some(key.to_string());
+            }
             if h.name.eq_ignore_ascii_case("expect")
                 && h.value.eq_ignore_ascii_case(b"100-continue")
             {
@@ -194,6 +218,7 @@ impl RequestReader {
             path: path.to_string(),
             query: query.to_string(),
             body: self.buf[head_len..head_len + length].to_vec(),
+            idempotency_key,
         }))
     }
 }
@@ -205,6 +230,10 @@ pub struct Publish {
     pub channel: String,
     /// The publication body (`protocol::body::event`).
     pub body: Bytes,
+    /// The bus's idempotency key: the request's `Idempotency-Key`, and for
+    /// a batch the event's place in it (`<key>#<i>`), so a retried request
+    /// stores each publication once.
+    pub idempotency_key: Option<String>,
 }
 
 /// What a request asks.
@@ -451,7 +480,7 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
     }
     match (request.method.as_str(), endpoint) {
         ("POST", "events") => match serde_json::from_slice::<Event<'_>>(&request.body) {
-            Ok(event) => match publishes(&event, app) {
+            Ok(event) => match publishes(&event, app, request.idempotency_key.clone()) {
                 Ok(p) => Outcome::Publish(p),
                 Err(r) => Outcome::Respond(r),
             },
@@ -468,8 +497,9 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
             ),
             Ok(batch) => {
                 let mut all = Vec::new();
-                for event in &batch.batch {
-                    match publishes(event, app) {
+                for (i, event) in batch.batch.iter().enumerate() {
+                    let key = request.idempotency_key.as_ref().map(|k| format!("{k}#{i}"));
+                    match publishes(event, app, key) {
                         Ok(p) => all.extend(p),
                         Err(r) => return Outcome::Respond(r),
                     }
@@ -485,6 +515,7 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
                 return reply(400, &format!("user id {user:?} is not valid"));
             }
             Outcome::Publish(vec![Publish {
+                idempotency_key: request.idempotency_key.clone(),
                 channel,
                 body: body::event(TERMINATE_EVENT, false, None, None, b""),
             }])
@@ -503,7 +534,11 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
 }
 
 /// The publications of one event, or why it is refused.
-fn publishes(event: &Event<'_>, app: &PusherApp) -> Result<Vec<Publish>, Response> {
+fn publishes(
+    event: &Event<'_>,
+    app: &PusherApp,
+    idempotency_key: Option<String>,
+) -> Result<Vec<Publish>, Response> {
     let bad = |msg: String| Response::error(400, &msg);
     let name = event
         .name
@@ -558,6 +593,8 @@ fn publishes(event: &Event<'_>, app: &PusherApp) -> Result<Vec<Publish>, Respons
             return Err(bad(format!("channel {c:?}: {e}")));
         }
         out.push(Publish {
+            // One key per channel is enough: the bus keeps keys per channel.
+            idempotency_key: idempotency_key.clone(),
             channel: c.to_string(),
             body: body::event(
                 name,
@@ -598,6 +635,7 @@ mod tests {
             path: path.into(),
             query,
             body: body.as_bytes().to_vec(),
+            idempotency_key: None,
         }
     }
 
@@ -626,6 +664,7 @@ mod tests {
                 path: path.into(),
                 query,
                 body: Vec::new(),
+                idempotency_key: None,
             },
             &app(),
             1000,
@@ -781,6 +820,36 @@ mod tests {
         assert_eq!(b.data, br#"{"a":1}"#);
         assert_eq!(b.exclude, Some("1.2"));
         assert!(!b.raw_json);
+    }
+
+    #[test]
+    fn an_idempotency_key_reaches_every_publication() {
+        let raw = b"POST /apps/1/batch_events HTTP/1.1\r\nIdempotency-Key: k-1\r\nContent-Length: 0\r\n\r\n";
+        let req = RequestReader::new(1024, 100).feed(raw).unwrap().unwrap();
+        assert_eq!(req.idempotency_key.as_deref(), Some("k-1"));
+        let body = r#"{"batch":[{"name":"e","data":"1","channel":"a"},{"name":"e","data":"2","channels":["a","b"]}]}"#;
+        let mut req = signed("POST", "/apps/1/batch_events", body);
+        req.idempotency_key = Some("k-1".into());
+        let Outcome::Publish(p) = handle(&req, &app(), 1000) else {
+            panic!("not published");
+        };
+        let keys: Vec<_> = p
+            .iter()
+            .map(|p| (p.channel.as_str(), p.idempotency_key.as_deref()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("a", Some("k-1#0")),
+                ("a", Some("k-1#1")),
+                ("b", Some("k-1#1"))
+            ]
+        );
+        let bad = b"POST / HTTP/1.1\r\nIdempotency-Key: \r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            RequestReader::new(1024, 100).feed(bad).unwrap_err().status,
+            400
+        );
     }
 
     #[test]

@@ -113,8 +113,13 @@ impl State {
                         conn: id.as_u64(),
                         request: i as u32,
                     };
-                    self.bus
-                        .publish(&p.channel, p.body, None, reply_to, self.unix_us);
+                    self.bus.publish(
+                        &p.channel,
+                        p.body,
+                        p.idempotency_key.as_deref(),
+                        reply_to,
+                        self.unix_us,
+                    );
                 }
                 self.bus_pending = true;
             }
