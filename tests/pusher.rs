@@ -1082,3 +1082,53 @@ fn a_request_retried_with_its_idempotency_key_publishes_once() {
     );
     c.assert_stayed_connected();
 }
+
+#[test]
+fn a_trigger_with_info_is_answered_with_the_channels_figures() {
+    let s = Server::start(&sdk::pusher_args(&[]));
+    let port = s.addr.port();
+    let mut clients: Vec<SdkClient> = (0..3).map(|_| SdkClient::spawn()).collect();
+    for (c, user) in clients.iter_mut().zip(["1", "1", "2"]) {
+        c.connect(port);
+        c.subscribe("chat");
+        c.join("presence-room", json!(user), json!({}));
+    }
+    // Counts reach the bus a tick after a subscription is answered: wait
+    // until the channel query agrees, then trigger.
+    let until = std::time::Instant::now() + WAIT;
+    while sdk::trigger(&sdk::api(
+        port,
+        json!({"op": "channel", "channel": "chat", "info": "subscription_count"}),
+    ))["body"]["subscription_count"]
+        != 3
+    {
+        assert!(std::time::Instant::now() < until, "counts never reached 3");
+    }
+    let r = sdk::trigger(&sdk::api(
+        port,
+        json!({"op": "trigger", "channels": ["chat", "presence-room"], "event": "e",
+               "data": {}, "info": "subscription_count,user_count"}),
+    ));
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(
+        r["body"],
+        json!({"channels": {"chat": {"subscription_count": 3},
+                            "presence-room": {"subscription_count": 3, "user_count": 2}}})
+    );
+    let r = sdk::trigger(&sdk::api(
+        port,
+        json!({"op": "trigger_batch", "batch": [
+            {"channel": "chat", "name": "e", "data": {}, "info": "subscription_count"},
+            {"channel": "presence-room", "name": "e", "data": {}, "info": "user_count"},
+            {"channel": "chat", "name": "e", "data": {}}]}),
+    ));
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(
+        r["body"],
+        json!({"batch": [{"subscription_count": 3}, {"user_count": 2}, {}]})
+    );
+    // The events themselves went out as any trigger's.
+    for c in clients.iter_mut() {
+        assert_eq!(c.event("chat", "e")["channel"], "chat");
+    }
+}

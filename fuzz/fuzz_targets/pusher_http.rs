@@ -107,7 +107,7 @@ fuzz_target!(|input: &[u8]| {
             assert!([200, 400, 401, 404, 405, 413].contains(&r.status), "status {}", r.status);
             serde_json::from_str::<serde_json::Value>(&r.body).expect("JSON answer");
         }
-        Outcome::Publish(p) => {
+        Outcome::Publish(p) | Outcome::PublishThenCount(p, _) => {
             assert!(!p.is_empty());
             assert!(p.len() <= app.max_channels_per_trigger * app.max_batch_events);
             for publish in &p {

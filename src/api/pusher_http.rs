@@ -246,6 +246,58 @@ pub enum Outcome {
     Publish(Vec<Publish>),
     /// Answer from the bus's channel counts and member lists.
     Query(ChannelsQuery),
+    /// Publish these (as `Publish`), then answer with the channels'
+    /// attributes the trigger's `info` asked for.
+    PublishThenCount(Vec<Publish>, TriggerInfo),
+}
+
+/// What a trigger's `info` asks to have returned once its events are
+/// stored: `{"channels": {name: {…}}}` for `events`, `{"batch": [{…}, …]}`
+/// (one per event, in order) for `batch_events`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TriggerInfo {
+    /// `batch_events`: one answer per event, in order.
+    pub batch: bool,
+    /// For each event (or the one event's channels): its channel and the
+    /// attributes asked, as (subscription_count, user_count).
+    pub channels: Vec<(String, bool, bool)>,
+}
+
+impl TriggerInfo {
+    /// The answer, from the channels' subscription counts and (presence
+    /// channels) user counts.
+    pub fn response(
+        &self,
+        counts: &std::collections::HashMap<String, u64>,
+        users: &std::collections::HashMap<String, usize>,
+    ) -> Response {
+        let attrs = |(channel, subs, user_count): &(String, bool, bool)| {
+            let mut info = serde_json::Map::new();
+            if *subs {
+                info.insert(
+                    "subscription_count".into(),
+                    counts.get(channel).copied().unwrap_or(0).into(),
+                );
+            }
+            if *user_count && crate::bus::is_presence(channel) {
+                info.insert(
+                    "user_count".into(),
+                    users.get(channel).copied().unwrap_or(0).into(),
+                );
+            }
+            serde_json::Value::from(info)
+        };
+        if self.batch {
+            let batch: Vec<serde_json::Value> = self.channels.iter().map(attrs).collect();
+            ok(serde_json::json!({ "batch": batch }))
+        } else {
+            let mut out = serde_json::Map::new();
+            for c in &self.channels {
+                out.insert(c.0.clone(), attrs(c));
+            }
+            ok(serde_json::json!({ "channels": out }))
+        }
+    }
 }
 
 /// A channel-information request (`GET …/channels…`).
@@ -445,6 +497,36 @@ struct Event<'a> {
     channel: Option<String>,
     channels: Option<Vec<String>>,
     socket_id: Option<String>,
+    /// Attributes to return once stored: `subscription_count`,
+    /// `user_count`.
+    info: Option<String>,
+}
+
+/// Reads an event's `info` (comma-separated attributes): (subscription_count,
+/// user_count), or the unknown attribute.
+fn trigger_info(info: Option<&str>) -> Result<(bool, bool), Response> {
+    let mut subs = false;
+    let mut users = false;
+    for attr in info
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+    {
+        match attr {
+            "subscription_count" => subs = true,
+            "user_count" => users = true,
+            other => {
+                return Err(Response::error(
+                    400,
+                    &format!(
+                        "info attribute {other:?} is not known: use subscription_count, user_count"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok((subs, users))
 }
 
 #[derive(Deserialize)]
@@ -480,10 +562,31 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
     }
     match (request.method.as_str(), endpoint) {
         ("POST", "events") => match serde_json::from_slice::<Event<'_>>(&request.body) {
-            Ok(event) => match publishes(&event, app, request.idempotency_key.clone()) {
-                Ok(p) => Outcome::Publish(p),
-                Err(r) => Outcome::Respond(r),
-            },
+            Ok(event) => {
+                let (subs, users) = match trigger_info(event.info.as_deref()) {
+                    Ok(i) => i,
+                    Err(r) => return Outcome::Respond(r),
+                };
+                match publishes(&event, app, request.idempotency_key.clone()) {
+                    Ok(p) if subs || users => {
+                        let mut channels: Vec<(String, bool, bool)> = Vec::new();
+                        for publish in &p {
+                            if !channels.iter().any(|c| c.0 == publish.channel) {
+                                channels.push((publish.channel.clone(), subs, users));
+                            }
+                        }
+                        Outcome::PublishThenCount(
+                            p,
+                            TriggerInfo {
+                                batch: false,
+                                channels,
+                            },
+                        )
+                    }
+                    Ok(p) => Outcome::Publish(p),
+                    Err(r) => Outcome::Respond(r),
+                }
+            }
             Err(e) => reply(400, &format!("body is not an event: {e}")),
         },
         ("POST", "batch_events") => match serde_json::from_slice::<Batch<'_>>(&request.body) {
@@ -497,14 +600,36 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
             ),
             Ok(batch) => {
                 let mut all = Vec::new();
+                let mut info = Vec::new();
+                let mut any_info = false;
                 for (i, event) in batch.batch.iter().enumerate() {
                     let key = request.idempotency_key.as_ref().map(|k| format!("{k}#{i}"));
+                    let (subs, users) = match trigger_info(event.info.as_deref()) {
+                        Ok(i) => i,
+                        Err(r) => return Outcome::Respond(r),
+                    };
+                    any_info |= subs || users;
                     match publishes(event, app, key) {
-                        Ok(p) => all.extend(p),
+                        Ok(p) => {
+                            // A batch event names one channel.
+                            let channel = p.first().map(|p| p.channel.clone()).unwrap_or_default();
+                            info.push((channel, subs, users));
+                            all.extend(p);
+                        }
                         Err(r) => return Outcome::Respond(r),
                     }
                 }
-                Outcome::Publish(all)
+                if any_info {
+                    Outcome::PublishThenCount(
+                        all,
+                        TriggerInfo {
+                            batch: true,
+                            channels: info,
+                        },
+                    )
+                } else {
+                    Outcome::Publish(all)
+                }
             }
             Err(e) => reply(400, &format!("body is not a batch of events: {e}")),
         },
@@ -642,7 +767,7 @@ mod tests {
     fn status(o: Outcome) -> u16 {
         match o {
             Outcome::Respond(r) => r.status,
-            Outcome::Publish(_) | Outcome::Query(_) => 200,
+            Outcome::Publish(_) | Outcome::Query(_) | Outcome::PublishThenCount(..) => 200,
         }
     }
 

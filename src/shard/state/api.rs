@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use super::connections::Phase;
 use super::State;
-use crate::api::pusher_http::{self, ChannelsQuery, Outcome, Response};
+use crate::api::pusher_http::{self, ChannelsQuery, Outcome, Publish, Response, TriggerInfo};
 use crate::bus::{BusError, ChannelQuery, Position, ReplyTo};
 use crate::protocol::pusher::presence::parse_member_key;
 use crate::shard::slab::ConnId;
@@ -24,6 +24,18 @@ pub(super) enum ApiWait {
         remaining: usize,
         /// Why one could not be stored, if one could not.
         failed: Option<String>,
+        /// The trigger's `info`, answered once all are stored.
+        info: Option<TriggerInfo>,
+    },
+    /// A trigger's events are stored; its `info` is being counted.
+    Count {
+        info: TriggerInfo,
+        /// Subscription counts by channel, as they came.
+        counts: HashMap<String, u64>,
+        /// User counts of presence channels, as they came.
+        users: HashMap<String, usize>,
+        /// Answers still to come.
+        left: usize,
     },
     /// A channel-information request.
     Query {
@@ -97,33 +109,41 @@ impl State {
                 );
                 self.bus_pending = true;
             }
-            Outcome::Publish(publishes) => {
-                if let Some(conn) = self.conns.get_mut(id) {
-                    conn.phase = Phase::Http;
-                }
-                self.api_waits.insert(
-                    id,
-                    ApiWait::Publish {
-                        remaining: publishes.len(),
-                        failed: None,
-                    },
-                );
-                for (i, p) in publishes.into_iter().enumerate() {
-                    let reply_to = ReplyTo {
-                        conn: id.as_u64(),
-                        request: i as u32,
-                    };
-                    self.bus.publish(
-                        &p.channel,
-                        p.body,
-                        p.idempotency_key.as_deref(),
-                        reply_to,
-                        self.unix_us,
-                    );
-                }
-                self.bus_pending = true;
+            Outcome::Publish(publishes) => self.api_publish(id, publishes, None),
+            Outcome::PublishThenCount(publishes, info) => {
+                self.api_publish(id, publishes, Some(info))
             }
         }
+    }
+
+    /// Publishes an HTTP API request's events; the answer follows once the
+    /// bus has stored them all (and, with `info`, counted the channels).
+    fn api_publish(&mut self, id: ConnId, publishes: Vec<Publish>, info: Option<TriggerInfo>) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.phase = Phase::Http;
+        }
+        self.api_waits.insert(
+            id,
+            ApiWait::Publish {
+                remaining: publishes.len(),
+                failed: None,
+                info,
+            },
+        );
+        for (i, p) in publishes.into_iter().enumerate() {
+            let reply_to = ReplyTo {
+                conn: id.as_u64(),
+                request: i as u32,
+            };
+            self.bus.publish(
+                &p.channel,
+                p.body,
+                p.idempotency_key.as_deref(),
+                reply_to,
+                self.unix_us,
+            );
+        }
+        self.bus_pending = true;
     }
 
     /// A token for one bus answer to connection `id`'s request.
@@ -136,7 +156,12 @@ impl State {
 
     /// The bus answered one publication of an HTTP API request.
     pub(super) fn on_api_published(&mut self, id: ConnId, result: Result<Position, BusError>) {
-        let Some(ApiWait::Publish { remaining, failed }) = self.api_waits.get_mut(&id) else {
+        let Some(ApiWait::Publish {
+            remaining,
+            failed,
+            info,
+        }) = self.api_waits.get_mut(&id)
+        else {
             return;
         };
         *remaining -= 1;
@@ -146,15 +171,62 @@ impl State {
         if *remaining > 0 {
             return;
         }
-        let response = match failed.take() {
-            None => Response {
-                status: 200,
-                body: "{}".into(),
-            },
-            Some(why) => Response::error(503, &format!("not stored: {why}; retry")),
-        };
+        let (failed, info) = (failed.take(), info.take());
         self.api_waits.remove(&id);
-        self.respond_http(id, &response);
+        match (failed, info) {
+            (Some(why), _) => {
+                let msg = format!("not stored: {why}; retry");
+                self.respond_http(id, &Response::error(503, &msg));
+            }
+            (None, None) => self.respond_http(
+                id,
+                &Response {
+                    status: 200,
+                    body: "{}".into(),
+                },
+            ),
+            (None, Some(info)) => self.count_trigger_info(id, info),
+        }
+    }
+
+    /// Asks the bus the figures a trigger's `info` wants, once per channel.
+    fn count_trigger_info(&mut self, id: ConnId, info: TriggerInfo) {
+        let mut left = 0;
+        let mut asked: Vec<&str> = Vec::new();
+        let mut queries = Vec::new();
+        for (channel, _, users) in &info.channels {
+            if asked.contains(&channel.as_str()) {
+                continue;
+            }
+            asked.push(channel);
+            // The subscription count is asked even when only user_count
+            // is wanted: one answer shape per channel keeps this simple.
+            queries.push((channel.clone(), true));
+            left += 1;
+            if *users && crate::bus::is_presence(channel) {
+                queries.push((channel.clone(), false));
+                left += 1;
+            }
+        }
+        self.api_waits.insert(
+            id,
+            ApiWait::Count {
+                info,
+                counts: HashMap::new(),
+                users: HashMap::new(),
+                left,
+            },
+        );
+        for (channel, count) in queries {
+            let token = self.api_token(id);
+            if count {
+                self.bus
+                    .channels(ChannelQuery::One(Arc::from(channel.as_str())), token);
+            } else {
+                self.bus.presence_members(&channel, token);
+            }
+        }
+        self.bus_pending = true;
     }
 
     /// The bus answered a channel query (`Bus::channels`); `false` if it
@@ -176,6 +248,14 @@ impl State {
                 return true;
             }
         };
+        if let Some(ApiWait::Count { counts, left, .. }) = self.api_waits.get_mut(&id) {
+            for (name, n) in channels {
+                counts.insert(name.to_string(), n);
+            }
+            *left -= 1;
+            self.finish_trigger_info(id);
+            return true;
+        }
         let Some(ApiWait::Query {
             query,
             channels: slot,
@@ -223,17 +303,46 @@ impl State {
                 return true;
             }
         };
-        if let Some(ApiWait::Query {
-            members_left,
-            users: got,
-            ..
-        }) = self.api_waits.get_mut(&id)
-        {
-            *members_left -= 1;
-            got.insert(channel, users);
+        match self.api_waits.get_mut(&id) {
+            Some(ApiWait::Query {
+                members_left,
+                users: got,
+                ..
+            }) => {
+                *members_left -= 1;
+                got.insert(channel, users);
+                self.finish_api_query(id);
+            }
+            Some(ApiWait::Count {
+                users: got, left, ..
+            }) => {
+                got.insert(channel.to_string(), distinct_users(&users).len());
+                *left -= 1;
+                self.finish_trigger_info(id);
+            }
+            _ => {}
         }
-        self.finish_api_query(id);
         true
+    }
+
+    /// Answers a trigger's `info` once every figure came.
+    fn finish_trigger_info(&mut self, id: ConnId) {
+        if !matches!(
+            self.api_waits.get(&id),
+            Some(ApiWait::Count { left: 0, .. })
+        ) {
+            return;
+        }
+        let Some(ApiWait::Count {
+            info,
+            counts,
+            users,
+            ..
+        }) = self.api_waits.remove(&id)
+        else {
+            return;
+        };
+        self.respond_http(id, &info.response(&counts, &users));
     }
 
     /// Answers a channel query once every part of it came.
@@ -258,21 +367,7 @@ impl State {
         else {
             return;
         };
-        // Each user once (a Pusher member key holds id and info; a native
-        // client's user is its id).
-        let ids = |members: &[Arc<str>]| -> Vec<String> {
-            let mut ids: Vec<String> = members
-                .iter()
-                .map(|m| {
-                    parse_member_key(m)
-                        .map_or(&**m, |(user_id, _)| user_id)
-                        .to_string()
-                })
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
-            ids
-        };
+        let ids = distinct_users;
         let response = match query {
             ChannelsQuery::List {
                 user_count,
@@ -325,4 +420,20 @@ impl State {
         self.enqueue(id, Bytes::from(response.to_bytes()));
         self.begin_close(id);
     }
+}
+
+/// Each user of a member list once (a Pusher member key holds id and info;
+/// a native client's user is its id), sorted.
+fn distinct_users(members: &[Arc<str>]) -> Vec<String> {
+    let mut ids: Vec<String> = members
+        .iter()
+        .map(|m| {
+            parse_member_key(m)
+                .map_or(&**m, |(user_id, _)| user_id)
+                .to_string()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
