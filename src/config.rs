@@ -171,7 +171,67 @@ pub struct PusherConfig {
     pub presence_max_members: u32,
     /// Largest `user_info` of a presence member, in bytes (Pusher: 1 KB).
     pub presence_max_user_info_bytes: u32,
+    /// `[[pusher.apps]]` (config file only): more apps, each isolated in
+    /// its own channel namespace (`#app-<id>/…` in the bus). Not in the
+    /// flat key list (no flag or variable).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<PusherAppConfig>,
 }
+
+/// One `[[pusher.apps]]` table: an app besides the default one of the
+/// `pusher.*` keys, with its own limits (same defaults and ranges as the
+/// default app's keys). `id`, `key` and `secret` are required (checked by
+/// [`Config::validate`], which names the app's position).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PusherAppConfig {
+    /// The app id of the HTTP API paths (`/apps/{id}/…`), at most 32 bytes.
+    pub id: String,
+    /// The key clients connect with (`/app/{key}`).
+    pub key: String,
+    /// The secret that signs its subscriptions, sign-ins and HTTP API
+    /// requests.
+    pub secret: String,
+    /// As `pusher.client_events`.
+    pub client_events: bool,
+    /// As `pusher.client_event_rate`.
+    pub client_event_rate: u32,
+    /// As `pusher.activity_timeout_secs`.
+    pub activity_timeout_secs: u32,
+    /// As `pusher.max_event_bytes`.
+    pub max_event_bytes: u32,
+    /// As `pusher.max_channels_per_trigger`.
+    pub max_channels_per_trigger: u32,
+    /// As `pusher.max_batch_events`.
+    pub max_batch_events: u32,
+    /// As `pusher.presence_max_members`.
+    pub presence_max_members: u32,
+    /// As `pusher.presence_max_user_info_bytes`.
+    pub presence_max_user_info_bytes: u32,
+}
+
+impl Default for PusherAppConfig {
+    fn default() -> Self {
+        let d = PusherConfig::default();
+        PusherAppConfig {
+            id: String::new(),
+            key: String::new(),
+            secret: String::new(),
+            client_events: d.client_events,
+            client_event_rate: d.client_event_rate,
+            activity_timeout_secs: d.activity_timeout_secs,
+            max_event_bytes: d.max_event_bytes,
+            max_channels_per_trigger: d.max_channels_per_trigger,
+            max_batch_events: d.max_batch_events,
+            presence_max_members: d.presence_max_members,
+            presence_max_user_info_bytes: d.presence_max_user_info_bytes,
+        }
+    }
+}
+
+/// Longest `[[pusher.apps]]` id, in bytes (it becomes part of every
+/// channel name of the app in the bus: `#app-<id>/…`).
+pub const MAX_PUSHER_APP_ID_BYTES: usize = 32;
 
 impl Default for PusherConfig {
     fn default() -> Self {
@@ -187,6 +247,7 @@ impl Default for PusherConfig {
             max_batch_events: 10,
             presence_max_members: 100,
             presence_max_user_info_bytes: 1024,
+            apps: Vec::new(),
         }
     }
 }
@@ -702,16 +763,11 @@ impl Config {
     }
 
     fn check_pusher(&self) -> Result<(), ConfigError> {
+        self.check_pusher_apps()?;
         let p = &self.pusher;
         if p.app_key.is_empty() {
             return Ok(());
         }
-        // Keys and ids appear in URL paths: keep them to URL-safe text.
-        let url_safe = |v: &str| {
-            !v.is_empty()
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
-        };
         for (key, value) in [("pusher.app_key", &p.app_key), ("pusher.app_id", &p.app_id)] {
             if !url_safe(value) {
                 return Err(ConfigError::Invalid {
@@ -728,6 +784,110 @@ impl Config {
                 value: "(redacted)".into(),
                 reason: "must be set when pusher.app_key is set: it signs channel auth and HTTP API requests".into(),
             });
+        }
+        Ok(())
+    }
+
+    /// Checks each `[[pusher.apps]]` table: id and key URL-safe (the id at
+    /// most [`MAX_PUSHER_APP_ID_BYTES`]), a secret, each value of the
+    /// integer keys in the range of the default app's key of that name, and
+    /// ids and keys unique across all apps (the default one included). The
+    /// error names `pusher.apps`, the app's position (1-based) and the
+    /// field.
+    fn check_pusher_apps(&self) -> Result<(), ConfigError> {
+        let p = &self.pusher;
+        let invalid = |n: usize, field: &str, value: String, reason: String| ConfigError::Invalid {
+            key: "pusher.apps",
+            value,
+            reason: format!(
+                "[[pusher.apps]] table {n} (counting from 1), field `{field}`: {reason}"
+            ),
+        };
+        let mut ids: Vec<&str> = Vec::new();
+        let mut keys: Vec<&str> = Vec::new();
+        if !p.app_key.is_empty() {
+            ids.push(&p.app_id);
+            keys.push(&p.app_key);
+        }
+        let values = self.table();
+        for (i, app) in p.apps.iter().enumerate() {
+            let n = i + 1;
+            for (field, value) in [("id", &app.id), ("key", &app.key)] {
+                if value.is_empty() {
+                    return Err(invalid(n, field, "\"\"".into(), "is required".into()));
+                }
+                if !url_safe(value) {
+                    return Err(invalid(
+                        n,
+                        field,
+                        format!("{value:?}"),
+                        "must be 1 or more of A-Z a-z 0-9 - _ . ~".into(),
+                    ));
+                }
+            }
+            if app.id.len() > MAX_PUSHER_APP_ID_BYTES {
+                return Err(invalid(
+                    n,
+                    "id",
+                    format!("{:?}", app.id),
+                    format!("must be at most {MAX_PUSHER_APP_ID_BYTES} bytes"),
+                ));
+            }
+            if app.secret.is_empty() {
+                return Err(invalid(
+                    n,
+                    "secret",
+                    "(redacted)".into(),
+                    "is required: it signs channel auth and HTTP API requests".into(),
+                ));
+            }
+            let ints = [
+                ("client_event_rate", app.client_event_rate),
+                ("activity_timeout_secs", app.activity_timeout_secs),
+                ("max_event_bytes", app.max_event_bytes),
+                ("max_channels_per_trigger", app.max_channels_per_trigger),
+                ("max_batch_events", app.max_batch_events),
+                ("presence_max_members", app.presence_max_members),
+                (
+                    "presence_max_user_info_bytes",
+                    app.presence_max_user_info_bytes,
+                ),
+            ];
+            for (field, value) in ints {
+                let key = format!("pusher.{field}");
+                let (_, min, max) = RANGES
+                    .iter()
+                    .find(|(k, _, _)| *k == key)
+                    .expect("every [[pusher.apps]] integer has a pusher.* range");
+                let (min, max) = (min.resolve(&values), max.resolve(&values));
+                if !(min..=max).contains(&value) {
+                    return Err(invalid(
+                        n,
+                        field,
+                        value.to_string(),
+                        format!("must be between {min} and {max} inclusive"),
+                    ));
+                }
+            }
+            if ids.contains(&app.id.as_str()) {
+                return Err(invalid(
+                    n,
+                    "id",
+                    format!("{:?}", app.id),
+                    "another app (pusher.app_id or an earlier [[pusher.apps]]) has this id".into(),
+                ));
+            }
+            if keys.contains(&app.key.as_str()) {
+                return Err(invalid(
+                    n,
+                    "key",
+                    format!("{:?}", app.key),
+                    "another app (pusher.app_key or an earlier [[pusher.apps]]) has this key"
+                        .into(),
+                ));
+            }
+            ids.push(&app.id);
+            keys.push(&app.key);
         }
         Ok(())
     }
@@ -1234,6 +1394,14 @@ const RANGES: &[(&str, Bound, Bound)] = &[
     ("pusher.presence_max_user_info_bytes", At(2), At(65_536)),
 ];
 
+/// Whether `v` is 1 or more of A-Z a-z 0-9 - _ . ~: Pusher app keys and ids
+/// appear in URL paths.
+fn url_safe(v: &str) -> bool {
+    !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+}
+
 /// The allowed values of `log.level`.
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
@@ -1474,6 +1642,82 @@ mod tests {
             value: value.into(),
             origin: Origin::Flag(Config::flag_name(key)),
         }
+    }
+
+    /// Loads `text` as a config file.
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        let path = std::env::temp_dir().join(format!(
+            "shardcast-apps-{}-{:?}.toml",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        let loaded = Config::load(path.to_str(), &[]);
+        std::fs::remove_file(&path).unwrap();
+        loaded
+    }
+
+    #[test]
+    fn pusher_apps_are_read_and_checked() {
+        let base = "[pusher]\napp_id = \"1\"\napp_key = \"k1\"\napp_secret = \"s1\"\n";
+        let c = load_text(&format!(
+            "{base}[[pusher.apps]]\nid = \"2\"\nkey = \"k2\"\nsecret = \"s2\"\nclient_events = true\n\
+             [[pusher.apps]]\nid = \"3\"\nkey = \"k3\"\nsecret = \"s3\"\nmax_batch_events = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(c.pusher.apps.len(), 2);
+        assert!(c.pusher.apps[0].client_events);
+        assert_eq!(c.pusher.apps[0].max_event_bytes, 10_240);
+        assert_eq!(c.pusher.apps[1].max_batch_events, 5);
+        // Without a default app too.
+        assert!(load_text("[[pusher.apps]]\nid = \"2\"\nkey = \"k2\"\nsecret = \"s\"\n").is_ok());
+        // The flat key list does not grow.
+        assert!(!Config::keys().iter().any(|k| k.contains("apps")));
+        let bad = |app: &str, field: &str, n: usize| {
+            let text = format!("{base}[[pusher.apps]]\nid = \"2\"\nkey = \"k2\"\nsecret = \"s2\"\n[[pusher.apps]]\n{app}");
+            let msg = load_text(&text).unwrap_err().to_string();
+            assert!(msg.contains("pusher.apps"), "{msg}");
+            assert!(msg.contains(&format!("table {n} ")), "{msg}");
+            assert!(msg.contains(&format!("`{field}`")), "{msg}");
+        };
+        bad("id = \"3\"\nkey = \"k3\"\n", "secret", 2);
+        bad("key = \"k3\"\nsecret = \"s\"\n", "id", 2);
+        bad("id = \"3\"\nsecret = \"s\"\n", "key", 2);
+        bad("id = \"3\"\nkey = \"k2\"\nsecret = \"s\"\n", "key", 2);
+        bad("id = \"3\"\nkey = \"k1\"\nsecret = \"s\"\n", "key", 2);
+        bad("id = \"1\"\nkey = \"k3\"\nsecret = \"s\"\n", "id", 2);
+        bad("id = \"2\"\nkey = \"k3\"\nsecret = \"s\"\n", "id", 2);
+        bad("id = \"a/b\"\nkey = \"k3\"\nsecret = \"s\"\n", "id", 2);
+        bad("id = \"3\"\nkey = \"k 3\"\nsecret = \"s\"\n", "key", 2);
+        bad(
+            &format!(
+                "id = \"{}\"\nkey = \"k3\"\nsecret = \"s\"\n",
+                "x".repeat(33)
+            ),
+            "id",
+            2,
+        );
+        bad(
+            "id = \"3\"\nkey = \"k3\"\nsecret = \"s\"\nmax_batch_events = 0\n",
+            "max_batch_events",
+            2,
+        );
+        bad(
+            "id = \"3\"\nkey = \"k3\"\nsecret = \"s\"\npresence_max_user_info_bytes = 1\n",
+            "presence_max_user_info_bytes",
+            2,
+        );
+        assert!(load_text(&format!(
+            "{base}[[pusher.apps]]\nid = \"{}\"\nkey = \"k3\"\nsecret = \"s\"\n",
+            "x".repeat(32)
+        ))
+        .is_ok());
+        // An unknown field is refused with serde's message.
+        let msg =
+            load_text("[[pusher.apps]]\nid = \"2\"\nkey = \"k\"\nsecret = \"s\"\ncolour = 1\n")
+                .unwrap_err()
+                .to_string();
+        assert!(msg.contains("colour"), "{msg}");
     }
 
     #[test]

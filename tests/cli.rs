@@ -483,3 +483,50 @@ fn a_dictionary_id_follows_its_content() {
     assert_ne!(new_id, id);
     assert!(out.contains(&format!("dictionary id {new_id} ")), "{out}");
 }
+
+#[test]
+fn a_bad_pusher_app_table_stops_serve_and_check_config_naming_it() {
+    let good = "[pusher]\napp_id = \"1\"\napp_key = \"k1\"\napp_secret = \"s1\"\n\
+                [[pusher.apps]]\nid = \"2\"\nkey = \"k2\"\nsecret = \"s2\"\n";
+    let p = temp_file("apps-good.toml", good);
+    let path = p.to_str().unwrap();
+    assert_eq!(check_outcome(&["--config", path], &[]), Ok(()));
+    assert_eq!(serve_outcome(&["--config", path], &[]), Ok(()));
+    for (name, app, field) in [
+        (
+            "apps-dup-key.toml",
+            "[[pusher.apps]]\nid = \"3\"\nkey = \"k2\"\nsecret = \"s3\"\n",
+            "`key`",
+        ),
+        (
+            "apps-dup-default-key.toml",
+            "[[pusher.apps]]\nid = \"3\"\nkey = \"k1\"\nsecret = \"s3\"\n",
+            "`key`",
+        ),
+        (
+            "apps-no-secret.toml",
+            "[[pusher.apps]]\nid = \"3\"\nkey = \"k3\"\n",
+            "`secret`",
+        ),
+    ] {
+        let p = temp_file(name, &format!("{good}{app}"));
+        let path = p.to_str().unwrap();
+        let (code, err) = check_outcome(&["--config", path], &[]).unwrap_err();
+        assert_ne!(code, 0);
+        for want in ["pusher.apps", "table 2", field] {
+            assert!(
+                err.contains(want),
+                "check-config {name}: {err:?} lacks {want}"
+            );
+        }
+        assert!(!err.contains("s3"), "the secret is not printed: {err}");
+        let (code, serve_err) = serve_outcome(&["--config", path], &[]).unwrap_err();
+        assert_ne!(code, 0);
+        for want in ["pusher.apps", "table 2", field] {
+            assert!(
+                serve_err.contains(want),
+                "serve {name}: {serve_err:?} lacks {want}"
+            );
+        }
+    }
+}

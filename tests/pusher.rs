@@ -1132,3 +1132,250 @@ fn a_trigger_with_info_is_answered_with_the_channels_figures() {
         assert_eq!(c.event("chat", "e")["channel"], "chat");
     }
 }
+
+/// The second app of [`two_apps`], from a `[[pusher.apps]]` table.
+const APP2_ID: &str = "2";
+const APP2_KEY: &str = "app2-key";
+const APP2_SECRET: &str = "app2-secret";
+
+/// A server with the test app (the default one, sharing channels with
+/// native clients) and app 2 from the config file, client events on in
+/// both (the config file is written to a per-process temporary directory).
+fn two_apps() -> Server {
+    let dir = std::env::temp_dir().join(format!("shardcast-pusher-apps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("two-apps.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[pusher.apps]]\nid = \"{APP2_ID}\"\nkey = \"{APP2_KEY}\"\n\
+             secret = \"{APP2_SECRET}\"\nclient_events = true\n"
+        ),
+    )
+    .unwrap();
+    let path = path.to_str().unwrap().to_string();
+    Server::start(&sdk::pusher_args(&[
+        "--pusher-client-events",
+        "true",
+        "--config",
+        &path,
+    ]))
+}
+
+/// [`sdk::api`] for app 2.
+fn api2(port: u16, op: Value) -> Value {
+    sdk::merged(
+        &json!({"port": port, "appId": APP2_ID, "key": APP2_KEY, "secret": APP2_SECRET}),
+        op,
+    )
+}
+
+fn connect2(c: &mut SdkClient, port: u16) -> String {
+    c.connect_with(json!({"port": port, "key": APP2_KEY, "secret": APP2_SECRET, "appId": APP2_ID}))
+}
+
+/// An event on `channel` of app 1 (`app2`: false) or app 2 through
+/// pusher-http-node, asserting 200.
+fn trigger_on(port: u16, app2: bool, channel: &str, event: &str, data: &str) {
+    let op = json!({"op": "trigger", "channels": [channel], "event": event, "data": data});
+    let r = sdk::trigger(&if app2 {
+        api2(port, op)
+    } else {
+        sdk::api(port, op)
+    });
+    assert_eq!(r["status"], 200, "{r}");
+}
+
+#[tokio::test]
+async fn two_apps_on_one_server_are_isolated_from_each_other_and_from_native_clients() {
+    let s = two_apps();
+    let port = s.addr.port();
+    let mut native = common::Client::connect(s.addr).await;
+    native.subscribe("chat").await;
+    let mut a1 = SdkClient::spawn();
+    a1.connect(port);
+    a1.subscribe("chat");
+    let mut a2 = SdkClient::spawn();
+    let id2 = connect2(&mut a2, port);
+    assert!(sdk::is_socket_id(&id2), "{id2}");
+    a2.subscribe("chat");
+
+    // The same name in both apps is two channels: app 2's event reaches
+    // neither app 1's subscriber nor the native one; app 1's reaches both
+    // of those and not app 2's.
+    trigger_on(port, true, "chat", "from-app2", "two");
+    assert_eq!(a2.next_event_on("chat")["event"], "from-app2");
+    trigger_on(port, false, "chat", "from-app1", "one");
+    assert_eq!(a1.next_event_on("chat")["event"], "from-app1");
+    let (channel, _, _, payload) = native.publication().await;
+    assert_eq!(
+        (channel.as_str(), payload.as_slice()),
+        ("chat", &b"one"[..])
+    );
+    trigger_on(port, true, "chat", "marker2", "m");
+    let e = a2.next_event_on("chat");
+    assert_eq!(e["event"], "marker2", "app 1's event reached app 2: {e}");
+    assert_eq!(e["channel"], "chat", "{e}");
+    // A native publish stays with the default app.
+    let mut publisher = common::Client::connect(s.addr).await;
+    publisher.publish("chat", b"from native").await;
+    assert_eq!(a1.next_event_on("chat")["data"], "from native");
+    trigger_on(port, true, "chat", "marker2b", "m");
+    assert_eq!(a2.next_event_on("chat")["event"], "marker2b");
+
+    // A native client cannot open app 2's channel by its bus name.
+    let id = native
+        .request(|e, id| e.subscribe(id, "#app-2/chat", None))
+        .await;
+    match native.reply(id).await {
+        shardcast::protocol::wire::ServerMessage::Error { code, .. } => {
+            assert_eq!(
+                code,
+                shardcast::protocol::wire::ErrorCode::Unauthorized.as_u16()
+            )
+        }
+        other => panic!("a native client opened #app-2/chat: {other:?}"),
+    }
+
+    // A private subscription signed with app 1's secret is refused on app 2.
+    let mut forger = SdkClient::spawn();
+    forger.connect_with(json!({"port": port, "key": APP2_KEY, "secret": APP_SECRET}));
+    let refused = forger.subscribe_with("private-room", json!({}));
+    assert_eq!(refused["type"], "subscription_error", "{refused}");
+    assert_eq!(refused["status"], 401, "{refused}");
+    forger.assert_stayed_connected();
+
+    // Presence and client events stay inside their app.
+    a1.join("presence-room", json!("1"), json!({"app": 1}));
+    let mut b2 = SdkClient::spawn();
+    connect2(&mut b2, port);
+    let joined = a2.join("presence-room", json!("2"), json!({"app": 2}));
+    assert_eq!(
+        joined["count"], 1,
+        "app 1's member is not app 2's: {joined}"
+    );
+    assert_eq!(joined["channel"], "presence-room", "{joined}");
+    let joined = b2.join("presence-room", json!("3"), json!({"app": 2}));
+    assert_eq!(joined["count"], 2, "{joined}");
+    let added = a2.event("presence-room", "pusher:member_added");
+    assert_eq!(id_text(&added["data"]["id"]), "3", "{added}");
+    b2.send(&json!({"op": "trigger_client", "channel": "presence-room",
+                    "event": "client-typing", "data": {"from": "b2"}}));
+    let e = a2.next_event_on("presence-room");
+    assert_eq!(
+        (&e["event"], &e["user_id"]),
+        (&json!("client-typing"), &json!("3")),
+        "{e}"
+    );
+    // Had app 2's joins or client event reached app 1's presence-room,
+    // they would come before this marker.
+    trigger_on(port, false, "presence-room", "marker1", "m");
+    let e = a1.next_event_on("presence-room");
+    assert_eq!(e["event"], "marker1", "app 2 leaked into app 1: {e}");
+
+    // The channels API of each app lists its own channels by their names.
+    let until = std::time::Instant::now() + WAIT;
+    loop {
+        let r = sdk::trigger(&api2(port, json!({"op": "channels"})));
+        assert_eq!(r["status"], 200, "{r}");
+        if r["body"] == json!({"channels": {"chat": {}, "presence-room": {}}}) {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "app 2's channels: {r}");
+    }
+    let r = sdk::trigger(&api2(
+        port,
+        json!({"op": "channels", "filter_by_prefix": "presence-", "info": "user_count"}),
+    ));
+    assert_eq!(
+        r["body"],
+        json!({"channels": {"presence-room": {"user_count": 2}}}),
+        "{r}"
+    );
+    let r = sdk::trigger(&api2(
+        port,
+        json!({"op": "users", "channel": "presence-room"}),
+    ));
+    assert_eq!(
+        r["body"],
+        json!({"users": [{"id": "2"}, {"id": "3"}]}),
+        "{r}"
+    );
+    let r = sdk::trigger(&sdk::api(port, json!({"op": "channels"})));
+    let listed: Vec<&String> = r["body"]["channels"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{r}"))
+        .keys()
+        .collect();
+    assert!(
+        listed.iter().all(|c| !c.starts_with("#app-")),
+        "app 1 lists app 2's channels: {r}"
+    );
+    let r = sdk::trigger(&api2(
+        port,
+        json!({"op": "trigger", "channels": ["chat"], "event": "e", "data": "x",
+               "info": "subscription_count"}),
+    ));
+    assert_eq!(
+        r["body"],
+        json!({"channels": {"chat": {"subscription_count": 1}}}),
+        "{r}"
+    );
+
+    // A name that fits alone but not with app 2's namespace (`#app-2/`,
+    // 7 bytes) is refused: subscription_error 400, HTTP 400; app 1 takes it.
+    let long = "x".repeat(195);
+    let mut ws = pusher_ws(s.addr, &format!("/app/{APP2_KEY}?protocol=7")).await;
+    let m = next_json(&mut ws).await;
+    assert_eq!(m["event"], "pusher:connection_established", "{m}");
+    send_text(
+        &mut ws,
+        &json!({"event": "pusher:subscribe", "data": {"channel": long}}).to_string(),
+    )
+    .await;
+    let m = next_json(&mut ws).await;
+    assert_eq!(m["event"], "pusher:subscription_error", "{m}");
+    assert_eq!(m["channel"], long.as_str(), "{m}");
+    assert_eq!(data_of(&m)["status"], 400, "{m}");
+    let r = sdk::trigger(&api2(
+        port,
+        json!({"op": "trigger", "channels": [long], "event": "e", "data": "x"}),
+    ));
+    assert_eq!(r["status"], 400, "{r}");
+    trigger_on(port, false, &long, "e", "x");
+
+    // Unknown key: 4001; unknown id: 404.
+    let mut ws = pusher_ws(s.addr, "/app/no-such-key?protocol=7").await;
+    assert_eq!(expect_close(&mut ws).await.0, 4001);
+    let r = sdk::trigger(&sdk::merged(
+        &api2(
+            port,
+            json!({"op": "trigger", "channels": ["chat"], "event": "e", "data": "x"}),
+        ),
+        json!({"appId": "9"}),
+    ));
+    assert_eq!(r["status"], 404, "{r}");
+
+    // The PyPI SDK's /users/… path finds app 2 by its key: only app 2's
+    // user is terminated.
+    let mut u1 = SdkClient::spawn();
+    u1.connect_with(json!({"port": port, "key": APP_KEY, "secret": APP_SECRET,
+                           "signin_user": {"id": "u1", "user_info": {}}}));
+    let mut u2 = SdkClient::spawn();
+    u2.connect_with(json!({"port": port, "key": APP2_KEY, "secret": APP2_SECRET,
+                           "appId": APP2_ID, "signin_user": {"id": "u1", "user_info": {}}}));
+    for u in [&mut u1, &mut u2] {
+        u.send(&json!({"op": "signin"}));
+        u.next_matching(
+            has(json!({"type": "subscribed", "channel": "#server-to-user-u1"})),
+            WAIT,
+        );
+    }
+    let r = sdk::trigger_py(&api2(port, json!({"op": "terminate", "user_id": "u1"})));
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(u2.closed()["code"], 4009);
+    u1.round_trip();
+    u1.assert_stayed_connected();
+    a1.assert_stayed_connected();
+    a2.assert_stayed_connected();
+}

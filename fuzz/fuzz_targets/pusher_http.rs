@@ -38,6 +38,7 @@ fn app() -> PusherApp {
         max_batch_events: 3,
         presence_max_members: 100,
         presence_max_user_info_bytes: 1024,
+        namespace: String::new(),
     }
 }
 

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::protocol::pusher::channel::SERVER_TO_USER_PREFIX;
+use crate::protocol::pusher::channel::{to_client, APP_PREFIX, SERVER_TO_USER_PREFIX};
 use crate::protocol::pusher::message::{valid_socket_id, MAX_EVENT_NAME_BYTES};
 use crate::protocol::pusher::sign::{self, ApiRequest};
 use crate::protocol::{body, channel};
@@ -36,7 +36,8 @@ pub const TERMINATE_EVENT: &str = "pusher_internal:terminate_connections";
 pub const API_PATH: &str = "/apps/";
 
 /// `/users/{user_id}/terminate_connections` without the `/apps/{app_id}`
-/// prefix, as the PyPI `pusher` SDK sends it; served for the one app.
+/// prefix, as the PyPI `pusher` SDK sends it; served for the app whose key
+/// is its `auth_key` ([`App::Key`]).
 pub const USERS_PATH: &str = "/users/";
 
 /// Most header lines in a request head.
@@ -293,7 +294,7 @@ impl TriggerInfo {
         } else {
             let mut out = serde_json::Map::new();
             for c in &self.channels {
-                out.insert(c.0.clone(), attrs(c));
+                out.insert(to_client(&c.0).to_string(), attrs(c));
             }
             ok(serde_json::json!({ "channels": out }))
         }
@@ -350,7 +351,7 @@ impl ChannelsQuery {
             if subscription_count {
                 info.insert("subscription_count".into(), (*subs).into());
             }
-            out.insert(name.to_string(), info.into());
+            out.insert(to_client(name).to_string(), info.into());
         }
         ok(serde_json::json!({ "channels": out }))
     }
@@ -412,7 +413,7 @@ fn param(query: &str, name: &str) -> Option<String> {
 }
 
 /// The channel-information endpoints (`GET`).
-fn channels_query(endpoint: &str, query: &str) -> Outcome {
+fn channels_query(app: &PusherApp, endpoint: &str, query: &str) -> Outcome {
     let reply = |status, msg: &str| Outcome::Respond(Response::error(status, msg));
     let (user_count, subscription_count) = match info_of(query) {
         Ok(i) => i,
@@ -434,7 +435,8 @@ fn channels_query(endpoint: &str, query: &str) -> Outcome {
             );
         }
         return Outcome::Query(ChannelsQuery::List {
-            prefix,
+            // The bus lists the app's channels by their namespace.
+            prefix: format!("{}{prefix}", app.namespace),
             user_count,
             subscription_count,
         });
@@ -450,10 +452,11 @@ fn channels_query(endpoint: &str, query: &str) -> Outcome {
         Some(n) => n,
         None => return reply(400, "channel name is not valid percent-encoding"),
     };
-    if let Err(e) = channel::validate(&name) {
-        return reply(400, &format!("channel {name:?}: {e}"));
-    }
     let presence = crate::bus::is_presence(&name);
+    let name = match bus_channel(app, &name) {
+        Ok(n) => n,
+        Err(e) => return reply(400, &e),
+    };
     if users {
         if !presence {
             return reply(400, "users are listed for presence channels only");
@@ -535,6 +538,44 @@ struct Batch<'a> {
     batch: Vec<Event<'a>>,
 }
 
+/// Which app a request is for, as its path (or query) names it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum App<'a> {
+    /// `/apps/{id}/…`: by id.
+    Id(&'a str),
+    /// `/users/…` (no app in the path): by the `auth_key` parameter.
+    Key(String),
+    /// Neither (an unsigned `/users/…` request, or another path).
+    None,
+}
+
+/// The app `request` is for ([`handle`] then checks it against the app's
+/// id and signature).
+pub fn app_of(request: &Request) -> App<'_> {
+    if let Some(rest) = request.path.strip_prefix(API_PATH) {
+        App::Id(rest.split_once('/').map_or(rest, |(id, _)| id))
+    } else if request.path.starts_with(USERS_PATH) {
+        param(&request.query, "auth_key").map_or(App::None, App::Key)
+    } else {
+        App::None
+    }
+}
+
+/// The bus name of channel `name` as an HTTP API request of `app` names
+/// it (checked as that app's clients name it: `#app-` names are other
+/// apps' and refused), or the 400 message.
+fn bus_channel(app: &PusherApp, name: &str) -> Result<String, String> {
+    channel::validate(name).map_err(|e| format!("channel {name:?}: {e}"))?;
+    if name.starts_with(APP_PREFIX) {
+        return Err(format!(
+            "channel {name:?}: names starting with {APP_PREFIX} are reserved"
+        ));
+    }
+    app.bus_name(name)
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|e| format!("channel {name:?}: {e}"))
+}
+
 /// Decides what `request` asks of the app `app` at `now_secs` (Unix time,
 /// seconds; for the signature's timestamp).
 pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
@@ -543,7 +584,7 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
         rest.split_once('/').unwrap_or((rest, ""))
     } else if request.path.starts_with(USERS_PATH) {
         // The PyPI SDK (3.3) posts terminate_connections to
-        // `/users/{id}/…` without the app: with one app it is this one.
+        // `/users/{id}/…` without the app: the one of its `auth_key`.
         (app.id.as_str(), &request.path[1..])
     } else {
         return reply(404, "no such endpoint");
@@ -635,10 +676,10 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
         },
         ("POST", e) if e.starts_with("users/") && e.ends_with("/terminate_connections") => {
             let user = &e["users/".len()..e.len() - "/terminate_connections".len()];
-            let channel = format!("{SERVER_TO_USER_PREFIX}{user}");
-            if user.is_empty() || channel::validate(&channel).is_err() {
-                return reply(400, &format!("user id {user:?} is not valid"));
-            }
+            let channel = match bus_channel(app, &format!("{SERVER_TO_USER_PREFIX}{user}")) {
+                Ok(c) if !user.is_empty() => c,
+                _ => return reply(400, &format!("user id {user:?} is not valid")),
+            };
             Outcome::Publish(vec![Publish {
                 idempotency_key: request.idempotency_key.clone(),
                 channel,
@@ -646,7 +687,7 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
             }])
         }
         ("GET", e) if e == "channels" || e.starts_with("channels/") => {
-            channels_query(e, &request.query)
+            channels_query(app, e, &request.query)
         }
         (_, "events" | "batch_events") => reply(405, "use POST"),
         _ => reply(
@@ -714,13 +755,11 @@ fn publishes(
     }
     let mut out = Vec::with_capacity(channels.len());
     for c in channels {
-        if let Err(e) = channel::validate(c) {
-            return Err(bad(format!("channel {c:?}: {e}")));
-        }
+        let channel = bus_channel(app, c).map_err(bad)?;
         out.push(Publish {
             // One key per channel is enough: the bus keeps keys per channel.
             idempotency_key: idempotency_key.clone(),
-            channel: c.to_string(),
+            channel,
             body: body::event(
                 name,
                 false,
@@ -750,6 +789,7 @@ mod tests {
             max_batch_events: 2,
             presence_max_members: 100,
             presence_max_user_info_bytes: 1024,
+            namespace: String::new(),
         }
     }
 
@@ -945,6 +985,63 @@ mod tests {
         assert_eq!(b.data, br#"{"a":1}"#);
         assert_eq!(b.exclude, Some("1.2"));
         assert!(!b.raw_json);
+    }
+
+    #[test]
+    fn a_namespaced_app_reads_and_answers_its_clients_names() {
+        let app2 = PusherApp {
+            namespace: "#app-2/".into(),
+            ..app()
+        };
+        let body = r#"{"name":"ev","data":"x","channels":["a","presence-b"]}"#;
+        let Outcome::Publish(p) = handle(&signed("POST", "/apps/1/events", body), &app2, 1000)
+        else {
+            panic!("not published");
+        };
+        let names: Vec<&str> = p.iter().map(|p| p.channel.as_str()).collect();
+        assert_eq!(names, ["#app-2/a", "#app-2/presence-b"]);
+        // Names that are other apps' are refused, for every app.
+        for a in [&app(), &app2] {
+            let body = r##"{"name":"ev","data":"x","channel":"#app-3/a"}"##;
+            assert_eq!(
+                status(handle(&signed("POST", "/apps/1/events", body), a, 1000)),
+                400
+            );
+        }
+        // Too long with the namespace only.
+        let long = "a".repeat(195);
+        let body = format!(r#"{{"name":"ev","data":"x","channel":"{long}"}}"#);
+        assert_eq!(
+            status(handle(
+                &signed("POST", "/apps/1/events", &body),
+                &app2,
+                1000
+            )),
+            400
+        );
+        assert_eq!(
+            status(handle(
+                &signed("POST", "/apps/1/events", &body),
+                &app(),
+                1000
+            )),
+            200
+        );
+        // The answers name the channels as the clients do.
+        let info = TriggerInfo {
+            batch: false,
+            channels: vec![("#app-2/a".into(), true, false)],
+        };
+        let counts = [("#app-2/a".to_string(), 2)].into_iter().collect();
+        let r = info.response(&counts, &Default::default());
+        assert_eq!(r.body, r#"{"channels":{"a":{"subscription_count":2}}}"#);
+        let list = [(std::sync::Arc::from("#app-2/a"), 1)];
+        let r = ChannelsQuery::list_response(false, &list, &Default::default(), false);
+        assert_eq!(r.body, r#"{"channels":{"a":{}}}"#);
+        // Which app a request is for.
+        let r = signed("POST", "/users/u/terminate_connections", "");
+        assert_eq!(app_of(&r), App::Key("k".into()));
+        assert_eq!(app_of(&signed("GET", "/apps/7/channels", "")), App::Id("7"));
     }
 
     #[test]

@@ -17,13 +17,17 @@ use crate::protocol::channel::{self, ChannelError};
 pub use jwt::{Claims, KeyError, TokenError, Verifier};
 
 /// Prefixes of channels that need a token.
-pub const PROTECTED_PREFIXES: [&str; 4] = [
+pub const PROTECTED_PREFIXES: [&str; 5] = [
     "private-",
     "presence-",
     channel::PERSONAL_PREFIX,
     // A Pusher user's server-to-user channel: only that signed-in user's
     // connections (or a token that grants it) may subscribe.
     crate::protocol::pusher::channel::SERVER_TO_USER_PREFIX,
+    // The channels of the Pusher apps other than the default one
+    // (`[[pusher.apps]]`): only their own Pusher clients (or a token that
+    // grants them) reach them.
+    crate::protocol::pusher::channel::APP_PREFIX,
 ];
 
 /// An authenticated connection's identity.

@@ -26,9 +26,10 @@ pub use local::LocalBus;
 /// connection subscribed to one makes its user a member.
 pub const PRESENCE_PREFIX: &str = "presence-";
 
-/// Whether `channel` is a presence channel.
+/// Whether `channel` is a presence channel (a non-default Pusher app's
+/// `#app-<id>/presence-…` too).
 pub fn is_presence(channel: &str) -> bool {
-    channel.starts_with(PRESENCE_PREFIX)
+    crate::protocol::pusher::channel::to_client(channel).starts_with(PRESENCE_PREFIX)
 }
 
 /// Now, as microseconds since the Unix epoch (the unit of publication

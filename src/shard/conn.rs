@@ -205,7 +205,7 @@ fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, byt
                 // Pusher Channels clients (pusher-js, Laravel Echo) on
                 // `/app/{key}`: no subprotocol, JSON text frames.
                 if let Some(key) = request.path.strip_prefix(PUSHER_PATH) {
-                    if shard.settings.pusher.is_none() {
+                    if shard.settings.pusher.is_none() && shard.settings.pusher_apps.is_empty() {
                         state.reject_upgrade(
                             id,
                             ws::error_response(
@@ -226,7 +226,7 @@ fn on_bytes(shard: &Shard, state: &mut State, id: ConnId, input: &mut Input, byt
                     }
                     let refuse = state.pusher_refusal(key, request.query.as_deref());
                     let refused = refuse.is_some();
-                    state.accept_pusher(id, ws::accept_response(&request.key, None), refuse);
+                    state.accept_pusher(id, key, ws::accept_response(&request.key, None), refuse);
                     if refused {
                         *input = Input::Draining;
                         return;

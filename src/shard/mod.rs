@@ -147,6 +147,9 @@ pub struct Settings {
     pub dictionary: Option<Dictionary>,
     /// The Pusher app served on `/app/{key}`, if `pusher.app_key` is set.
     pub pusher: Option<Arc<PusherApp>>,
+    /// The other Pusher apps (`[[pusher.apps]]`), each in its own channel
+    /// namespace (see [`PusherApp::namespace`]).
+    pub pusher_apps: Vec<Arc<PusherApp>>,
     /// The first number of this shard's Pusher `socket_id`s: random per
     /// process (so unique across nodes with high probability) times 1,000
     /// plus the shard index (see `state::SocketId`).
@@ -178,6 +181,10 @@ pub struct PusherApp {
     pub presence_max_members: usize,
     /// `pusher.presence_max_user_info_bytes`, in bytes.
     pub presence_max_user_info_bytes: usize,
+    /// What its channels' names start with in the bus: empty for the
+    /// default app (it shares the native namespace), `#app-<id>/` for a
+    /// `[[pusher.apps]]` one (see `protocol::pusher::channel::to_bus`).
+    pub namespace: String,
 }
 
 impl PusherApp {
@@ -195,7 +202,36 @@ impl PusherApp {
             max_batch_events: c.max_batch_events as usize,
             presence_max_members: c.presence_max_members as usize,
             presence_max_user_info_bytes: c.presence_max_user_info_bytes as usize,
+            namespace: String::new(),
         })
+    }
+
+    /// A `[[pusher.apps]]` app, isolated in its namespace `#app-<id>/`.
+    pub fn from_app_config(c: &crate::config::PusherAppConfig) -> PusherApp {
+        PusherApp {
+            id: c.id.clone(),
+            key: c.key.clone(),
+            secret: c.secret.as_bytes().to_vec(),
+            client_events: c.client_events,
+            client_event_rate: c.client_event_rate,
+            activity_timeout_secs: c.activity_timeout_secs,
+            max_event_bytes: c.max_event_bytes as usize,
+            max_channels_per_trigger: c.max_channels_per_trigger as usize,
+            max_batch_events: c.max_batch_events as usize,
+            presence_max_members: c.presence_max_members as usize,
+            presence_max_user_info_bytes: c.presence_max_user_info_bytes as usize,
+            namespace: crate::protocol::pusher::channel::app_namespace(&c.id),
+        }
+    }
+
+    /// The bus name of this app's channel `name` (the client's name,
+    /// checked as such), or why it cannot have one (too long with the
+    /// namespace).
+    pub fn bus_name<'a>(
+        &self,
+        name: &'a str,
+    ) -> Result<std::borrow::Cow<'a, str>, crate::protocol::channel::ChannelError> {
+        crate::protocol::pusher::channel::to_bus(&self.namespace, name)
     }
 }
 
@@ -242,6 +278,12 @@ impl Settings {
             compression_min_bytes: c.compression.min_bytes as usize,
             dictionary,
             pusher: PusherApp::from_config(&c.pusher).map(Arc::new),
+            pusher_apps: c
+                .pusher
+                .apps
+                .iter()
+                .map(|a| Arc::new(PusherApp::from_app_config(a)))
+                .collect(),
             socket_prefix: 0,
         })
     }

@@ -74,9 +74,83 @@ impl ChannelKind {
     }
 }
 
+/// The start of every channel of a non-default Pusher app inside the bus:
+/// app `<id>`'s channel `chat` is `#app-<id>/chat` there (see [`to_bus`]).
+///
+/// It starts with `#` because no channel a Pusher app names for itself
+/// does: Pusher's channel names are `A-Z a-z 0-9 _ - = @ , . ;`, and `#` is
+/// only the server's own `#server-to-user-` prefix. So a prefixed name can
+/// never be the name of a default-app or native channel by accident, and
+/// stripping it ([`to_client`]) is unambiguous. Native clients cannot open
+/// such channels without a token claim (`auth::PROTECTED_PREFIXES`), nor
+/// can a Pusher client of another app (the name it asks for is checked as
+/// given, and `#app-` is protected).
+pub const APP_PREFIX: &str = "#app-";
+
+/// The prefix of app `id`'s channels in the bus: `#app-<id>/`.
+pub fn app_namespace(id: &str) -> String {
+    format!("{APP_PREFIX}{id}/")
+}
+
+/// The bus name of channel `name` of the app whose namespace is
+/// `namespace` (empty for the default app, which shares the native
+/// namespace; else [`app_namespace`]). `name` is the client's name, already
+/// checked as such; the bus name too must fit the channel name limit, else
+/// [`ChannelError::TooLong`] with its length.
+pub fn to_bus<'a>(
+    namespace: &str,
+    name: &'a str,
+) -> Result<std::borrow::Cow<'a, str>, crate::protocol::channel::ChannelError> {
+    use crate::protocol::channel::{ChannelError, MAX_CHANNEL_BYTES};
+    if namespace.is_empty() {
+        return Ok(std::borrow::Cow::Borrowed(name));
+    }
+    let len = namespace.len() + name.len();
+    if len > MAX_CHANNEL_BYTES {
+        return Err(ChannelError::TooLong(len));
+    }
+    Ok(std::borrow::Cow::Owned(format!("{namespace}{name}")))
+}
+
+/// The name the clients of a bus channel's app know it by: `bus` without
+/// its `#app-<id>/` namespace, if it has one (the inverse of [`to_bus`]).
+pub fn to_client(bus: &str) -> &str {
+    match bus.strip_prefix(APP_PREFIX).and_then(|r| r.split_once('/')) {
+        Some((_, name)) => name,
+        None => bus,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn app_channels_map_to_the_bus_and_back() {
+        let ns = app_namespace("2");
+        assert_eq!(ns, "#app-2/");
+        for name in ["chat", "presence-room", "#server-to-user-u1", "a/b"] {
+            let bus = to_bus(&ns, name).unwrap();
+            assert_eq!(bus, format!("#app-2/{name}"));
+            assert_eq!(to_client(&bus), name);
+            // The default app's names are the bus's.
+            assert_eq!(to_bus("", name).unwrap(), name);
+            assert_eq!(to_client(name), name);
+        }
+        assert!(crate::bus::is_presence(
+            &to_bus(&ns, "presence-room").unwrap()
+        ));
+        // The limit holds after prefixing.
+        let max = crate::protocol::channel::MAX_CHANNEL_BYTES;
+        let fits = "a".repeat(max - ns.len());
+        assert_eq!(to_bus(&ns, &fits).unwrap().len(), max);
+        let over = "a".repeat(max - ns.len() + 1);
+        assert_eq!(
+            to_bus(&ns, &over),
+            Err(crate::protocol::channel::ChannelError::TooLong(max + 1))
+        );
+        assert!(to_bus("", &"a".repeat(max)).is_ok());
+    }
 
     #[test]
     fn prefixes_give_kinds() {

@@ -13,6 +13,7 @@ use super::connections::Phase;
 use super::State;
 use crate::api::pusher_http::{self, ChannelsQuery, Outcome, Publish, Response, TriggerInfo};
 use crate::bus::{BusError, ChannelQuery, Position, ReplyTo};
+use crate::protocol::pusher::channel::to_client;
 use crate::protocol::pusher::presence::parse_member_key;
 use crate::shard::slab::ConnId;
 
@@ -40,6 +41,9 @@ pub(super) enum ApiWait {
     /// A channel-information request.
     Query {
         query: ChannelsQuery,
+        /// The app's namespace (`PusherApp::namespace`): a list keeps its
+        /// channels only.
+        namespace: String,
         /// The bus's subscription counts, once answered.
         channels: Option<Vec<(Arc<str>, u64)>>,
         /// Member-list answers still to come.
@@ -53,11 +57,25 @@ impl State {
     /// An HTTP API request arrived complete on connection `id`.
     pub fn on_api_request(&mut self, id: ConnId, request: &pusher_http::Request) {
         self.counters.messages_in += 1;
-        let Some(app) = self.settings.pusher.clone() else {
-            return self.respond_http(
-                id,
-                &Response::error(404, "no Pusher app is configured on this server"),
-            );
+        let apps = || {
+            self.settings
+                .pusher
+                .iter()
+                .chain(&self.settings.pusher_apps)
+        };
+        let app = match pusher_http::app_of(request) {
+            pusher_http::App::Id(app_id) => apps().find(|a| a.id == app_id),
+            pusher_http::App::Key(key) => apps().find(|a| a.key == key),
+            // Unsigned (no auth_key): the default app refuses it (401).
+            pusher_http::App::None => self.settings.pusher.as_ref(),
+        };
+        let Some(app) = app.cloned() else {
+            let msg = match pusher_http::app_of(request) {
+                pusher_http::App::Id(app_id) => format!("no app with id {app_id:?}"),
+                pusher_http::App::Key(key) => format!("no app with key {key:?}"),
+                pusher_http::App::None => "no Pusher app is configured on this server".into(),
+            };
+            return self.respond_http(id, &Response::error(404, &msg));
         };
         let now_secs = self.unix_ms() / 1000;
         match pusher_http::handle(request, &app, now_secs) {
@@ -102,6 +120,7 @@ impl State {
                     id,
                     ApiWait::Query {
                         query,
+                        namespace: app.namespace.clone(),
                         channels,
                         members_left,
                         users: HashMap::new(),
@@ -258,6 +277,7 @@ impl State {
         }
         let Some(ApiWait::Query {
             query,
+            namespace,
             channels: slot,
             members_left,
             ..
@@ -265,6 +285,10 @@ impl State {
         else {
             return true;
         };
+        // Only the app's own channels: the default app's list leaves out
+        // the `#app-<id>/` ones of the others.
+        let mut channels = channels;
+        channels.retain(|(c, _)| c.len() - to_client(c).len() == namespace.len());
         // A list with user counts asks each presence channel's members.
         let wanted: Vec<Arc<str>> = match query {
             ChannelsQuery::List {

@@ -177,6 +177,7 @@ impl State {
         self.detach(id);
         self.api_waits.remove(&id);
         self.client_event_buckets.remove(&id);
+        self.pusher_conn_apps.remove(&id);
         if let Some(conn) = self.conns.remove(id) {
             tracing::debug!(shard = self.shard, peer = %conn.peer, "connection ended");
             if conn.admitted {

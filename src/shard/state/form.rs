@@ -15,6 +15,7 @@ use crate::api::pusher_http::TERMINATE_EVENT;
 use crate::bus::{Position, Publication};
 use crate::protocol::body;
 use crate::protocol::compression::{self, CompressionError, Compressor, Decompressor};
+use crate::protocol::pusher::channel::to_client;
 use crate::protocol::pusher::message::{Data, Writer};
 use crate::protocol::pusher::presence;
 use crate::protocol::wire::{self, ClientRequest, DecodeLimits, Encoder, ErrorCode};
@@ -360,7 +361,10 @@ fn pusher_reply(reply: Reply<'_>) -> Option<Bytes> {
 fn pusher_reply_with<'w>(w: &'w mut Writer, reply: Reply<'_>) -> Option<&'w str> {
     let text = match reply {
         Reply::Pong => w.pong(),
-        Reply::Subscribed { channel, .. } => w.subscription_succeeded(channel),
+        // Every channel name a Pusher client reads is its app's name for
+        // it (`to_client`): a `[[pusher.apps]]` app's channels carry their
+        // `#app-<id>/` namespace only inside the bus.
+        Reply::Subscribed { channel, .. } => w.subscription_succeeded(to_client(channel)),
         Reply::Error { code, message } => {
             // Pusher clients read `message`; the native code names the
             // kind of failure.
@@ -376,7 +380,7 @@ fn pusher_reply_with<'w>(w: &'w mut Writer, reply: Reply<'_>) -> Option<&'w str>
                 .collect();
             members.sort_unstable_by_key(|m| m.0);
             members.dedup_by_key(|m| m.0);
-            w.presence_succeeded(channel, members.iter().copied())
+            w.presence_succeeded(to_client(channel), members.iter().copied())
         }
         Reply::Connected { .. } | Reply::Unsubscribed { .. } | Reply::PublishAck { .. } => {
             return None
@@ -408,7 +412,7 @@ fn pusher_publication(out: &mut Vec<u8>, w: &mut Writer, channel: &str, p: &Publ
             (PUSHER_BASE64_EVENT, Data::Str(&encoded))
         }
     };
-    let text = w.event(event, channel, data, b.user);
+    let text = w.event(event, to_client(channel), data, b.user);
     ws::write_header(out, OpCode::Text, true, text.len());
     out.extend_from_slice(text.as_bytes());
 }
@@ -568,7 +572,7 @@ impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
                 // A native client's user (not a Pusher member key) shows
                 // as its name with no info.
                 let (id, info) = presence::parse_member_key(user).unwrap_or((user, "null"));
-                let text = w.member(channel, id, joined.then_some(info));
+                let text = w.member(to_client(channel), id, joined.then_some(info));
                 ws::write_header(&mut out, OpCode::Text, true, text.len());
                 out.extend_from_slice(text.as_bytes());
             }

@@ -131,6 +131,10 @@ pub struct State {
     /// Client-event rate of the Pusher connections that sent any (kept
     /// here, not in every connection's record).
     client_event_buckets: HashMap<ConnId, crate::shard::rate::TokenBucket>,
+    /// The `[[pusher.apps]]` app (index in `Settings::pusher_apps`) of each
+    /// Pusher connection of one; the default app's connections are not
+    /// here (so they cost nothing more).
+    pusher_conn_apps: HashMap<ConnId, u32>,
     next_presence_query: u64,
     compressor: Compressor,
     decompressor: Decompressor,
@@ -190,6 +194,7 @@ impl State {
             counts_dirty: Vec::new(),
             cache_reads: HashMap::new(),
             client_event_buckets: HashMap::new(),
+            pusher_conn_apps: HashMap::new(),
             next_presence_query: 0,
             compressor,
             decompressor,

@@ -150,7 +150,10 @@ impl State {
                 // A Pusher presence-cache subscription: the last event
                 // follows the member list.
                 if self.form_of(id) == Form::Pusher
-                    && crate::protocol::pusher::channel::ChannelKind::of(&channel).cache
+                    && crate::protocol::pusher::channel::ChannelKind::of(
+                        crate::protocol::pusher::channel::to_client(&channel),
+                    )
+                    .cache
                 {
                     self.pusher_cache_read(id, &channel);
                 }

@@ -17,12 +17,13 @@ use super::subscriptions::ChannelState;
 use super::State;
 use crate::bus::{History, ReplyTo};
 use crate::metrics::Limit;
-use crate::protocol::pusher::channel::{ChannelKind, Kind, SERVER_TO_USER_PREFIX};
+use crate::protocol::pusher::channel::{to_client, ChannelKind, Kind, SERVER_TO_USER_PREFIX};
 use crate::protocol::pusher::message::{self, ClientMessage};
 use crate::protocol::pusher::{presence, sign};
 use crate::protocol::ws::{self, OpCode};
 use crate::protocol::{body, channel};
 use crate::shard::slab::ConnId;
+use crate::shard::PusherApp;
 
 /// The path prefix of the Pusher WebSocket endpoint: `/app/{key}`.
 pub const PUSHER_PATH: &str = "/app/";
@@ -36,13 +37,33 @@ impl State {
         }
     }
 
-    /// Whether `key` names the Pusher app this server serves, and the
+    /// The Pusher app whose key is `key`: `None` for the default app
+    /// (`pusher.*`), `Some(i)` for `[[pusher.apps]]` `i`; `Err` if none.
+    fn pusher_app_index(&self, key: &str) -> Result<Option<u32>, ()> {
+        if self.settings.pusher.as_ref().is_some_and(|a| a.key == key) {
+            return Ok(None);
+        }
+        match self.settings.pusher_apps.iter().position(|a| a.key == key) {
+            Some(i) => Ok(Some(i as u32)),
+            None => Err(()),
+        }
+    }
+
+    /// The Pusher app of connection `id`: its `[[pusher.apps]]` app if it
+    /// has one (`pusher_conn_apps`), else the default app.
+    pub(super) fn pusher_app(&self, id: ConnId) -> Option<Arc<PusherApp>> {
+        match self.pusher_conn_apps.get(&id) {
+            Some(&i) => self.settings.pusher_apps.get(i as usize).cloned(),
+            None => self.settings.pusher.clone(),
+        }
+    }
+
+    /// Whether `key` names a Pusher app this server serves, and the
     /// `?protocol=` of `query` is one it speaks: the close cause if not.
     pub fn pusher_refusal(&self, key: &str, query: Option<&str>) -> Option<CloseCause> {
         use crate::protocol::pusher::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
-        match &self.settings.pusher {
-            Some(app) if app.key == key => {}
-            _ => return Some(CloseCause::UnknownApp(key.to_string())),
+        if self.pusher_app_index(key).is_err() {
+            return Some(CloseCause::UnknownApp(key.to_string()));
         }
         let version = query.and_then(|q| {
             form_urlencoded::parse(q.as_bytes())
@@ -63,7 +84,23 @@ impl State {
     /// the Pusher protocol gives it (4001 unknown app, 4007/4008 protocol
     /// version: pusher-js reads them from the close frame, so the upgrade
     /// itself is accepted).
-    pub fn accept_pusher(&mut self, id: ConnId, response: Vec<u8>, refuse: Option<CloseCause>) {
+    pub fn accept_pusher(
+        &mut self,
+        id: ConnId,
+        key: &str,
+        response: Vec<u8>,
+        refuse: Option<CloseCause>,
+    ) {
+        // Only a `[[pusher.apps]]` connection is remembered: the default
+        // app's cost nothing more than before.
+        match self.pusher_app_index(key) {
+            Ok(Some(i)) => {
+                self.pusher_conn_apps.insert(id, i);
+            }
+            _ => {
+                self.pusher_conn_apps.remove(&id);
+            }
+        }
         if let Some(conn) = self.conns.get_mut(id) {
             // No Connect step: the app key was the credential.
             conn.phase = Phase::Open { connected: true };
@@ -74,11 +111,7 @@ impl State {
             self.close(id, &cause);
             return;
         }
-        let timeout = self
-            .settings
-            .pusher
-            .as_ref()
-            .map_or(120, |a| a.activity_timeout_secs);
+        let timeout = self.pusher_app(id).map_or(120, |a| a.activity_timeout_secs);
         let socket_id = self.socket_id(id).to_string();
         let frame =
             with_pusher_writer(|w| text_frame(w.connection_established(&socket_id, timeout)));
@@ -128,6 +161,12 @@ impl State {
                 channel_data,
             }) => self.pusher_subscribe(id, &channel, auth.as_deref(), channel_data.as_deref()),
             Ok(ClientMessage::Unsubscribe { channel }) => {
+                let Some(Ok(channel)) = self
+                    .pusher_app(id)
+                    .map(|app| app.bus_name(&channel).map(|c| c.into_owned()))
+                else {
+                    return Ok(());
+                };
                 let subscribed = self
                     .conns
                     .get(id)
@@ -157,12 +196,20 @@ impl State {
         auth: Option<&str>,
         channel_data: Option<&str>,
     ) {
-        let Some(app) = self.settings.pusher.clone() else {
+        let Some(app) = self.pusher_app(id) else {
             return;
         };
+        // `name` is the client's: checked, signed and answered as such;
+        // `bus` is the channel's name in the bus (the app's namespace).
         if let Err(e) = channel::validate(name) {
             return self.subscription_error(id, name, "InvalidChannel", &e.to_string(), 400);
         }
+        let bus = match app.bus_name(name) {
+            Ok(b) => b,
+            Err(e) => {
+                return self.subscription_error(id, name, "InvalidChannel", &e.to_string(), 400)
+            }
+        };
         let kind = ChannelKind::of(name);
         match kind.kind {
             Kind::ServerToUser => {
@@ -183,7 +230,7 @@ impl State {
                         403,
                     );
                 }
-                return self.subscribe_as(id, 0, name, None, true);
+                return self.subscribe_as(id, 0, &bus, None, true);
             }
             Kind::Public if crate::auth::is_protected(name) => {
                 // A native protected channel (`user:…`) has no Pusher
@@ -239,13 +286,13 @@ impl State {
         let Some(conn) = self.conns.get(id) else {
             return;
         };
-        if conn.subs.iter().any(|s| &**s == name) {
+        if conn.subs.iter().any(|s| **s == *bus) {
             // Subscribed already: pusher-js only waits for the answer.
             return self.reply(
                 id,
                 0,
                 Reply::Subscribed {
-                    channel: name,
+                    channel: &bus,
                     at: crate::bus::Position {
                         epoch: 0,
                         offset: 0,
@@ -263,9 +310,9 @@ impl State {
             // Counted as this member from the subscription on (see
             // `presence_user`), until it leaves the channel.
             self.pusher_members
-                .insert((id, Arc::from(name)), Arc::from(member));
+                .insert((id, Arc::from(&*bus)), Arc::from(member));
         }
-        self.subscribe_as(id, 0, name, None, true);
+        self.subscribe_as(id, 0, &bus, None, true);
     }
 
     /// `pusher:signin`: the app's backend signed `user_data` (a JSON object
@@ -274,7 +321,7 @@ impl State {
     /// HTTP API's `terminate_connections` reaches it). A bad signature or
     /// user data closes the connection with 4009, as Pusher does.
     fn pusher_signin(&mut self, id: ConnId, auth: &str, user_data: &str) -> Result<(), CloseCause> {
-        let Some(app) = self.settings.pusher.clone() else {
+        let Some(app) = self.pusher_app(id) else {
             return Ok(());
         };
         let socket_id = self.socket_id(id).to_string();
@@ -295,11 +342,14 @@ impl State {
                         .into(),
                 )
             })?;
-        channel::validate(&format!("{SERVER_TO_USER_PREFIX}{user}")).map_err(|e| {
-            CloseCause::AuthFailed(format!(
-                "pusher:signin user id {user:?} cannot name a channel: {e}"
-            ))
-        })?;
+        let own = format!("{SERVER_TO_USER_PREFIX}{user}");
+        channel::validate(&own)
+            .and_then(|()| app.bus_name(&own).map(drop))
+            .map_err(|e| {
+                CloseCause::AuthFailed(format!(
+                    "pusher:signin user id {user:?} cannot name a channel: {e}"
+                ))
+            })?;
         if let Some(conn) = self.conns.get_mut(id) {
             tracing::debug!(shard = self.shard, peer = %conn.peer, user = %user, "pusher sign-in");
             conn.identity = Some(Box::new(crate::auth::Identity::signed_in(user)));
@@ -355,7 +405,7 @@ impl State {
     }
 
     fn cache_miss(&mut self, id: ConnId, channel: &str) {
-        let frame = with_pusher_writer(|w| text_frame(w.cache_miss(channel)));
+        let frame = with_pusher_writer(|w| text_frame(w.cache_miss(to_client(channel))));
         self.enqueue(id, frame);
     }
 
@@ -383,12 +433,7 @@ impl State {
         if self.form_of(id) != Form::Pusher {
             return false;
         }
-        let Some(max) = self
-            .settings
-            .pusher
-            .as_ref()
-            .map(|a| a.presence_max_members)
-        else {
+        let Some(max) = self.pusher_app(id).map(|a| a.presence_max_members) else {
             return false;
         };
         let mut ids: Vec<&str> = members
@@ -407,8 +452,9 @@ impl State {
         if subscribed {
             self.unsubscribe(id, 0, channel);
         }
-        let msg = format!("{channel} has more than {max} members");
-        self.subscription_error(id, channel, "LimitReached", &msg, 403);
+        let name = to_client(channel);
+        let msg = format!("{name} has more than {max} members");
+        self.subscription_error(id, name, "LimitReached", &msg, 403);
         true
     }
 
@@ -419,7 +465,7 @@ impl State {
         name: &str,
         data: &str,
     ) -> Result<(), CloseCause> {
-        let Some(app) = self.settings.pusher.clone() else {
+        let Some(app) = self.pusher_app(id) else {
             return Ok(());
         };
         if !app.client_events {
@@ -446,7 +492,7 @@ impl State {
         event: &str,
         name: &str,
         data: &str,
-        app: &crate::shard::PusherApp,
+        app: &PusherApp,
     ) {
         if !ChannelKind::of(name).allows_client_events() {
             let msg = format!(
@@ -454,10 +500,14 @@ impl State {
             );
             return self.pusher_error(id, None, &msg);
         }
+        let bus = match app.bus_name(name) {
+            Ok(b) => b,
+            Err(e) => return self.pusher_error(id, None, &format!("channel {name:?}: {e}")),
+        };
         let subscribed = self
             .conns
             .get(id)
-            .is_some_and(|c| c.subs.iter().any(|s| &**s == name));
+            .is_some_and(|c| c.subs.iter().any(|s| **s == *bus));
         if !subscribed {
             let msg = format!("subscribe to {name} before sending client events on it");
             return self.pusher_error(id, None, &msg);
@@ -475,7 +525,7 @@ impl State {
         // sender's signed channel_data named).
         let user = self
             .pusher_members
-            .get(&(id, Arc::from(name)))
+            .get(&(id, Arc::from(&*bus)))
             .and_then(|m| presence::parse_member_key(m))
             .map(|(user_id, _)| user_id);
         let body = body::event(event, true, user, Some(&socket_id), data.as_bytes());
@@ -483,7 +533,7 @@ impl State {
             conn: id.as_u64(),
             request: 0,
         };
-        self.bus.publish(name, body, None, reply_to, self.unix_us);
+        self.bus.publish(&bus, body, None, reply_to, self.unix_us);
         self.bus_pending = true;
     }
 

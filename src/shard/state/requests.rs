@@ -39,7 +39,8 @@ impl State {
         }
         let cache = match &reply {
             Reply::Subscribed { channel, .. } if self.form_of(id) == form::Form::Pusher => {
-                crate::protocol::pusher::channel::ChannelKind::of(channel)
+                use crate::protocol::pusher::channel::{to_client, ChannelKind};
+                ChannelKind::of(to_client(channel))
                     .cache
                     .then(|| Arc::<str>::from(*channel))
             }
