@@ -210,22 +210,29 @@ pub struct PusherAppConfig {
     pub presence_max_user_info_bytes: u32,
 }
 
-impl Default for PusherAppConfig {
-    fn default() -> Self {
-        let d = PusherConfig::default();
+impl PusherConfig {
+    /// The default app's settings in the shape of a `[[pusher.apps]]` table.
+    pub fn default_app(&self) -> PusherAppConfig {
         PusherAppConfig {
-            id: String::new(),
-            key: String::new(),
-            secret: String::new(),
-            client_events: d.client_events,
-            client_event_rate: d.client_event_rate,
-            activity_timeout_secs: d.activity_timeout_secs,
-            max_event_bytes: d.max_event_bytes,
-            max_channels_per_trigger: d.max_channels_per_trigger,
-            max_batch_events: d.max_batch_events,
-            presence_max_members: d.presence_max_members,
-            presence_max_user_info_bytes: d.presence_max_user_info_bytes,
+            id: self.app_id.clone(),
+            key: self.app_key.clone(),
+            secret: self.app_secret.clone(),
+            client_events: self.client_events,
+            client_event_rate: self.client_event_rate,
+            activity_timeout_secs: self.activity_timeout_secs,
+            max_event_bytes: self.max_event_bytes,
+            max_channels_per_trigger: self.max_channels_per_trigger,
+            max_batch_events: self.max_batch_events,
+            presence_max_members: self.presence_max_members,
+            presence_max_user_info_bytes: self.presence_max_user_info_bytes,
         }
+    }
+}
+
+impl Default for PusherAppConfig {
+    /// The `pusher.*` keys' defaults (an empty id, key and secret).
+    fn default() -> Self {
+        PusherConfig::default().default_app()
     }
 }
 

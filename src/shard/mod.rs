@@ -188,26 +188,18 @@ pub struct PusherApp {
 }
 
 impl PusherApp {
-    /// The app of `c`, if `pusher.app_key` is set.
+    /// The default app of `c` (the `pusher.*` keys), if `pusher.app_key`
+    /// is set: it shares the native namespace.
     pub fn from_config(c: &crate::config::PusherConfig) -> Option<PusherApp> {
-        (!c.app_key.is_empty()).then(|| PusherApp {
-            id: c.app_id.clone(),
-            key: c.app_key.clone(),
-            secret: c.app_secret.as_bytes().to_vec(),
-            client_events: c.client_events,
-            client_event_rate: c.client_event_rate,
-            activity_timeout_secs: c.activity_timeout_secs,
-            max_event_bytes: c.max_event_bytes as usize,
-            max_channels_per_trigger: c.max_channels_per_trigger as usize,
-            max_batch_events: c.max_batch_events as usize,
-            presence_max_members: c.presence_max_members as usize,
-            presence_max_user_info_bytes: c.presence_max_user_info_bytes as usize,
-            namespace: String::new(),
-        })
+        (!c.app_key.is_empty()).then(|| PusherApp::new(&c.default_app(), String::new()))
     }
 
     /// A `[[pusher.apps]]` app, isolated in its namespace `#app-<id>/`.
     pub fn from_app_config(c: &crate::config::PusherAppConfig) -> PusherApp {
+        PusherApp::new(c, crate::protocol::pusher::channel::app_namespace(&c.id))
+    }
+
+    fn new(c: &crate::config::PusherAppConfig, namespace: String) -> PusherApp {
         PusherApp {
             id: c.id.clone(),
             key: c.key.clone(),
@@ -220,7 +212,7 @@ impl PusherApp {
             max_batch_events: c.max_batch_events as usize,
             presence_max_members: c.presence_max_members as usize,
             presence_max_user_info_bytes: c.presence_max_user_info_bytes as usize,
-            namespace: crate::protocol::pusher::channel::app_namespace(&c.id),
+            namespace,
         }
     }
 
