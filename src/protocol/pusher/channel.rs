@@ -96,7 +96,7 @@ pub fn app_namespace(id: &str) -> String {
 /// `namespace` (empty for the default app, which shares the native
 /// namespace; else [`app_namespace`]). `name` is the client's name, already
 /// checked as such; the bus name too must fit the channel name limit, else
-/// [`ChannelError::TooLong`] with its length.
+/// [`ChannelError::TooLong`](crate::protocol::channel::ChannelError::TooLong) with its length.
 pub fn to_bus<'a>(
     namespace: &str,
     name: &'a str,
