@@ -412,6 +412,14 @@ fn param(query: &str, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// The user of a `users/{user_id}/terminate_connections` endpoint (slices
+/// that cannot overlap: `users/terminate_connections` is no user's).
+fn terminate_user(endpoint: &str) -> Option<&str> {
+    endpoint
+        .strip_prefix("users/")?
+        .strip_suffix("/terminate_connections")
+}
+
 /// The channel-information endpoints (`GET`).
 fn channels_query(app: &PusherApp, endpoint: &str, query: &str) -> Outcome {
     let reply = |status, msg: &str| Outcome::Respond(Response::error(status, msg));
@@ -631,6 +639,7 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
             Err(e) => reply(400, &format!("body is not an event: {e}")),
         },
         ("POST", "batch_events") => match serde_json::from_slice::<Batch<'_>>(&request.body) {
+            Ok(batch) if batch.batch.is_empty() => reply(400, "batch has no events"),
             Ok(batch) if batch.batch.len() > app.max_batch_events => reply(
                 400,
                 &format!(
@@ -674,8 +683,8 @@ pub fn handle(request: &Request, app: &PusherApp, now_secs: u64) -> Outcome {
             }
             Err(e) => reply(400, &format!("body is not a batch of events: {e}")),
         },
-        ("POST", e) if e.starts_with("users/") && e.ends_with("/terminate_connections") => {
-            let user = &e["users/".len()..e.len() - "/terminate_connections".len()];
+        ("POST", e) if terminate_user(e).is_some() => {
+            let user = terminate_user(e).unwrap_or_default();
             let channel = match bus_channel(app, &format!("{SERVER_TO_USER_PREFIX}{user}")) {
                 Ok(c) if !user.is_empty() => c,
                 _ => return reply(400, &format!("user id {user:?} is not valid")),
@@ -1168,6 +1177,17 @@ mod tests {
         assert_eq!(status(handle(&stale, &app(), 5000)), 401);
         stale.body = br#"{"name":"ev","data":"y","channel":"a"}"#.to_vec();
         assert_eq!(status(handle(&stale, &app(), 1000)), 401);
+    }
+
+    #[test]
+    fn odd_terminate_paths_and_empty_batches_are_refused() {
+        // Once a panic (the two suffixes overlapped), now no endpoint.
+        let overlap = signed("POST", "/apps/1/users/terminate_connections", "");
+        assert_eq!(status(handle(&overlap, &app(), 1000)), 404);
+        let no_user = signed("POST", "/apps/1/users//terminate_connections", "");
+        assert_eq!(status(handle(&no_user, &app(), 1000)), 400);
+        let empty = signed("POST", "/apps/1/batch_events", r#"{"batch":[]}"#);
+        assert_eq!(status(handle(&empty, &app(), 1000)), 400);
     }
 
     #[test]

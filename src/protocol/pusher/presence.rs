@@ -91,7 +91,11 @@ pub fn parse_member_key(key: &str) -> Option<(&str, &str)> {
         return None;
     }
     let (id, info) = rest.split_at(len);
-    Some((id, if info.is_empty() { "null" } else { info }))
+    let info = if info.is_empty() { "null" } else { info };
+    // A native client's user id may look like a key (`1:ab`): only valid
+    // JSON info makes one, so nothing but JSON is pasted into messages.
+    serde_json::from_str::<&serde_json::value::RawValue>(info).ok()?;
+    Some((id, info))
 }
 
 #[cfg(test)]
@@ -148,6 +152,7 @@ mod tests {
             assert_eq!(parse_member_key(&key), Some((id, info)));
         }
         assert_eq!(parse_member_key("auth0|123"), None);
+        assert_eq!(parse_member_key("1:ab"), None, "info that is not JSON");
         assert_eq!(parse_member_key("9:ab"), None);
     }
 }

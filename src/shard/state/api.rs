@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::connections::Phase;
+use super::connections::{Deadline, Phase};
 use super::State;
 use crate::api::pusher_http::{self, ChannelsQuery, Outcome, Publish, Response, TriggerInfo};
 use crate::bus::{BusError, ChannelQuery, Position, ReplyTo};
@@ -81,9 +81,7 @@ impl State {
         match pusher_http::handle(request, &app, now_secs) {
             Outcome::Respond(r) => self.respond_http(id, &r),
             Outcome::Query(query) => {
-                if let Some(conn) = self.conns.get_mut(id) {
-                    conn.phase = Phase::Http;
-                }
+                self.wait_for_bus(id);
                 let mut members_left = 0;
                 match &query {
                     ChannelsQuery::List { prefix, .. } => {
@@ -138,9 +136,7 @@ impl State {
     /// Publishes an HTTP API request's events; the answer follows once the
     /// bus has stored them all (and, with `info`, counted the channels).
     fn api_publish(&mut self, id: ConnId, publishes: Vec<Publish>, info: Option<TriggerInfo>) {
-        if let Some(conn) = self.conns.get_mut(id) {
-            conn.phase = Phase::Http;
-        }
+        self.wait_for_bus(id);
         self.api_waits.insert(
             id,
             ApiWait::Publish {
@@ -163,6 +159,26 @@ impl State {
             );
         }
         self.bus_pending = true;
+    }
+
+    /// The request is read; its answer waits for the bus, at most
+    /// `limits.handshake_timeout_ms` (then 503, see `http_timed_out`).
+    fn wait_for_bus(&mut self, id: ConnId) {
+        if let Some(conn) = self.conns.get_mut(id) {
+            conn.phase = Phase::Http;
+        }
+        let ms = u64::from(self.settings.limits.handshake_timeout_ms);
+        let at = self.now + std::time::Duration::from_millis(ms);
+        self.deadlines.push(at, (id, Deadline::Http));
+    }
+
+    /// An HTTP API request the bus did not answer in time: 503, closed.
+    pub(super) fn http_timed_out(&mut self, id: ConnId) {
+        self.api_waits.remove(&id);
+        let ms = self.settings.limits.handshake_timeout_ms;
+        let msg =
+            format!("the bus did not answer within {ms} ms (limits.handshake_timeout_ms); retry");
+        self.respond_http(id, &Response::error(503, &msg));
     }
 
     /// A token for one bus answer to connection `id`'s request.

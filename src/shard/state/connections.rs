@@ -83,6 +83,8 @@ pub struct Refusal {
 pub(super) enum Deadline {
     Handshake,
     Connect,
+    /// An HTTP API request waiting for the bus.
+    Http,
 }
 
 impl State {

@@ -127,7 +127,7 @@ pub struct State {
     pusher_members: presence::PusherMembers,
     /// Pusher cache channels: history reads of the last event for a new
     /// subscriber, by token (shared with `recoveries`' counter).
-    cache_reads: HashMap<u64, (ConnId, Arc<str>)>,
+    cache_reads: HashMap<u64, (ConnId, Arc<str>, crate::bus::Position)>,
     /// Client-event rate of the Pusher connections that sent any (kept
     /// here, not in every connection's record).
     client_event_buckets: HashMap<ConnId, crate::shard::rate::TokenBucket>,

@@ -350,6 +350,21 @@ impl State {
                     "pusher:signin user id {user:?} cannot name a channel: {e}"
                 ))
             })?;
+        let other = self
+            .conns
+            .get(id)
+            .and_then(|c| c.identity.as_deref())
+            .is_some_and(|who| who.user != user);
+        if other {
+            // Its #server-to-user- subscription and terminate_connections
+            // belong to the first user: a connection is one user.
+            self.pusher_error(
+                id,
+                None,
+                "this connection is signed in as another user; reconnect to sign in as this one",
+            );
+            return Ok(());
+        }
         if let Some(conn) = self.conns.get_mut(id) {
             tracing::debug!(shard = self.shard, peer = %conn.peer, user = %user, "pusher sign-in");
             conn.identity = Some(Box::new(crate::auth::Identity::signed_in(user)));
@@ -373,7 +388,7 @@ impl State {
         }
         self.next_recovery += 1;
         let token = self.next_recovery;
-        self.cache_reads.insert(token, (id, channel.clone()));
+        self.cache_reads.insert(token, (id, channel.clone(), live));
         let after = crate::bus::Position {
             epoch: live.epoch,
             offset: live.offset - 1,
@@ -383,7 +398,17 @@ impl State {
     }
 
     /// The history read of a cache channel answered.
-    pub(super) fn on_cache_read(&mut self, id: ConnId, channel: &Arc<str>, result: History) {
+    /// `last` is the channel's position when the subscriber joined: that
+    /// publication is the one it is owed. If a newer one was delivered live
+    /// meanwhile, the client has something fresher and gets nothing more
+    /// (neither the older event after the newer, nor the newer twice).
+    pub(super) fn on_cache_read(
+        &mut self,
+        id: ConnId,
+        channel: &Arc<str>,
+        last: crate::bus::Position,
+        result: History,
+    ) {
         let subscribed = self
             .conns
             .get(id)
@@ -391,13 +416,29 @@ impl State {
         if !subscribed {
             return;
         }
+        let moved_on = match self.channels.get(channel).map(|c| &c.state) {
+            Some(ChannelState::Active { last: now }) => *now != last,
+            _ => false,
+        };
+        if moved_on {
+            return;
+        }
         match result {
-            History::Items { epoch, items } if !items.is_empty() => {
-                let last = &items[items.len() - 1..];
-                let frame =
-                    form::publications_frame(Form::Pusher, &mut self.encoder, channel, epoch, last);
-                if !frame.is_empty() {
-                    self.enqueue(id, frame);
+            History::Items { epoch, items } if epoch == last.epoch => {
+                match items.iter().position(|p| p.offset == last.offset) {
+                    Some(i) => {
+                        let frame = form::publications_frame(
+                            Form::Pusher,
+                            &mut self.encoder,
+                            channel,
+                            epoch,
+                            &items[i..=i],
+                        );
+                        if !frame.is_empty() {
+                            self.enqueue(id, frame);
+                        }
+                    }
+                    None => self.cache_miss(id, channel),
                 }
             }
             _ => self.cache_miss(id, channel),

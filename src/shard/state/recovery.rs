@@ -180,8 +180,8 @@ impl State {
 
     /// A history read for a recovering connection came back.
     pub(super) fn on_history(&mut self, token: u64, result: History) {
-        if let Some((id, channel)) = self.cache_reads.remove(&token) {
-            return self.on_cache_read(id, &channel, result);
+        if let Some((id, channel, last)) = self.cache_reads.remove(&token) {
+            return self.on_cache_read(id, &channel, last, result);
         }
         let Some(mut rec) = self.recoveries.remove(&token) else {
             return;

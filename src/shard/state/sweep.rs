@@ -62,11 +62,13 @@ impl State {
     /// Handshakes and Connects that did not arrive in time.
     fn expire_deadlines(&mut self, now: Instant) {
         self.deadlines.shrink_if_empty();
+        let mut http = Vec::new();
         while let Some((id, kind)) = self.deadlines.pop_due(now) {
             let Some(conn) = self.conns.get(id) else {
                 continue;
             };
             match (kind, &conn.phase) {
+                (Deadline::Http, Phase::Http) => http.push(id),
                 (Deadline::Handshake, Phase::Handshake) => {
                     // A slowloris: no response is owed, just the socket.
                     tracing::debug!(shard = self.shard, peer = %conn.peer, "handshake timed out");
@@ -80,6 +82,9 @@ impl State {
                 }
                 _ => {}
             }
+        }
+        for id in http {
+            self.http_timed_out(id);
         }
     }
 
