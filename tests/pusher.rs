@@ -1379,3 +1379,42 @@ async fn two_apps_on_one_server_are_isolated_from_each_other_and_from_native_cli
     a1.assert_stayed_connected();
     a2.assert_stayed_connected();
 }
+
+#[test]
+fn a_connection_signed_in_as_one_user_cannot_sign_in_as_another() {
+    let s = Server::start(&sdk::pusher_args(&[]));
+    let port = s.addr.port();
+    let mut u = SdkClient::spawn();
+    let socket_id = u.connect_with(json!({"port": port, "key": APP_KEY, "secret": APP_SECRET,
+                                          "signin_user": {"id": "u1", "user_info": {}}}));
+    u.send(&json!({"op": "signin"}));
+    u.next_matching(has(json!({"type": "signed_in"})), WAIT);
+    // A valid signature for u2 on the same socket (the app's backend made
+    // it): refused, the connection stays u1.
+    let signed = sdk::trigger(&sdk::api(
+        port,
+        json!({"op": "authenticate_user", "socket_id": socket_id, "user": {"id": "u2"}}),
+    ));
+    let frame = json!({"event": "pusher:signin", "data": signed["body"]});
+    u.send(&json!({"op": "send_raw", "data": frame.to_string()}));
+    let err = u.next_matching(has(json!({"type": "pusher_error"})), WAIT);
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("another user"),
+        "{err}"
+    );
+    // u1's messages still reach it; u2's do not.
+    sdk::trigger_ok(
+        port,
+        json!({"op": "send_to_user", "user_id": "u2", "event": "for-u2", "data": {}}),
+    );
+    sdk::trigger_ok(
+        port,
+        json!({"op": "send_to_user", "user_id": "u1", "event": "for-u1", "data": {}}),
+    );
+    let got = u.next_matching(has(json!({"type": "user_event"})), WAIT);
+    assert_eq!(got["event"], "for-u1", "{got}");
+    u.assert_stayed_connected();
+}
