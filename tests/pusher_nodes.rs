@@ -431,3 +431,44 @@ fn channel_information_through_one_node_counts_subscribers_on_both() {
         json!({"users": [{"id": "1"}]}),
     );
 }
+
+#[test]
+fn an_http_api_request_the_bus_does_not_answer_in_time_gets_503() {
+    let redis = RedisServer::start(false);
+    // Redis commands may take a minute, but an HTTP API request must be
+    // answered within 600 ms of being read.
+    let node = Server::start(&sdk::pusher_args(&[
+        "--redis-url",
+        &redis.url(),
+        "--redis-command-timeout-ms",
+        "60000",
+        "--limits-handshake-timeout-ms",
+        "600",
+    ]));
+    let port = node.addr.port();
+    sdk::trigger_ok(
+        port,
+        json!({"op": "trigger", "channels": ["orders"], "event": "first", "data": {}}),
+    );
+    // Redis stops answering every client for 3 s.
+    assert_eq!(
+        redis
+            .cli_checked(&["CLIENT", "PAUSE", "3000", "ALL"])
+            .trim(),
+        "OK"
+    );
+    let r = sdk::trigger(&sdk::api(
+        port,
+        json!({"op": "trigger", "channels": ["orders"], "event": "stuck", "data": {}}),
+    ));
+    // Only the deadline answers so: Redis would answer after the pause,
+    // and then 200.
+    assert_eq!(r["status"], 503, "{r}");
+    assert!(
+        r["body"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("limits.handshake_timeout_ms"),
+        "{r}"
+    );
+}
