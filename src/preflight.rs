@@ -29,7 +29,7 @@ pub struct Checked {
 pub fn check(config: &Config) -> Result<Checked, String> {
     config.validate().map_err(|e| e.to_string())?;
     if !config.redis.url.is_empty() {
-        fred::types::config::Config::from_url(&config.redis.url).map_err(|e| {
+        crate::bus::redis::check_url(&config.redis.url).map_err(|e| {
             format!(
                 "config key `redis.url` = {}: not a Redis URL: {e}",
                 crate::config::redact_url(&config.redis.url)

@@ -276,6 +276,19 @@ pub struct RedisBus {
     stats: Arc<RedisStats>,
 }
 
+/// Whether `url` is a Redis URL the bus can use (parsed as the bus will
+/// parse it, nothing connected): `Err` is the parser's reason.
+pub fn check_url(url: &str) -> Result<(), String> {
+    fred_config(url).map(drop).map_err(|e| match e {
+        SetupError::Url(why) => why,
+        other => other.to_string(),
+    })
+}
+
+fn fred_config(url: &str) -> Result<fred::types::config::Config, SetupError> {
+    fred::types::config::Config::from_url(url).map_err(|e| SetupError::Url(e.to_string()))
+}
+
 /// Whether Redis at `url` accepts a TCP connection within `timeout`
 /// (any of its listed hosts). `Err` says why in a sentence: a URL that
 /// does not parse ([`SetupError::Url`], a configuration error that no
@@ -285,8 +298,7 @@ pub struct RedisBus {
 /// `io::Error`; probing first gives the operator a readable reason.
 pub fn probe(url: &str, timeout: Duration) -> Result<(), SetupError> {
     use std::net::ToSocketAddrs;
-    let config =
-        fred::types::config::Config::from_url(url).map_err(|e| SetupError::Url(e.to_string()))?;
+    let config = fred_config(url)?;
     let mut last = String::from("no host in the URL");
     for server in config.server.hosts() {
         let host = format!("{}:{}", server.host, server.port);
@@ -325,8 +337,7 @@ impl RedisBus {
                 "command_timeout must be positive".into(),
             ));
         }
-        let config = fred::types::config::Config::from_url(url)
-            .map_err(|e| SetupError::Url(e.to_string()))?;
+        let config = fred_config(url)?;
         let stats = Arc::new(RedisStats::default());
         let mut buses = Vec::with_capacity(shards);
         let mut readies = Vec::with_capacity(shards);
