@@ -485,11 +485,13 @@ impl<'b, 'e, P: Borrow<Publication>> Frames<'b, 'e, P> {
     /// (refcounted slices, no copy); `None` when it gets them all (the
     /// common case, a scan of a usually empty list).
     pub fn pusher_parts_without(&mut self, socket: SocketId) -> Option<Vec<Bytes>> {
-        // The exclusions are found while the frames are built.
-        let all = self.get(Form::Pusher).clone();
+        // The exclusions are found while the frames are built; the shared
+        // buffer is only touched (refcount) for a socket that has some.
+        self.get(Form::Pusher);
         if !self.pusher_excluded.iter().any(|(_, s)| *s == socket) {
             return None;
         }
+        let all = self.get(Form::Pusher).clone();
         let mut parts = Vec::new();
         let mut at = 0;
         for (range, s) in &self.pusher_excluded {
