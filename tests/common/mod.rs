@@ -37,6 +37,23 @@ pub const BULK_PUBLISHER: [&str; 4] = [
     "1000000",
 ];
 
+/// Reads the first stdout line of a `shardcast serve` started with piped
+/// stdout ("shardcast listening on 127.0.0.1:PORT shards=2 driver=…
+/// admin=…"): the address, and the line for its other fields.
+pub fn read_listening_line(child: &mut Child) -> (SocketAddr, String) {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout piped"))
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+        .parse()
+        .expect("address");
+    (addr, line)
+}
+
 /// A running `shardcast serve`, killed on drop.
 pub struct Server {
     child: Child,
@@ -58,18 +75,7 @@ impl Server {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn shardcast");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listening line");
-        // "shardcast listening on 127.0.0.1:PORT shards=2 driver=io_uring"
-        let mut words = line.split_whitespace();
-        let addr = words
-            .nth(3)
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .parse()
-            .expect("address");
+        let (addr, line) = read_listening_line(&mut child);
         let field = |name: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(name))

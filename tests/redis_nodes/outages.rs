@@ -559,7 +559,7 @@ fn try_http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_started_before_redis_is_not_ready_until_redis_comes_then_serves() {
-    use std::io::{BufRead, BufReader, Read};
+    use std::io::Read;
     use std::process::{Command, Stdio};
 
     let mut redis = RedisServer::reserve(false);
@@ -601,16 +601,7 @@ async fn a_node_started_before_redis_is_not_ready_until_redis_comes_then_serves(
 
     redis.start_now();
     // Then it serves: the listening line, ready, and a publish is stored.
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("the listening line");
-    let addr = line
-        .split_whitespace()
-        .nth(3)
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("address");
+    let (addr, _) = common::read_listening_line(&mut child);
     assert_eq!(common::http_get(admin, "/readyz").0, 200);
     let mut c = Client::connect(addr).await;
     let at = c.publish("late-redis", b"hello").await;
